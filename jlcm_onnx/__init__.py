@@ -1,0 +1,33 @@
+"""jlcm-onnx: post-training compression of ONNX models with learnable codebooks and mappings (JLCM, ICLR 2024).
+
+Public API::
+
+    import jlcm_onnx
+    result = jlcm_onnx.compress("model.onnx", jlcm_onnx.CompressionConfig(bits=4))
+    print(result.report.format_table())
+    result.save("model-4bit.onnx")
+"""
+
+from jlcm_onnx.compress import CompressionResult, compress, read_metadata, save
+from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.errors import ConfigError, JlcmError, ModelError, OutputError
+from jlcm_onnx.report import CompressionReport, TensorRecord
+from jlcm_onnx.runtime import fold_at_load, inference_session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressionConfig",
+    "CompressionReport",
+    "CompressionResult",
+    "ConfigError",
+    "JlcmError",
+    "ModelError",
+    "OutputError",
+    "TensorRecord",
+    "compress",
+    "fold_at_load",
+    "inference_session",
+    "read_metadata",
+    "save",
+]

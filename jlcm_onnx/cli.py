@@ -1,0 +1,98 @@
+"""The ``jlcm-onnx`` command line: a thin layer over :func:`jlcm_onnx.compress` with the same defaults.
+
+Exit codes: 0 success, 2 bad usage or bad input (one line on stderr naming the problem), 1 internal error.
+Set ``JLCM_ONNX_TRACEBACK=1`` to see the traceback of an internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from jlcm_onnx.compress import compress, save
+from jlcm_onnx.config import CODEBOOK_DTYPES, CompressionConfig
+from jlcm_onnx.describe import describe_model
+from jlcm_onnx.errors import JlcmError
+from jlcm_onnx.model_io import check_destination
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+
+
+def _reporting_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turns library errors into one-line messages and the documented exit codes."""
+
+    @wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except JlcmError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_USAGE)
+        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
+            if os.environ.get("JLCM_ONNX_TRACEBACK"):
+                raise
+            click.echo(f"internal error: {type(error).__name__}: {error}".splitlines()[0], err=True)
+            sys.exit(EXIT_INTERNAL)
+
+    return run
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="jlcm-onnx")
+def main() -> None:
+    """Compress ONNX models into codebooks and bit-packed indices that run in stock onnxruntime."""
+
+
+@main.command("compress")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the compressed model (never the input file).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON file of config fields; the flags below override it.")
+@click.option("--bits", type=int, help="Bits per weight index, 1..8  [default: 4]")
+@click.option("--groups", type=int, help="Codebooks per tensor over contiguous output rows  [default: one per row]")
+@click.option("--min-elements", type=int, help="Leave smaller weights as they are  [default: 1024]")
+@click.option("--codebook-dtype", type=click.Choice(CODEBOOK_DTYPES), help="Codebook storage type  [default: float16]")
+@click.option("--include", multiple=True, help="Only compress weights whose name matches this glob (repeatable).")
+@click.option("--exclude", multiple=True, help="Never compress weights whose name matches this glob (repeatable).")
+@click.option("--seed", type=int, help="Seed of every random choice  [default: 0]")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_reporting_errors
+def compress_command(model: Path, output: Path, config_file: Path | None, as_json: bool, quiet: bool,
+                     **overrides: Any) -> None:
+    """Compress MODEL and write the result to OUTPUT."""
+    check_destination(output, protect=model)
+    config = CompressionConfig.from_file(config_file) if config_file else CompressionConfig()
+    changes = {key: value for key, value in overrides.items() if value not in (None, ())}
+    config = config.replace(**changes) if changes else config
+    result = compress(model, config, progress=not quiet)
+    save(result, output)
+    if as_json:
+        click.echo(result.report.to_json())
+    else:
+        click.echo(result.report.format_table())
+        click.echo(f"wrote {output}")
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the machine-readable description on stdout.")
+@_reporting_errors
+def inspect_command(model: Path, as_json: bool) -> None:
+    """Show MODEL's weights: for a compressed model its bits, groups, codebook sizes and bytes."""
+    description = describe_model(model)
+    if as_json:
+        click.echo(json.dumps(description.to_dict(), indent=2))
+    else:
+        click.echo(description.format_table())
+

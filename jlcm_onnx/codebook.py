@@ -1,0 +1,102 @@
+"""Multi-codebook encoding of a weight matrix: ``W^[r, j] = C[g(r), I[r, j]]``.
+
+The matrix ``W`` [rows, cols] has one row per output neuron. Rows are split into G contiguous groups, group g
+holding rows ``[start_g, start_g + size_g)``; each group owns a codebook ``C[g]`` of ``K = 2**b`` values and every
+weight keeps a b-bit index ``I[r, j]``. Memory cost in bits (METHOD.md section 2)::
+
+    n * b + bits(codebook dtype) * G * K          n = rows * cols
+
+Groups of equal size are solved together by the batched Lloyd k-means of :mod:`jlcm_onnx.kmeans`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from jlcm_onnx.kmeans import fit_codebooks
+
+
+@dataclass(frozen=True)
+class EncodedMatrix:
+    """``codebooks`` [G, K], ``codes`` uint8 [rows, cols], ``group_sizes`` [G] (rows per group, in order)."""
+
+    codebooks: np.ndarray
+    codes: np.ndarray
+    group_sizes: tuple[int, ...]
+
+    @property
+    def bits(self) -> int:
+        return int(math.log2(self.codebooks.shape[1]))
+
+    def row_codebooks(self) -> np.ndarray:
+        """The codebook of every row [rows, K]."""
+        return np.repeat(self.codebooks, self.group_sizes, axis=0)
+
+    def row_block(self, start: int, stop: int) -> EncodedMatrix:
+        """The encoding of rows ``[start, stop)``; both must be group boundaries."""
+        bounds = np.concatenate([[0], np.cumsum(self.group_sizes)])
+        first, last = np.searchsorted(bounds, [start, stop])
+        if bounds[first] != start or bounds[min(last, len(bounds) - 1)] != stop:
+            raise ValueError(f"rows [{start}, {stop}) do not start and end at group boundaries")
+        return EncodedMatrix(self.codebooks[first:last], self.codes[start:stop], self.group_sizes[first:last])
+
+    def block_boundaries(self, max_weights: int) -> list[int]:
+        """Group-aligned row boundaries cutting the matrix into blocks of about ``max_weights`` weights or fewer."""
+        rows, cols = self.codes.shape
+        blocks = -(-rows * cols // max_weights)
+        group_starts = np.concatenate([[0], np.cumsum(self.group_sizes)])
+        targets = np.linspace(0, rows, blocks + 1)
+        picked = group_starts[np.abs(group_starts[None, :] - targets[:, None]).argmin(axis=1)]
+        return sorted({int(b) for b in picked} | {0, rows})
+
+    def decode(self) -> np.ndarray:
+        """``W^`` [rows, cols] in float32."""
+        return np.take_along_axis(self.row_codebooks().astype(np.float32), self.codes.astype(np.intp), axis=1)
+
+
+def equal_group_sizes(rows: int, groups: int | None) -> tuple[int, ...]:
+    """Sizes of ``groups`` contiguous row ranges as equal as possible (None: one row per group)."""
+    count = rows if groups is None else min(groups, rows)
+    base, extra = divmod(rows, count)
+    return tuple([base + 1] * extra + [base] * (count - extra))
+
+
+def encode_matrix(
+    matrix: np.ndarray,
+    bits: int,
+    group_sizes: tuple[int, ...],
+    codebook_dtype: np.dtype,
+    max_iterations: int = 100,
+    importance: np.ndarray | None = None,
+) -> EncodedMatrix:
+    """k-means codebooks of ``2**bits`` values for each contiguous row group of ``matrix`` [rows, cols]."""
+    rows, cols = matrix.shape
+    if sum(group_sizes) != rows:
+        raise ValueError(f"group sizes {group_sizes} do not cover {rows} rows")
+    starts = np.concatenate([[0], np.cumsum(group_sizes)[:-1]]).astype(np.int64)
+    values = matrix.astype(np.float64)
+    codebooks = np.zeros((len(group_sizes), 1 << bits), dtype=codebook_dtype)
+    codes = np.zeros((rows, cols), dtype=np.uint8)
+    sizes = np.asarray(group_sizes)
+    for size in np.unique(sizes):
+        members = np.flatnonzero(sizes == size)
+        row_index = (starts[members][:, None] + np.arange(size)[None, :]).reshape(-1)
+        batch = values[row_index].reshape(len(members), size * cols)
+        weights = None if importance is None else importance[row_index].reshape(len(members), size * cols)
+        fitted = fit_codebooks(batch, bits, codebook_dtype, weights, max_iterations)
+        codebooks[members] = fitted.values
+        codes[row_index] = fitted.codes.reshape(len(members) * size, cols)
+    return EncodedMatrix(codebooks=codebooks, codes=codes, group_sizes=tuple(int(s) for s in group_sizes))
+
+
+def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(|W|^2 / |W - W^|^2)`` in dB (inf when exact)."""
+    reference = reference.astype(np.float64)
+    noise = float(np.sum((reference - approximation.astype(np.float64)) ** 2))
+    signal = float(np.sum(reference**2))
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(max(signal, 1e-300) / noise)

@@ -1,0 +1,110 @@
+"""The one validated configuration object of a compression run.
+
+Every field is checked when the object is built; a bad value raises :class:`~jlcm_onnx.errors.ConfigError` naming the
+field and the value. The CLI builds the same object (from ``--config FILE`` and its flags) so both share one set of
+defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from jlcm_onnx.errors import ConfigError, JlcmError
+from jlcm_onnx.packing import MAX_BITS
+
+#: Consumer kinds whose weight input can be compressed, with the input slot that holds the weight.
+WEIGHT_SLOTS: dict[str, int] = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
+
+CODEBOOK_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Settings of a compression run.
+
+    Attributes:
+        bits: bits per weight index (1..8); each codebook holds ``2**bits`` values.
+        groups: codebooks per tensor, each shared by a contiguous range of output rows; ``None`` gives every output
+            row its own codebook (the default, and the most accurate).
+        min_elements: weights with fewer elements are left as they are.
+        op_types: consumer kinds whose weight input is compressed (subset of MatMul, Gemm, Conv, ConvTranspose,
+            Gather).
+        include: glob patterns; when not empty, only weights whose name matches one are compressed.
+        exclude: glob patterns of weight names never compressed.
+        codebook_dtype: storage type of codebook values, ``"float16"`` or ``"float32"``.
+        kmeans_iterations: the most Lloyd iterations per codebook (it stops earlier once assignments are stable).
+        seed: seed of every random choice, so equal inputs give byte-identical outputs.
+
+    Example:
+        >>> CompressionConfig(bits=3).bits
+        3
+        >>> CompressionConfig(bits=9)
+        Traceback (most recent call last):
+        ...
+        jlcm_onnx.errors.ConfigError: config field 'bits' = 9 is invalid: expected an integer in 1..8
+    """
+
+    bits: int = 4
+    groups: int | None = None
+    min_elements: int = 1024
+    op_types: tuple[str, ...] = tuple(WEIGHT_SLOTS)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    codebook_dtype: str = "float16"
+    kmeans_iterations: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int(self, "bits", 1, MAX_BITS)
+        if self.groups is not None:
+            _check_int(self, "groups", 1, None)
+        _check_int(self, "min_elements", 1, None)
+        _check_int(self, "kmeans_iterations", 1, None)
+        _check_int(self, "seed", 0, None)
+        for name in ("op_types", "include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(item, str) for item in value):
+                raise ConfigError(name, value, "a list of strings")
+            object.__setattr__(self, name, tuple(value))
+        unknown = sorted(set(self.op_types) - set(WEIGHT_SLOTS))
+        if unknown or not self.op_types:
+            raise ConfigError("op_types", list(self.op_types), f"a non-empty subset of {list(WEIGHT_SLOTS)}")
+        if self.codebook_dtype not in CODEBOOK_DTYPES:
+            raise ConfigError("codebook_dtype", self.codebook_dtype, f"one of {list(CODEBOOK_DTYPES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CompressionConfig:
+        """Builds a config from a mapping such as a parsed JSON file; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(unknown[0], values[unknown[0]], f"a known field ({', '.join(sorted(known))})")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> CompressionConfig:
+        """Reads a JSON object of config fields."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise JlcmError(f"cannot read config file {path}: {error}") from None
+        if not isinstance(values, dict):
+            raise JlcmError(f"config file {path} must hold a JSON object of config fields")
+        return cls.from_dict(values)
+
+    def replace(self, **changes: Any) -> CompressionConfig:
+        """A copy with some fields changed (and validated)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+
+def _check_int(config: CompressionConfig, name: str, low: int, high: int | None) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        expected = f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
+        raise ConfigError(name, value, expected)

@@ -1,0 +1,112 @@
+"""Batched, weighted 1-D k-means (Lloyd) for scalar codebooks.
+
+For one group of values ``w_i`` with importances ``h_i >= 0`` a codebook ``c_0 <= ... <= c_{K-1}`` minimises::
+
+    D(c) = sum_i h_i * min_k (w_i - c_k)^2
+
+In one dimension the nearest-codeword cells are intervals, so the assignment step is a ``searchsorted`` against the
+midpoints ``(c_k + c_{k+1}) / 2`` and the update step is a weighted mean per cell (a ``bincount``); both run on every
+group of a batch at once. Codebooks start at the quantiles ``(k + 1/2) / K`` of each group (deterministic, close to the
+Lloyd-Max optimum for smooth distributions), and Lloyd iterates until no assignment changes. A group with at most K
+distinct values gets exactly those values, so such weights survive quantization unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Codebooks:
+    """``values[g]`` is group g's sorted codebook [G, K]; ``codes[g, i]`` the index of value i of group g [G, m]."""
+
+    values: np.ndarray
+    codes: np.ndarray
+
+
+def nearest_codes(values: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codeword, per group: values [G, m], sorted codebooks [G, K] -> int64 [G, m]."""
+    midpoints = (codebooks[:, 1:] + codebooks[:, :-1]) / 2
+    return torch.searchsorted(midpoints.contiguous(), values.contiguous())
+
+
+def _quantile_init(sorted_values: torch.Tensor, num_codes: int) -> torch.Tensor:
+    m = sorted_values.shape[1]
+    positions = ((torch.arange(num_codes, dtype=torch.float64) + 0.5) * m / num_codes).long().clamp_(max=m - 1)
+    return sorted_values[:, positions]
+
+
+def _distinct_value_codebooks(sorted_values: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codebooks made of the distinct values of each group, for the groups that have at most ``num_codes`` of them.
+
+    Returns (mask [G], codebooks [G, K]); a group's codebook is padded by repeating its largest value.
+    """
+    is_new = torch.ones_like(sorted_values, dtype=torch.bool)
+    is_new[:, 1:] = sorted_values[:, 1:] != sorted_values[:, :-1]
+    rank = is_new.long().cumsum(dim=1) - 1
+    fits = rank[:, -1] < num_codes
+    slots = rank.clamp(max=num_codes - 1)
+    codebooks = sorted_values[:, -1:].repeat(1, num_codes)
+    codebooks.scatter_(1, slots, sorted_values)
+    return fits, codebooks
+
+
+def lloyd(
+    values: torch.Tensor,
+    num_codes: int,
+    importance: torch.Tensor | None = None,
+    max_iterations: int = 100,
+) -> torch.Tensor:
+    """Sorted k-means codebooks [G, K] (float64) of each row of ``values`` [G, m], weighted by ``importance`` [G, m]."""
+    values = values.to(torch.float64)
+    sorted_values, order = values.sort(dim=1)
+    weights = torch.ones_like(values) if importance is None else importance.to(torch.float64).gather(1, order)
+    zero = torch.zeros(values.shape[0], 1, dtype=torch.float64)
+    mass_prefix = torch.cat([zero, weights.cumsum(dim=1)], dim=1)
+    moment_prefix = torch.cat([zero, (weights * sorted_values).cumsum(dim=1)], dim=1)
+    codebooks = _quantile_init(sorted_values, num_codes)
+    edges = None
+    for _ in range(max_iterations):
+        new_edges = _cell_edges(sorted_values, codebooks)
+        if edges is not None and torch.equal(new_edges, edges):
+            break
+        edges = new_edges
+        mass = mass_prefix.gather(1, edges[:, 1:]) - mass_prefix.gather(1, edges[:, :-1])
+        moment = moment_prefix.gather(1, edges[:, 1:]) - moment_prefix.gather(1, edges[:, :-1])
+        means = moment / mass.clamp(min=1e-300)
+        codebooks = torch.where(mass > 0, means, codebooks).sort(dim=1).values
+    fits, exact = _distinct_value_codebooks(sorted_values, num_codes)
+    return torch.where(fits[:, None], exact, codebooks)
+
+
+def _cell_edges(sorted_values: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Cell k of a group is ``sorted_values[edges[k]:edges[k+1]]``; returns int64 edges [G, K+1]."""
+    midpoints = (codebooks[:, 1:] + codebooks[:, :-1]) / 2
+    inner = torch.searchsorted(sorted_values, midpoints.contiguous(), right=True)
+    groups, m = sorted_values.shape
+    first = torch.zeros(groups, 1, dtype=torch.int64)
+    return torch.cat([first, inner, torch.full((groups, 1), m, dtype=torch.int64)], dim=1)
+
+
+def fit_codebooks(
+    values: np.ndarray,
+    bits: int,
+    codebook_dtype: np.dtype,
+    importance: np.ndarray | None = None,
+    max_iterations: int = 100,
+) -> Codebooks:
+    """Codebooks of 2**bits values in ``codebook_dtype`` for each row of ``values`` [G, m], with the nearest codes.
+
+    Codes are assigned against the codebook *after* rounding to ``codebook_dtype``, so they are optimal for what the
+    decoder will read.
+    """
+    tensor = torch.from_numpy(np.asarray(values, dtype=np.float64))
+    weights = None if importance is None else torch.from_numpy(np.asarray(importance, dtype=np.float64))
+    codebooks = lloyd(tensor, 1 << bits, weights, max_iterations)
+    rounded = torch.from_numpy(codebooks.numpy().astype(codebook_dtype).astype(np.float64))
+    rounded = rounded.sort(dim=1).values
+    codes = nearest_codes(tensor, rounded)
+    return Codebooks(values=rounded.numpy().astype(codebook_dtype), codes=codes.numpy().astype(np.uint8))

@@ -1,0 +1,117 @@
+"""What a compression run did to every float tensor, as data, JSON and a table.
+
+Sizes are bytes: ``original_bytes`` of a tensor is its dense storage, ``compressed_bytes`` what is stored in its
+place (packed codes, codebooks, row-to-group map). The whole-file ratio uses the serialized sizes of the input and
+output models, i.e. the bytes written (decoder nodes and shared constants included), not an estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+COMPRESSED = "compressed"
+SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One float tensor of the model and what happened to it."""
+
+    name: str
+    consumers: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    original_bytes: int
+    status: str
+    reason: str = ""
+    compressed_bytes: int | None = None
+    bits: int | None = None
+    groups: int | None = None
+    sqnr_db: float | None = None
+    decode_gate: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["consumers"], values["shape"] = list(self.consumers), list(self.shape)
+        if self.sqnr_db is not None and math.isinf(self.sqnr_db):
+            values["sqnr_db"] = None  # exact; JSON has no infinity
+            values["exact"] = True
+        return values
+
+
+@dataclass
+class CompressionReport:
+    """Per-tensor records, whole-file sizes and the settings used."""
+
+    tensors: list[TensorRecord]
+    original_file_bytes: int
+    compressed_file_bytes: int
+    config: dict[str, Any]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.original_file_bytes / max(self.compressed_file_bytes, 1)
+
+    @property
+    def compressed(self) -> list[TensorRecord]:
+        return [t for t in self.tensors if t.status == COMPRESSED]
+
+    def to_dict(self) -> dict[str, Any]:
+        compressed = self.compressed
+        return {
+            "original_file_bytes": self.original_file_bytes,
+            "compressed_file_bytes": self.compressed_file_bytes,
+            "ratio": round(self.ratio, 4),
+            "compressed_tensors": len(compressed),
+            "skipped_tensors": len(self.tensors) - len(compressed),
+            "compressed_weight_bytes": {
+                "original": sum(t.original_bytes for t in compressed),
+                "compressed": sum(t.compressed_bytes or 0 for t in compressed),
+            },
+            "seconds": round(self.seconds, 3),
+            "config": self.config,
+            "notes": self.notes,
+            "tensors": [t.to_dict() for t in self.tensors],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def format_table(self, skipped: bool = False) -> str:
+        """A plain-text table of the compressed tensors (and the skipped ones, with reasons, if asked)."""
+        rows = [("tensor", "shape", "bits", "groups", "original", "compressed", "ratio", "SQNR dB")]
+        for t in self.compressed:
+            sqnr = "exact" if t.sqnr_db is not None and math.isinf(t.sqnr_db) else f"{t.sqnr_db:.1f}"
+            ratio = t.original_bytes / max(t.compressed_bytes or 1, 1)
+            shape = "x".join(map(str, t.shape))
+            rows.append((t.name, shape, str(t.bits), str(t.groups), format_bytes(t.original_bytes),
+                         format_bytes(t.compressed_bytes or 0), f"{ratio:.2f}x", sqnr))
+        lines = align_columns(rows)
+        if skipped:
+            lines.append("")
+            lines.extend(f"skipped {t.name}: {t.reason}" for t in self.tensors if t.status == SKIPPED)
+        lines.append("")
+        lines.append(
+            f"file: {format_bytes(self.original_file_bytes)} -> {format_bytes(self.compressed_file_bytes)} "
+            f"({self.ratio:.2f}x smaller), {len(self.compressed)} tensors compressed, "
+            f"{len(self.tensors) - len(self.compressed)} left as they were, {self.seconds:.1f} s"
+        )
+        return "\n".join(lines)
+
+
+def format_bytes(num_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.2f} {unit}"
+        num_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def align_columns(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]

@@ -1,0 +1,55 @@
+"""onnxruntime sessions for compressed models, in the two run-time trade-offs the format allows.
+
+A compressed model loaded as it is (``keep_compressed=True``, the default and what any onnxruntime user gets) keeps its
+weights packed in memory and decodes each one just before its layer: resident memory stays close to the file size, at
+the cost of decoding on every run. With ``keep_compressed=False`` the decode gates are replaced by a constant zero, so
+onnxruntime's constant folding decodes every weight once at load time: dense-model latency and dense-model memory,
+from the same small file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from jlcm_onnx.model_io import load_model
+from jlcm_onnx.passes.dequant_graph import GATE_PREFIX
+from jlcm_onnx.passes.weight_sites import iter_graphs
+
+
+def inference_session(
+    model: str | os.PathLike | onnx.ModelProto,
+    keep_compressed: bool = True,
+    sess_options: ort.SessionOptions | None = None,
+    providers: Sequence[str] | None = None,
+) -> ort.InferenceSession:
+    """An ``onnxruntime.InferenceSession`` for a (compressed) model; ``keep_compressed``: see the module docstring."""
+    providers = list(providers or ["CPUExecutionProvider"])
+    if keep_compressed and not isinstance(model, onnx.ModelProto):
+        return ort.InferenceSession(str(model), sess_options, providers=providers)
+    working, _ = load_model(model)
+    if not keep_compressed:
+        fold_at_load(working)
+    return ort.InferenceSession(working.SerializeToString(), sess_options, providers=providers)
+
+
+def fold_at_load(model: onnx.ModelProto) -> int:
+    """Replaces every decode gate of ``model`` by a constant zero (in place); returns how many gates were replaced."""
+    replaced = 0
+    for graph in iter_graphs(model.graph):
+        gates = [n for n in graph.node if n.output and n.output[0].startswith(f"{GATE_PREFIX}/gate")]
+        gate_parts = {n.output[0] for n in graph.node if n.output and n.output[0].startswith(f"{GATE_PREFIX}/")}
+        kept = [n for n in graph.node if not (n.output and n.output[0] in gate_parts)]
+        if not gates:
+            continue
+        del graph.node[:]
+        graph.node.extend(kept)
+        for gate in gates:
+            graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.uint8), gate.output[0]))
+        replaced += len(gates)
+    return replaced

@@ -1,0 +1,273 @@
+"""The ONNX decode subgraph of one compressed weight, built from standard ops (opset 11 and up).
+
+Stored per weight: ``packed``, uint8 byte planes of the codes at exactly b bits (:mod:`jlcm_onnx.packing`), and
+``codebooks`` [G, K] in the codebook dtype (plus a uint8/uint16 row-to-group map when groups differ in size). Decoded::
+
+    live   = BitShift(packed, gate)                               gate: uint8 zero computed from the consumer's input
+    words  = sum_k Cast(live[k]) << 8k                            (uint32/uint64; skipped when B == 1)
+    codes  = Concat_s((words << (W - (s+1) b)) >> (W - b))        each op is plane-by-scalar
+    C_rows = C[g(r)]                                              [rows, K]   (C itself, Expand, or Gather)
+    W^     = GatherElements(C_rows, codes, axis=1)                [rows, cols] -> Reshape/Transpose to W's layout
+
+When the output rows are W's last axis (MatMul's B [in, out]) codes are stored in W's own order [cols, rows] and
+``W^ = GatherElements(C_rows^T, codes, axis=0)``, which needs no transpose of the decoded weight.
+
+``gate`` is ``Cast(Size(x) - Size(x), uint8)`` for an activation ``x`` of the consumer: shifting by it changes nothing,
+but it makes the decode depend on run-time data, so onnxruntime can neither constant-fold it into a dense initializer at
+load time nor run it before the layer's input exists. Weights stay packed in memory and are decoded one layer at a time.
+
+An embedding table read only by ``Gather`` is packed row by row ([rows, B, N]) and its Gather is replaced by a *row
+decoder* that gathers the packed rows and row codebooks of the requested ids first and decodes only those rows; the ids
+are run-time data, so no gate is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from jlcm_onnx.codebook import EncodedMatrix
+from jlcm_onnx.packing import WordLayout, pack_codes
+
+#: Name prefix of the gate nodes (see :func:`build_gate`).
+GATE_PREFIX = "jlcm/gate"
+
+
+class NameAllocator:
+    """Hands out tensor and node names not used anywhere in the model."""
+
+    def __init__(self, used: set[str]) -> None:
+        self._used = set(used)
+
+    def fresh(self, base: str) -> str:
+        name, counter = base, 1
+        while name in self._used:
+            name, counter = f"{base}_{counter}", counter + 1
+        self._used.add(name)
+        return name
+
+
+class ConstantPool:
+    """Small constants (shapes, shifts, axes) shared by all decoders of one graph."""
+
+    def __init__(self, names: NameAllocator) -> None:
+        self.names = names
+        self.initializers: list[onnx.TensorProto] = []
+        self._by_value: dict[tuple[str, tuple[int, ...], bytes], str] = {}
+
+    def get(self, array: np.ndarray) -> str:
+        array = np.asarray(array)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._by_value:
+            name = self.names.fresh("jlcm/const")
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self._by_value[key] = name
+        return self._by_value[key]
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What the decoder must produce: tensor ``output`` of ``dtype`` and ``shape``, rows along ``row_axis``.
+
+    With ``gather_indices`` set, the decoder stands in for ``Gather(weight, gather_indices)`` (axis 0) and ``output``
+    is that Gather's output.
+    """
+
+    output: str
+    dtype: int
+    shape: tuple[int, ...]
+    row_axis: int
+    encoded: EncodedMatrix
+    gather_indices: str | None = None
+
+    @property
+    def rows_last(self) -> bool:
+        return self.gather_indices is None and len(self.shape) >= 2 and self.row_axis == len(self.shape) - 1
+
+
+@dataclass
+class DecodeGraph:
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(numpy_helper.to_array(t).nbytes for t in self.initializers)
+
+
+def build_gate(activation: str, names: NameAllocator) -> tuple[str, list[onnx.NodeProto]]:
+    """A uint8 zero that depends on ``activation`` at run time (see the module docstring)."""
+    size, zero, gate = (names.fresh(f"{GATE_PREFIX}/{part}") for part in ("size", "zero", "gate"))
+    nodes = [
+        helper.make_node("Size", [activation], [size], name=size),
+        helper.make_node("Sub", [size, size], [zero], name=zero),
+        helper.make_node("Cast", [zero], [gate], to=onnx.TensorProto.UINT8, name=gate),
+    ]
+    return gate, nodes
+
+
+class _Builder:
+    def __init__(self, spec: DecodeSpec, names: NameAllocator, pool: ConstantPool) -> None:
+        self.spec = spec
+        self.names = names
+        self.pool = pool
+        self.prefix = names.fresh("jlcm/w")
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+
+    def stored(self, suffix: str, array: np.ndarray) -> str:
+        """A tensor that belongs to this weight's encoding (counted in its compressed size)."""
+        name = self.names.fresh(f"{self.spec.output}.jlcm_{suffix}")
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def const(self, array: np.ndarray | int) -> str:
+        return self.pool.get(np.asarray(array))
+
+    def op(self, op_type: str, inputs: list[str], output: str | None = None, **attributes: object) -> str:
+        out = output or self.names.fresh(f"{self.prefix}/{op_type.lower()}")
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attributes))
+        return out
+
+    def shape(self, dims: tuple[int, ...] | list[int]) -> str:
+        return self.const(np.array(dims, dtype=np.int64))
+
+
+def stored_code_order(spec: DecodeSpec) -> np.ndarray:
+    """The codes as they are packed: [cols, rows] when rows are W's last axis, else [rows, cols]."""
+    return spec.encoded.codes.T if spec.rows_last else spec.encoded.codes
+
+
+def build_decoder(spec: DecodeSpec, names: NameAllocator, pool: ConstantPool, gate: str | None) -> DecodeGraph:
+    """Initializers and nodes that compute ``spec.output`` from the packed codes and codebooks."""
+    b = _Builder(spec, names, pool)
+    if spec.gather_indices is not None:
+        _row_decoder(b, spec)
+    else:
+        _weight_decoder(b, spec, gate)
+    return DecodeGraph(b.nodes, b.initializers)
+
+
+def build_blocked_matmul(
+    spec: DecodeSpec, matmul: onnx.NodeProto, boundaries: list[int], names: NameAllocator, pool: ConstantPool
+) -> DecodeGraph:
+    """Stands in for ``Y = MatMul(X, W)`` (W [in, out], rows last): ``Y = Concat_k(X @ W^[:, block k])``.
+
+    Block k+1 is gated on the output of block k, so onnxruntime decodes one block of W at a time and the memory a large
+    layer needs while it runs is that of one block, not of the whole decoded weight.
+    """
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+    activation, outputs = matmul.input[0], []
+    for start, stop in zip(boundaries[:-1], boundaries[1:], strict=True):
+        gate, gate_nodes = build_gate(activation, names)
+        block = DecodeSpec(names.fresh(f"{spec.output}.jlcm_block"), spec.dtype, (spec.shape[0], stop - start), 1,
+                           spec.encoded.row_block(start, stop))
+        decoder = build_decoder(block, names, pool, gate)
+        activation = names.fresh(f"{matmul.output[0]}.jlcm_block")
+        nodes += [*gate_nodes, *decoder.nodes,
+                  helper.make_node("MatMul", [matmul.input[0], block.output], [activation], name=activation)]
+        initializers += decoder.initializers
+        outputs.append(activation)
+    nodes.append(helper.make_node("Concat", outputs, [matmul.output[0]], axis=-1, name=names.fresh("jlcm/concat")))
+    return DecodeGraph(nodes, initializers)
+
+
+def _weight_decoder(b: _Builder, spec: DecodeSpec, gate: str | None) -> None:
+    layout = WordLayout(spec.encoded.bits)
+    stored = stored_code_order(spec)
+    packed = b.stored("packed", pack_codes(stored.reshape(-1), layout.bits))
+    if gate is not None:
+        packed = b.op("BitShift", [packed, gate], direction="LEFT")
+    codes = _unpack(b, packed, layout, stored.size, rows=None)
+    row_codebooks = _row_codebooks(b, spec)
+    if spec.rows_last:
+        codes = b.op("Reshape", [codes, b.shape(stored.shape)])
+        table = b.op("Transpose", [row_codebooks], perm=[1, 0])
+        decoded = b.op("GatherElements", [table, codes], axis=0)
+        _finish(b, decoded, spec.shape, perm=None)
+        return
+    codes = b.op("Reshape", [codes, b.shape(stored.shape)])
+    decoded = b.op("GatherElements", [row_codebooks, codes], axis=1)
+    others = [i for i in range(len(spec.shape)) if i != spec.row_axis]
+    moved_shape = tuple(spec.shape[i] for i in [spec.row_axis, *others])
+    perm = None if spec.row_axis == 0 else [int(i) for i in np.argsort([spec.row_axis, *others])]
+    _finish(b, decoded, moved_shape, perm)
+
+
+def _finish(b: _Builder, decoded: str, shape: tuple[int, ...], perm: list[int] | None) -> None:
+    """Reshape the decoded [rows, cols] matrix to ``shape``, transpose by ``perm``, and name it as the weight."""
+    output = b.spec.output
+    if len(shape) != 2:
+        decoded = b.op("Reshape", [decoded, b.shape(shape)], output if perm is None else None)
+    if perm is not None:
+        decoded = b.op("Transpose", [decoded], output, perm=perm)
+    if decoded != output:
+        b.op("Identity", [decoded], output)
+
+
+def _row_decoder(b: _Builder, spec: DecodeSpec) -> None:
+    """Stands in for ``Gather(table, ids)``: gathers packed rows and row codebooks, then decodes only those rows."""
+    layout = WordLayout(spec.encoded.bits)
+    rows, cols = spec.encoded.codes.shape
+    packed = b.stored("packed", pack_codes(spec.encoded.codes, layout.bits))  # [rows, B, N]
+    ids = spec.gather_indices
+    flat_ids = b.op("Reshape", [ids, b.shape([-1])])
+    picked = b.op("Gather", [packed, flat_ids], axis=0)
+    codes = _unpack(b, picked, layout, cols, rows=True)
+    row_codebooks = b.op("Gather", [_row_codebooks(b, spec), flat_ids], axis=0)
+    decoded = b.op("GatherElements", [row_codebooks, codes], axis=1)
+    out_shape = b.op("Concat", [b.op("Shape", [ids]), b.shape([cols])], axis=0)
+    b.op("Reshape", [decoded, out_shape], spec.output)
+
+
+def _unpack(b: _Builder, packed: str, layout: WordLayout, count: int, rows: bool | None) -> str:
+    """int32 codes from byte planes: [B, N] -> [count], or per row [M, B, N] -> [M, count]."""
+    byte_axis = 1 if rows else 0
+    if layout.bytes_per_word == 1:
+        words = packed
+    else:
+        wide = b.op("Cast", [packed], to=helper.np_dtype_to_tensor_dtype(layout.word_dtype))
+        words = ""
+        for k in range(layout.bytes_per_word):
+            row = b.op("Slice", [wide, b.shape([k]), b.shape([k + 1]), b.shape([byte_axis])])
+            if k:
+                row = b.op("BitShift", [row, b.const(layout.word_dtype.type(8 * k))], direction="LEFT")
+            words = b.op("Add", [words, row]) if words else row
+    words = b.op("Reshape", [words, b.shape([-1, layout.num_words(count)] if rows else [-1])])
+    right = b.const(layout.word_dtype.type(layout.right_shift()))
+    planes = []
+    for left in layout.left_shifts():
+        plane = b.op("BitShift", [words, b.const(left)], direction="LEFT") if left else words
+        plane = b.op("BitShift", [plane, right], direction="RIGHT") if layout.right_shift() else plane
+        planes.append(plane if layout.bytes_per_word == 1 else b.op("Cast", [plane], to=onnx.TensorProto.UINT8))
+    axis = 1 if rows else 0
+    codes = b.op("Concat", planes, axis=axis) if len(planes) > 1 else planes[0]
+    if layout.num_words(count) * layout.codes_per_word != count:
+        codes = b.op("Slice", [codes, b.shape([0]), b.shape([count]), b.shape([axis])])
+    return b.op("Cast", [codes], to=onnx.TensorProto.INT32)
+
+
+def _row_codebooks(b: _Builder, spec: DecodeSpec) -> str:
+    """Nodes giving the codebook of every row, [rows, K], in the decoded weight's dtype."""
+    encoded = spec.encoded
+    groups, entries = encoded.codebooks.shape
+    rows = encoded.codes.shape[0]
+    equal_groups = len(set(encoded.group_sizes)) == 1
+    if groups == rows or not equal_groups:
+        table = b.stored("codebooks", encoded.codebooks)
+    else:
+        table = b.stored("codebooks", encoded.codebooks.reshape(groups, 1, entries))
+    if helper.np_dtype_to_tensor_dtype(encoded.codebooks.dtype) != spec.dtype:
+        table = b.op("Cast", [table], to=spec.dtype)
+    if groups == rows:
+        return table
+    if equal_groups:
+        expanded = b.op("Expand", [table, b.shape([groups, rows // groups, entries])])
+        return b.op("Reshape", [expanded, b.shape([rows, entries])])
+    group_of_row = np.repeat(np.arange(groups), encoded.group_sizes).astype(np.uint8 if groups <= 256 else np.uint16)
+    index = b.op("Cast", [b.stored("row_group", group_of_row)], to=onnx.TensorProto.INT32)
+    return b.op("Gather", [table, index], axis=0)

@@ -1,0 +1,245 @@
+"""Replaces every compressible weight by packed codes, codebooks and a decode subgraph.
+
+For a weight W with output rows along ``row_axis`` the pass encodes the matrix ``M = moveaxis(W, row_axis, 0)
+.reshape(rows, cols)`` as ``M^[r, j] = C[g(r), I[r, j]]`` (:mod:`jlcm_onnx.codebook`), removes W (initializer or
+``Constant`` node) and inserts, right before W's first consumer, the nodes of :mod:`jlcm_onnx.passes.dequant_graph` that
+produce a tensor of W's name, dtype and shape. Consumers are untouched, except two that are rewritten so that less
+is decoded at a time: a lone embedding ``Gather`` (a row decoder decodes only the looked-up rows) and the lone
+``MatMul`` of a large weight (split into column blocks decoded one after the other). A weight read by several nodes
+(tied embeddings) is stored and decoded once. Weights inside ``If``/``Loop``/``Scan`` bodies are handled in their own
+body.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+from tqdm.auto import tqdm
+
+from jlcm_onnx.codebook import encode_matrix, equal_group_sizes, sqnr_db
+from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.passes.base import Pass, PassResult
+from jlcm_onnx.passes.dequant_graph import (
+    ConstantPool,
+    DecodeGraph,
+    DecodeSpec,
+    NameAllocator,
+    build_blocked_matmul,
+    build_decoder,
+    build_gate,
+)
+from jlcm_onnx.passes.weight_sites import WeightSite, compressible_row_axis, find_weight_sites, iter_graphs
+from jlcm_onnx.report import COMPRESSED, SKIPPED, TensorRecord
+
+#: Weights of a MatMul above this count are decoded in column blocks of about this size (1 MB of fp32), one at a time.
+BLOCK_WEIGHTS = 1 << 18
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+FLOAT16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
+
+#: Placeholder input name for the gate until the shared gate of the activation is built.
+_GATE = "__jlcm_gate__"
+
+
+@dataclass
+class _Insertion:
+    graph: onnx.GraphProto
+    before_node: int
+    gate_activation: str | None
+    decoder: DecodeGraph
+    site: WeightSite
+    replaces_node: bool = False
+
+
+class EncodeWeights(Pass):
+    """The codebook-encoding pass; ``records`` of its result hold one :class:`TensorRecord` per float tensor."""
+
+    def __init__(self, config: CompressionConfig, progress: bool = False) -> None:
+        self.config = config
+        self.progress = progress
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        sites = find_weight_sites(model)
+        names = NameAllocator(_all_names(model.graph))
+        pools: dict[int, ConstantPool] = {}
+        constants = {site.name for site in sites} | _initializer_names(model.graph)
+        records: list[TensorRecord] = []
+        insertions: list[_Insertion] = []
+        todo: list[tuple[WeightSite, int]] = []
+        for site in sites:
+            row_axis, reason = compressible_row_axis(site, self.config)
+            if row_axis is None:
+                records.append(_record(site, SKIPPED, reason))
+            else:
+                todo.append((site, row_axis))
+        for site, row_axis in tqdm(todo, desc="encoding", unit="tensor", disable=not self.progress, leave=False):
+            pool = pools.setdefault(id(site.graph), ConstantPool(names))
+            insertion, record = self._encode(site, row_axis, names, pool, constants)
+            insertions.append(insertion)
+            records.append(record)
+        _apply(model.graph, insertions, pools, names)
+        return PassResult(model, modified=bool(insertions), records=records)
+
+    def _encode(
+        self, site: WeightSite, row_axis: int, names: NameAllocator, pool: ConstantPool, constants: set[str]
+    ) -> tuple[_Insertion, TensorRecord]:
+        weight = site.array()
+        matrix = np.moveaxis(weight, row_axis, 0).reshape(weight.shape[row_axis], -1).astype(np.float32)
+        group_sizes = equal_group_sizes(matrix.shape[0], self.config.groups)
+        encoded = encode_matrix(
+            matrix, self.config.bits, group_sizes, _codebook_dtype(self.config, site, matrix),
+            self.config.kmeans_iterations
+        )
+        first = min(site.consumers, key=lambda c: c.node_index)
+        boundaries = encoded.block_boundaries(BLOCK_WEIGHTS)
+        replaces_matmul = _is_lone_matmul_weight(site, row_axis) and len(boundaries) > 2
+        if replaces_matmul:
+            spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded)
+            activation = None
+            decoder = build_blocked_matmul(spec, first.node, boundaries, names, pool)
+        elif _is_lone_table_gather(site, row_axis):
+            spec = DecodeSpec(first.node.output[0], site.tensor.data_type, site.shape, row_axis, encoded,
+                              gather_indices=first.node.input[1])
+            activation = None
+            decoder = build_decoder(spec, names, pool, gate=None)
+        else:
+            spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded)
+            activation = next((n for n in first.node.input if n and n not in constants), None)
+            if activation is None:
+                activation = next((v.name for v in site.graph.input if v.name not in constants), None)
+            decoder = build_decoder(spec, names, pool, gate=None if activation is None else _GATE)
+        record = _record(
+            site,
+            COMPRESSED,
+            compressed_bytes=decoder.stored_bytes,
+            bits=self.config.bits,
+            groups=len(group_sizes),
+            sqnr_db=sqnr_db(matrix, encoded.decode()),
+            decode_gate=_gate_description(spec, activation, len(boundaries) - 1 if replaces_matmul else 1),
+        )
+        replaces = spec.gather_indices is not None or replaces_matmul
+        return _Insertion(site.graph, first.node_index, activation, decoder, site, replaces), record
+
+
+def _codebook_dtype(config: CompressionConfig, site: WeightSite, matrix: np.ndarray) -> np.dtype:
+    """The configured codebook dtype, except: float16 for a float16 weight (what its decoder reads), and float32 where
+    float16 cannot hold the weights (overflow above 65504, or magnitudes lost in float16's subnormal range)."""
+    if site.tensor.data_type == onnx.TensorProto.FLOAT16:
+        return np.dtype(np.float16)
+    magnitude = float(np.abs(matrix).max(initial=0.0))
+    if config.codebook_dtype == "float16" and (magnitude > FLOAT16_MAX or 0.0 < magnitude < FLOAT16_MIN_NORMAL * 1024):
+        return np.dtype(np.float32)
+    return np.dtype(config.codebook_dtype)
+
+
+def _is_lone_matmul_weight(site: WeightSite, row_axis: int) -> bool:
+    """True when the weight is the [in, out] B of a single MatMul and nothing else reads it."""
+    if len(site.consumers) != 1 or len(site.shape) != 2 or row_axis != 1:
+        return False
+    consumer = site.consumers[0]
+    return consumer.node.op_type == "MatMul" and consumer.input_index == 1 and consumer.node.input[0] != site.name
+
+
+def _is_lone_table_gather(site: WeightSite, row_axis: int) -> bool:
+    """True when the weight is a [rows, cols] table read only by one Gather along its rows."""
+    if len(site.consumers) != 1 or len(site.shape) != 2 or row_axis != 0:
+        return False
+    consumer = site.consumers[0]
+    return consumer.node.op_type == "Gather" and consumer.input_index == 0 and consumer.node.input[1] != site.name
+
+
+def _gate_description(spec: DecodeSpec, activation: str | None, blocks: int) -> str:
+    if blocks > 1:
+        return f"blocked MatMul: decoded in {blocks} column blocks, one at a time"
+    if spec.gather_indices is not None:
+        return f"row decoder: only the rows picked by '{spec.gather_indices}' are decoded"
+    if activation is None:
+        return "none: no run-time input before the first consumer, onnxruntime may fold the decoder"
+    return activation
+
+
+def _apply(
+    root: onnx.GraphProto, insertions: list[_Insertion], pools: dict[int, ConstantPool], names: NameAllocator
+) -> None:
+    """Edits each graph: drops the dense weights and inserts the decoders (and shared gates) in topological order.
+
+    Nested graphs are edited before the graphs that contain them: rewriting a graph's node list replaces its nodes by
+    copies, and a body edited after that would be a detached copy.
+    """
+    by_graph: dict[int, list[_Insertion]] = defaultdict(list)
+    for insertion in insertions:
+        by_graph[id(insertion.graph)].append(insertion)
+    innermost_first = reversed([g for g in iter_graphs(root) if id(g) in by_graph])
+    for graph in innermost_first:
+        group = by_graph[id(graph)]
+        graph.initializer.extend(pools[id(graph)].initializers)
+        removed_constants = {i.site.name for i in group if i.site.constant_node is not None}
+        replaced_nodes = {i.before_node for i in group if i.replaces_node}
+        removed_tensors = {i.site.name for i in group if i.site.constant_node is None}
+        before: dict[int, list[_Insertion]] = defaultdict(list)
+        for insertion in group:
+            before[insertion.before_node].append(insertion)
+        gates: dict[str, str] = {}
+        nodes: list[onnx.NodeProto] = []
+        for position, node in enumerate(graph.node):
+            for insertion in before.get(position, []):
+                nodes.extend(_decoder_nodes(insertion, gates, names))
+                graph.initializer.extend(insertion.decoder.initializers)
+            removed = node.op_type == "Constant" and node.output[0] in removed_constants
+            if not removed and position not in replaced_nodes:
+                nodes.append(node)
+        copies = [onnx.NodeProto() for _ in nodes]
+        for copy, node in zip(copies, nodes, strict=True):
+            copy.CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(copies)
+        _remove_named(graph.initializer, removed_tensors)
+        _remove_named(graph.input, removed_tensors)
+
+
+def _decoder_nodes(insertion: _Insertion, gates: dict[str, str], names: NameAllocator) -> Iterator[onnx.NodeProto]:
+    activation = insertion.gate_activation
+    if activation is not None and activation not in gates:
+        gates[activation], gate_nodes = build_gate(activation, names)
+        yield from gate_nodes
+    for node in insertion.decoder.nodes:
+        if activation is not None:
+            node.input[:] = [gates[activation] if name == _GATE else name for name in node.input]
+        yield node
+
+
+def _remove_named(field, names: set[str]) -> None:  # noqa: ANN001 - a protobuf repeated field
+    for index in reversed([i for i, item in enumerate(field) if item.name in names]):
+        del field[index]
+
+
+def _record(site: WeightSite, status: str, reason: str = "", **fields: object) -> TensorRecord:
+    dtype = helper.tensor_dtype_to_np_dtype(site.tensor.data_type)
+    return TensorRecord(
+        name=site.name,
+        consumers=tuple(c.describe() for c in site.consumers),
+        shape=site.shape,
+        dtype=helper.tensor_dtype_to_string(site.tensor.data_type).removeprefix("TensorProto."),
+        original_bytes=site.num_elements * dtype.itemsize,
+        status=status,
+        reason=reason,
+        **fields,
+    )
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = set()
+    for g in iter_graphs(graph):
+        names.update(v.name for v in (*g.input, *g.output, *g.value_info, *g.initializer))
+        for node in g.node:
+            names.update((*node.input, *node.output, node.name))
+    return names
+
+
+def _initializer_names(graph: onnx.GraphProto) -> set[str]:
+    return {t.name for g in iter_graphs(graph) for t in g.initializer}

@@ -1,0 +1,165 @@
+"""Finds the compressible weights of a model and the nodes that read them.
+
+A *weight site* is a float tensor stored in the model (an initializer or a ``Constant`` node, in the main graph or in an
+``If``/``Loop``/``Scan`` body) together with its consumers. Names are resolved by ONNX scoping rules: a subgraph sees
+the names of its enclosing graphs unless it defines the same name itself.
+
+A weight is compressible when at least one consumer reads it as the weight input of MatMul (B), Gemm (B), Conv,
+ConvTranspose (W) or Gather (data). That consumer also defines the weight's *output rows* (METHOD.md section 1): the
+``row_axis`` such that ``moveaxis(W, row_axis, 0).reshape(rows, -1)`` is the matrix whose rows are output neurons.
+Every other tensor gets a reason, so the report can say why it was left alone.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from jlcm_onnx.config import WEIGHT_SLOTS, CompressionConfig
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """Input ``input_index`` of ``node`` (which lives in ``graph``) reads the weight."""
+
+    graph: onnx.GraphProto
+    node: onnx.NodeProto
+    node_index: int
+    input_index: int
+
+    def describe(self) -> str:
+        return f"{self.node.op_type}:{self.node.name or self.node.output[0]}"
+
+
+@dataclass
+class WeightSite:
+    """A float tensor stored in the model, where it is defined and who reads it."""
+
+    name: str
+    graph: onnx.GraphProto
+    tensor: onnx.TensorProto
+    constant_node: onnx.NodeProto | None
+    consumers: list[Consumer] = field(default_factory=list)
+    is_graph_output: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.dims)
+
+    @property
+    def num_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def array(self) -> np.ndarray:
+        return numpy_helper.to_array(self.tensor)
+
+
+def find_weight_sites(model: onnx.ModelProto) -> list[WeightSite]:
+    """Every float initializer and float ``Constant`` of the model and its subgraphs, with their consumers."""
+    sites: list[WeightSite] = []
+    _walk(model.graph, {}, sites)
+    return sites
+
+
+def _walk(graph: onnx.GraphProto, outer: dict[str, WeightSite | None], sites: list[WeightSite]) -> None:
+    scope = dict(outer)
+    for value in graph.input:
+        scope[value.name] = None
+    for tensor in graph.initializer:
+        scope[tensor.name] = _new_site(tensor.name, graph, tensor, None, sites)
+    for position, node in enumerate(graph.node):
+        for index, name in enumerate(node.input):
+            site = scope.get(name)
+            if site is not None:
+                site.consumers.append(Consumer(graph, node, position, index))
+        for subgraph in _subgraphs(node):
+            _walk(subgraph, scope, sites)
+        tensor = _constant_tensor(node)
+        for name in node.output:
+            scope[name] = _new_site(name, graph, tensor, node, sites) if tensor is not None else None
+    for value in graph.output:
+        site = scope.get(value.name)
+        if site is not None and site.graph is graph:
+            site.is_graph_output = True
+
+
+def _new_site(
+    name: str, graph: onnx.GraphProto, tensor: onnx.TensorProto, node: onnx.NodeProto | None, sites: list[WeightSite]
+) -> WeightSite | None:
+    if tensor.data_type not in FLOAT_TYPES:
+        return None
+    site = WeightSite(name, graph, tensor, node)
+    sites.append(site)
+    return site
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    for attribute in node.attribute:
+        if attribute.name == "value" and attribute.type == onnx.AttributeProto.TENSOR:
+            return attribute.t
+    return None
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            yield attribute.g
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            yield from attribute.graphs
+
+
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and all its nested subgraphs, outermost first."""
+    yield graph
+    for node in graph.node:
+        for subgraph in _subgraphs(node):
+            yield from iter_graphs(subgraph)
+
+
+def weight_row_axis(consumer: Consumer, rank: int) -> int | None:
+    """The output-row axis of the weight read by ``consumer``, or None if it does not read it as a weight."""
+    node = consumer.node
+    if node.domain not in ("", "ai.onnx") or WEIGHT_SLOTS.get(node.op_type) != consumer.input_index:
+        return None
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "MatMul":
+        return rank - 1 if rank >= 2 else None
+    if node.op_type == "Gemm":
+        return (0 if attributes.get("transB", 0) else 1) if rank == 2 else None
+    if node.op_type == "Conv":
+        return 0 if rank >= 3 else None
+    if node.op_type == "ConvTranspose":
+        return 1 if rank >= 3 else None
+    axis = int(attributes.get("axis", 0))  # Gather: rows are the slices it picks
+    return axis % rank if rank >= 2 else None
+
+
+def compressible_row_axis(site: WeightSite, config: CompressionConfig) -> tuple[int | None, str]:
+    """(row axis, "") when ``site`` is to be compressed under ``config``, else (None, the reason it is not)."""
+    axes = [
+        weight_row_axis(c, len(site.shape)) for c in site.consumers if c.node.op_type in config.op_types
+    ]
+    axes = [axis for axis in axes if axis is not None]
+    if not axes:
+        kinds = sorted({c.node.op_type for c in site.consumers}) or ["nothing"]
+        return None, f"not a weight input of {'/'.join(config.op_types)} (read by {', '.join(kinds)})"
+    if site.num_elements < config.min_elements:
+        return None, f"{site.num_elements} elements < min_elements={config.min_elements}"
+    if config.include and not any(fnmatch.fnmatchcase(site.name, p) for p in config.include):
+        return None, "name matches no 'include' pattern"
+    if any(fnmatch.fnmatchcase(site.name, p) for p in config.exclude):
+        return None, "name matches an 'exclude' pattern"
+    if site.is_graph_output:
+        return None, "is a graph output"
+    if any(consumer.graph is not site.graph for consumer in site.consumers):
+        return None, "read from inside a nested subgraph (outer-scope reference)"
+    return axes[0], ""
