@@ -62,6 +62,8 @@ def main() -> None:
 @click.option("--groups", type=int, help="Codebooks per tensor over contiguous output rows  [default: one per row]")
 @click.option("--min-elements", type=int, help="Leave smaller weights as they are  [default: 1024]")
 @click.option("--codebook-dtype", type=click.Choice(CODEBOOK_DTYPES), help="Codebook storage type  [default: float16]")
+@click.option("--outlier-fraction", type=float,
+              help="Fraction of weights kept beside the codebooks (dense-and-sparse), 0..0.1  [default: 0.002]")
 @click.option("--include", multiple=True, help="Only compress weights whose name matches this glob (repeatable).")
 @click.option("--exclude", multiple=True, help="Never compress weights whose name matches this glob (repeatable).")
 @click.option("--seed", type=int, help="Seed of every random choice  [default: 0]")

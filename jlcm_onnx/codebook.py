@@ -4,7 +4,11 @@ The matrix ``W`` [rows, cols] has one row per output neuron. Rows are split into
 holding rows ``[start_g, start_g + size_g)``; each group owns a codebook ``C[g]`` of ``K = 2**b`` values and every
 weight keeps a b-bit index ``I[r, j]``. Memory cost in bits (METHOD.md section 2)::
 
-    n * b + bits(codebook dtype) * G * K          n = rows * cols
+    n * b + bits(codebook dtype) * (G * K + m) + 32 * m          n = rows * cols, m outliers
+
+*Dense-and-sparse* outliers: the m weights farthest from their row's mean (in row standard deviations) are kept as
+(flat index, value) pairs, the value in the codebook dtype, written over the decoded matrix, and get zero weight in
+the k-means, so a few huge weights no longer drag the outermost codewords away from the bulk of the row.
 
 Groups of equal size are solved together by the batched Lloyd k-means of :mod:`jlcm_onnx.kmeans`.
 """
@@ -12,7 +16,7 @@ Groups of equal size are solved together by the batched Lloyd k-means of :mod:`j
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,11 +25,14 @@ from jlcm_onnx.kmeans import fit_codebooks
 
 @dataclass(frozen=True)
 class EncodedMatrix:
-    """``codebooks`` [G, K], ``codes`` uint8 [rows, cols], ``group_sizes`` [G] (rows per group, in order)."""
+    """``codebooks`` [G, K], ``codes`` uint8 [rows, cols], ``group_sizes`` [G] (rows per group, in order), and the
+    outliers: sorted flat indices into [rows, cols] (int64 [m]) with their exact values (codebook dtype [m])."""
 
     codebooks: np.ndarray
     codes: np.ndarray
     group_sizes: tuple[int, ...]
+    outlier_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    outlier_values: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float16))
 
     @property
     def bits(self) -> int:
@@ -41,7 +48,10 @@ class EncodedMatrix:
         first, last = np.searchsorted(bounds, [start, stop])
         if bounds[first] != start or bounds[min(last, len(bounds) - 1)] != stop:
             raise ValueError(f"rows [{start}, {stop}) do not start and end at group boundaries")
-        return EncodedMatrix(self.codebooks[first:last], self.codes[start:stop], self.group_sizes[first:last])
+        cols = self.codes.shape[1]
+        keep = (self.outlier_index >= start * cols) & (self.outlier_index < stop * cols)
+        return EncodedMatrix(self.codebooks[first:last], self.codes[start:stop], self.group_sizes[first:last],
+                             self.outlier_index[keep] - start * cols, self.outlier_values[keep])
 
     def block_boundaries(self, max_weights: int) -> list[int]:
         """Group-aligned row boundaries cutting the matrix into blocks of about ``max_weights`` weights or fewer."""
@@ -54,7 +64,9 @@ class EncodedMatrix:
 
     def decode(self) -> np.ndarray:
         """``W^`` [rows, cols] in float32."""
-        return np.take_along_axis(self.row_codebooks().astype(np.float32), self.codes.astype(np.intp), axis=1)
+        decoded = np.take_along_axis(self.row_codebooks().astype(np.float32), self.codes.astype(np.intp), axis=1)
+        decoded.reshape(-1)[self.outlier_index] = self.outlier_values
+        return decoded
 
 
 def equal_group_sizes(rows: int, groups: int | None) -> tuple[int, ...]:
@@ -71,11 +83,17 @@ def encode_matrix(
     codebook_dtype: np.dtype,
     max_iterations: int = 100,
     importance: np.ndarray | None = None,
+    outlier_fraction: float = 0.0,
 ) -> EncodedMatrix:
-    """k-means codebooks of ``2**bits`` values for each contiguous row group of ``matrix`` [rows, cols]."""
+    """k-means codebooks of ``2**bits`` values for each contiguous row group of ``matrix`` [rows, cols], keeping the
+    ``outlier_fraction`` of weights farthest from their row mean aside (see the module docstring)."""
     rows, cols = matrix.shape
     if sum(group_sizes) != rows:
         raise ValueError(f"group sizes {group_sizes} do not cover {rows} rows")
+    outliers = select_outliers(matrix, outlier_fraction)
+    if outliers.size:
+        importance = np.ones(matrix.shape) if importance is None else importance.copy()
+        importance.reshape(-1)[outliers] = 0.0
     starts = np.concatenate([[0], np.cumsum(group_sizes)[:-1]]).astype(np.int64)
     values = matrix.astype(np.float64)
     codebooks = np.zeros((len(group_sizes), 1 << bits), dtype=codebook_dtype)
@@ -89,7 +107,19 @@ def encode_matrix(
         fitted = fit_codebooks(batch, bits, codebook_dtype, weights, max_iterations)
         codebooks[members] = fitted.values
         codes[row_index] = fitted.codes.reshape(len(members) * size, cols)
-    return EncodedMatrix(codebooks=codebooks, codes=codes, group_sizes=tuple(int(s) for s in group_sizes))
+    return EncodedMatrix(codebooks=codebooks, codes=codes, group_sizes=tuple(int(s) for s in group_sizes),
+                         outlier_index=outliers, outlier_values=matrix.reshape(-1)[outliers].astype(codebook_dtype))
+
+
+def select_outliers(matrix: np.ndarray, fraction: float) -> np.ndarray:
+    """Sorted flat indices of the ``round(fraction * n)`` weights with the largest ``|w - mean(row)| / std(row)``."""
+    count = int(round(fraction * matrix.size))
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    values = matrix.astype(np.float64)
+    spread = values.std(axis=1, keepdims=True)
+    score = np.abs(values - values.mean(axis=1, keepdims=True)) / np.where(spread > 0, spread, 1.0)
+    return np.sort(np.argpartition(score.reshape(-1), -count)[-count:]).astype(np.int64)
 
 
 def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:

@@ -117,6 +117,7 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, Any] | None:
 def _write_metadata(model: onnx.ModelProto, config: CompressionConfig, records: list[TensorRecord]) -> None:
     tensors = [
         {"name": r.name, "shape": list(r.shape), "dtype": r.dtype, "bits": r.bits, "groups": r.groups,
+         "outliers": r.outliers,
          "original_bytes": r.original_bytes, "compressed_bytes": r.compressed_bytes}
         for r in records if r.bits is not None
     ]

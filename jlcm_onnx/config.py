@@ -36,6 +36,9 @@ class CompressionConfig:
         exclude: glob patterns of weight names never compressed.
         codebook_dtype: storage type of codebook values, ``"float16"`` or ``"float32"``.
         kmeans_iterations: the most Lloyd iterations per codebook (it stops earlier once assignments are stable).
+        outlier_fraction: fraction of each tensor's weights (those farthest from their row mean) kept beside the
+            codebooks as (int32 index, value in the codebook dtype) pairs (dense-and-sparse); 0 disables it. Not
+            applied to embedding tables read by a lone Gather, which are decoded row by row.
         seed: seed of every random choice, so equal inputs give byte-identical outputs.
 
     Example:
@@ -55,6 +58,7 @@ class CompressionConfig:
     exclude: tuple[str, ...] = ()
     codebook_dtype: str = "float16"
     kmeans_iterations: int = 100
+    outlier_fraction: float = 0.002
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,6 +68,9 @@ class CompressionConfig:
         _check_int(self, "min_elements", 1, None)
         _check_int(self, "kmeans_iterations", 1, None)
         _check_int(self, "seed", 0, None)
+        fraction = self.outlier_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 <= fraction <= 0.1:
+            raise ConfigError("outlier_fraction", fraction, "a number in [0, 0.1]")
         for name in ("op_types", "include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(item, str) for item in value):

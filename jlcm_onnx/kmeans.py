@@ -33,10 +33,12 @@ def nearest_codes(values: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor
     return torch.searchsorted(midpoints.contiguous(), values.contiguous())
 
 
-def _quantile_init(sorted_values: torch.Tensor, num_codes: int) -> torch.Tensor:
-    m = sorted_values.shape[1]
-    positions = ((torch.arange(num_codes, dtype=torch.float64) + 0.5) * m / num_codes).long().clamp_(max=m - 1)
-    return sorted_values[:, positions]
+def _quantile_init(sorted_values: torch.Tensor, mass_prefix: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """The importance-weighted quantiles ``(k + 1/2) / K`` of each group (values of zero importance never picked)."""
+    levels = (torch.arange(num_codes, dtype=torch.float64) + 0.5) / num_codes
+    targets = mass_prefix[:, -1:] * levels[None, :]
+    positions = torch.searchsorted(mass_prefix[:, 1:].contiguous(), targets.contiguous())
+    return sorted_values.gather(1, positions.clamp_(max=sorted_values.shape[1] - 1))
 
 
 def _distinct_value_codebooks(sorted_values: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +69,7 @@ def lloyd(
     zero = torch.zeros(values.shape[0], 1, dtype=torch.float64)
     mass_prefix = torch.cat([zero, weights.cumsum(dim=1)], dim=1)
     moment_prefix = torch.cat([zero, (weights * sorted_values).cumsum(dim=1)], dim=1)
-    codebooks = _quantile_init(sorted_values, num_codes)
+    codebooks = _quantile_init(sorted_values, mass_prefix, num_codes)
     edges = None
     for _ in range(max_iterations):
         new_edges = _cell_edges(sorted_values, codebooks)

@@ -30,6 +30,7 @@ class TensorRecord:
     compressed_bytes: int | None = None
     bits: int | None = None
     groups: int | None = None
+    outliers: int | None = None
     sqnr_db: float | None = None
     decode_gate: str | None = None
 

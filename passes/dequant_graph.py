@@ -187,15 +187,34 @@ def _weight_decoder(b: _Builder, spec: DecodeSpec, gate: str | None) -> None:
     if spec.rows_last:
         codes = b.op("Reshape", [codes, b.shape(stored.shape)])
         table = b.op("Transpose", [row_codebooks], perm=[1, 0])
-        decoded = b.op("GatherElements", [table, codes], axis=0)
+        decoded = _with_outliers(b, spec, b.op("GatherElements", [table, codes], axis=0))
         _finish(b, decoded, spec.shape, perm=None)
         return
     codes = b.op("Reshape", [codes, b.shape(stored.shape)])
-    decoded = b.op("GatherElements", [row_codebooks, codes], axis=1)
+    decoded = _with_outliers(b, spec, b.op("GatherElements", [row_codebooks, codes], axis=1))
     others = [i for i in range(len(spec.shape)) if i != spec.row_axis]
     moved_shape = tuple(spec.shape[i] for i in [spec.row_axis, *others])
     perm = None if spec.row_axis == 0 else [int(i) for i in np.argsort([spec.row_axis, *others])]
     _finish(b, decoded, moved_shape, perm)
+
+
+def _with_outliers(b: _Builder, spec: DecodeSpec, decoded: str) -> str:
+    """Writes the outlier values over the decoded matrix (in stored order) with ScatterElements."""
+    encoded = spec.encoded
+    if encoded.outlier_index.size == 0:
+        return decoded
+    rows, cols = encoded.codes.shape
+    index = encoded.outlier_index
+    if spec.rows_last:  # canonical r * cols + c  ->  stored c * rows + r
+        index = (index % cols) * rows + index // cols
+    order = np.argsort(index)
+    positions = b.stored("outlier_index", index[order].astype(np.int32))
+    values = b.stored("outlier_values", encoded.outlier_values[order])
+    if helper.np_dtype_to_tensor_dtype(encoded.outlier_values.dtype) != spec.dtype:
+        values = b.op("Cast", [values], to=spec.dtype)
+    flat = b.op("Reshape", [decoded, b.shape([-1])])
+    patched = b.op("ScatterElements", [flat, positions, values], axis=0)
+    return b.op("Reshape", [patched, b.shape([rows, cols] if not spec.rows_last else [cols, rows])])
 
 
 def _finish(b: _Builder, decoded: str, shape: tuple[int, ...], perm: list[int] | None) -> None:
@@ -238,11 +257,11 @@ def _unpack(b: _Builder, packed: str, layout: WordLayout, count: int, rows: bool
                 row = b.op("BitShift", [row, b.const(layout.word_dtype.type(8 * k))], direction="LEFT")
             words = b.op("Add", [words, row]) if words else row
     words = b.op("Reshape", [words, b.shape([-1, layout.num_words(count)] if rows else [-1])])
-    right = b.const(layout.word_dtype.type(layout.right_shift()))
+    right = layout.word_dtype.type(layout.right_shift())
     planes = []
     for left in layout.left_shifts():
         plane = b.op("BitShift", [words, b.const(left)], direction="LEFT") if left else words
-        plane = b.op("BitShift", [plane, right], direction="RIGHT") if layout.right_shift() else plane
+        plane = b.op("BitShift", [plane, b.const(right)], direction="RIGHT") if right else plane
         planes.append(plane if layout.bytes_per_word == 1 else b.op("Cast", [plane], to=onnx.TensorProto.UINT8))
     axis = 1 if rows else 0
     codes = b.op("Concat", planes, axis=axis) if len(planes) > 1 else planes[0]

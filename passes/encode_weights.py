@@ -91,9 +91,10 @@ class EncodeWeights(Pass):
         weight = site.array()
         matrix = np.moveaxis(weight, row_axis, 0).reshape(weight.shape[row_axis], -1).astype(np.float32)
         group_sizes = equal_group_sizes(matrix.shape[0], self.config.groups)
+        row_decoded = _is_lone_table_gather(site, row_axis)
         encoded = encode_matrix(
             matrix, self.config.bits, group_sizes, _codebook_dtype(self.config, site, matrix),
-            self.config.kmeans_iterations
+            self.config.kmeans_iterations, outlier_fraction=0.0 if row_decoded else self.config.outlier_fraction,
         )
         first = min(site.consumers, key=lambda c: c.node_index)
         boundaries = encoded.block_boundaries(BLOCK_WEIGHTS)
@@ -102,7 +103,7 @@ class EncodeWeights(Pass):
             spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded)
             activation = None
             decoder = build_blocked_matmul(spec, first.node, boundaries, names, pool)
-        elif _is_lone_table_gather(site, row_axis):
+        elif row_decoded:
             spec = DecodeSpec(first.node.output[0], site.tensor.data_type, site.shape, row_axis, encoded,
                               gather_indices=first.node.input[1])
             activation = None
@@ -119,6 +120,7 @@ class EncodeWeights(Pass):
             compressed_bytes=decoder.stored_bytes,
             bits=self.config.bits,
             groups=len(group_sizes),
+            outliers=int(encoded.outlier_index.size),
             sqnr_db=sqnr_db(matrix, encoded.decode()),
             decode_gate=_gate_description(spec, activation, len(boundaries) - 1 if replaces_matmul else 1),
         )

@@ -150,6 +150,7 @@ def dequantized(weight: np.ndarray, row_axis: int, config: CompressionConfig) ->
         equal_group_sizes(matrix.shape[0], config.groups),
         np.dtype(config.codebook_dtype),
         config.kmeans_iterations,
+        outlier_fraction=config.outlier_fraction,
     )
     decoded = encoded.decode().reshape(moved.shape)
     return np.moveaxis(decoded, 0, row_axis).astype(weight.dtype)

@@ -284,7 +284,8 @@ def test_tied_gather_and_transposed_matmul(rng: np.random.Generator) -> None:
     assert len(uint8_payloads(result.model, packed // 2)) == 1
     float_bytes = sum(numpy_helper.to_array(t).nbytes for t in all_initializers(result.model)
                       if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16))
-    assert float_bytes <= 64 * 16 * 2  # one set of row codebooks, nothing dense
+    outlier_bytes = round(config.outlier_fraction * table.size) * 2
+    assert float_bytes <= 64 * 16 * 2 + outlier_bytes  # one set of row codebooks and the outliers, nothing dense
     assert record.compressed_bytes < table.nbytes / 2
 
 
@@ -600,8 +601,10 @@ def test_whole_file_ratio(rng: np.random.Generator) -> None:
     (record,) = result.report.tensors
     assert record.status == "compressed"
     assert record.compressed_bytes < record.original_bytes
-    # packed codes at exactly 4 bits plus 128 float16 codebooks of 16 values
-    assert record.compressed_bytes == WordLayout(4).packed_bytes(weight.size) + 128 * 16 * 2
+    # packed codes at exactly 4 bits, 128 float16 codebooks of 16 values, outliers as int32 index + float16 value
+    outliers = round(CompressionConfig().outlier_fraction * weight.size)
+    assert record.outliers == outliers > 0
+    assert record.compressed_bytes == WordLayout(4).packed_bytes(weight.size) + 128 * 16 * 2 + outliers * (4 + 2)
     report = result.report
     assert report.original_file_bytes == model.ByteSize()
     assert report.compressed_file_bytes == result.model.ByteSize()
@@ -620,7 +623,8 @@ def test_record_bytes_match_stored_bytes(rng: np.random.Generator, bits: int) ->
     config = CompressionConfig(bits=bits, groups=5, min_elements=64, codebook_dtype="float32")
     result = jlcm_onnx.compress(gemm_model(weight, 1), config)  # rows first: 40 rows in 5 groups of 8
     (record,) = result.report.compressed
-    assert record.compressed_bytes == WordLayout(bits).packed_bytes(weight.size) + 5 * (1 << bits) * 4
+    outliers = round(config.outlier_fraction * weight.size)
+    assert record.compressed_bytes == WordLayout(bits).packed_bytes(weight.size) + 5 * (1 << bits) * 4 + outliers * 8
 
 
 def test_op_types_include_exclude(rng: np.random.Generator) -> None:
