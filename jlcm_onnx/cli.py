@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from jlcm_onnx.compress import compress, save
-from jlcm_onnx.config import CODEBOOK_DTYPES, CompressionConfig
+from jlcm_onnx.config import CODEBOOK_DTYPES, ENCODINGS, CompressionConfig
 from jlcm_onnx.describe import describe_model
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.model_io import check_destination
@@ -60,6 +60,10 @@ def main() -> None:
               help="JSON file of config fields; the flags below override it.")
 @click.option("--bits", type=int, help="Bits per weight index, 1..8  [default: 4]")
 @click.option("--groups", type=int, help="Codebooks per tensor over contiguous output rows  [default: one per row]")
+@click.option("--encoding", type=click.Choice(ENCODINGS),
+              help="One codebook per group, or one shared codebook and a scale per group  [default: multi-codebook]")
+@click.option("--reorder/--no-reorder", default=None,
+              help="With --groups: cluster rows by distribution into contiguous groups  [default: --reorder]")
 @click.option("--min-elements", type=int, help="Leave smaller weights as they are  [default: 1024]")
 @click.option("--codebook-dtype", type=click.Choice(CODEBOOK_DTYPES), help="Codebook storage type  [default: float16]")
 @click.option("--outlier-fraction", type=float,

@@ -19,8 +19,9 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from jlcm_onnx.kmeans import fit_codebooks
+from jlcm_onnx.kmeans import fit_codebooks, nearest_codes
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,13 @@ class EncodedMatrix:
     group_sizes: tuple[int, ...]
     outlier_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     outlier_values: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float16))
+    scales: np.ndarray | None = None
+    shared_codebook: np.ndarray | None = None
+
+    @property
+    def multi_scaling(self) -> bool:
+        """True when ``codebooks[g] = scales[g] * shared_codebook`` (stored as G scales and one codebook)."""
+        return self.scales is not None
 
     @property
     def bits(self) -> int:
@@ -51,7 +59,8 @@ class EncodedMatrix:
         cols = self.codes.shape[1]
         keep = (self.outlier_index >= start * cols) & (self.outlier_index < stop * cols)
         return EncodedMatrix(self.codebooks[first:last], self.codes[start:stop], self.group_sizes[first:last],
-                             self.outlier_index[keep] - start * cols, self.outlier_values[keep])
+                             self.outlier_index[keep] - start * cols, self.outlier_values[keep],
+                             None if self.scales is None else self.scales[first:last], self.shared_codebook)
 
     def block_boundaries(self, max_weights: int) -> list[int]:
         """Group-aligned row boundaries cutting the matrix into blocks of about ``max_weights`` weights or fewer."""
@@ -109,6 +118,57 @@ def encode_matrix(
         codes[row_index] = fitted.codes.reshape(len(members) * size, cols)
     return EncodedMatrix(codebooks=codebooks, codes=codes, group_sizes=tuple(int(s) for s in group_sizes),
                          outlier_index=outliers, outlier_values=matrix.reshape(-1)[outliers].astype(codebook_dtype))
+
+
+def encode_scaled_matrix(
+    matrix: np.ndarray,
+    bits: int,
+    group_sizes: tuple[int, ...],
+    codebook_dtype: np.dtype,
+    max_iterations: int = 100,
+    importance: np.ndarray | None = None,
+    outlier_fraction: float = 0.0,
+    refinements: int = 3,
+) -> EncodedMatrix:
+    """Multi-scaling: one codebook ``c`` of ``2**bits`` values shared by all groups and a scale per group,
+    ``W^[r, j] = s[g(r)] * c[I[r, j]]``, at ``n*b + 16*(K + G)`` bits (fp16).
+
+    Alternates (``refinements`` times) a k-means of the group-normalised weights ``W / s[g]`` for ``c`` with the
+    least-squares scale of each group given its codes, ``s_g = <w, c[I]> / <c[I], c[I]>`` (importance-weighted).
+    """
+    rows, cols = matrix.shape
+    outliers = select_outliers(matrix, outlier_fraction)
+    weights = np.ones(matrix.shape) if importance is None else importance.astype(np.float64)
+    weights.reshape(-1)[outliers] = 0.0
+    values = matrix.astype(np.float64)
+    group_of_row = np.repeat(np.arange(len(group_sizes)), group_sizes)
+    scales = np.sqrt(_group_sum(weights * values**2, group_of_row) / _group_sum(weights, group_of_row).clip(1e-300))
+    scales = np.where(scales > 0, scales, 1.0)
+    for _ in range(refinements):
+        normalized = values / scales[group_of_row][:, None]
+        fitted = fit_codebooks(normalized.reshape(1, -1), bits, codebook_dtype, weights.reshape(1, -1), max_iterations)
+        shared = fitted.values[0].astype(np.float64)
+        picked = shared[fitted.codes.reshape(rows, cols)]
+        fit = _group_sum(weights * values * picked, group_of_row) / _group_sum(weights * picked**2, group_of_row).clip(
+            1e-300)
+        scales = np.where(fit > 0, fit, scales).astype(codebook_dtype).astype(np.float64)
+    shared_stored = fitted.values[0]
+    scales_stored = scales.astype(codebook_dtype)
+    codebooks = scales_stored.astype(np.float32)[:, None] * shared_stored.astype(np.float32)[None, :]
+    row_books = torch_nearest(values, codebooks[group_of_row])
+    return EncodedMatrix(codebooks=codebooks, codes=row_books, group_sizes=tuple(int(s) for s in group_sizes),
+                         outlier_index=outliers, outlier_values=matrix.reshape(-1)[outliers].astype(codebook_dtype),
+                         scales=scales_stored, shared_codebook=shared_stored)
+
+
+def _group_sum(values: np.ndarray, group_of_row: np.ndarray) -> np.ndarray:
+    return np.bincount(group_of_row, weights=values.sum(axis=1), minlength=int(group_of_row.max()) + 1)
+
+
+def torch_nearest(values: np.ndarray, row_codebooks: np.ndarray) -> np.ndarray:
+    """Index of the nearest codeword of each row's own sorted codebook: values [rows, cols], [rows, K] -> uint8."""
+    books = torch.from_numpy(row_codebooks.astype(np.float64))
+    return nearest_codes(torch.from_numpy(values.astype(np.float64)), books).numpy().astype(np.uint8)
 
 
 def select_outliers(matrix: np.ndarray, fraction: float) -> np.ndarray:

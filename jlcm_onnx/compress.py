@@ -20,6 +20,7 @@ from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.model_io import check_input, check_output, load_model, save_model
 from jlcm_onnx.passes.base import Pass
 from jlcm_onnx.passes.encode_weights import EncodeWeights
+from jlcm_onnx.passes.reorder_neurons import GroupPlan, ReorderNeurons
 from jlcm_onnx.report import CompressionReport, TensorRecord
 
 #: Version of the on-disk encoding (packed codes, codebooks and decoder layout), stored in ``metadata_props``.
@@ -41,8 +42,9 @@ class CompressionResult:
 
 
 def build_pipeline(config: CompressionConfig, progress: bool) -> list[Pass]:
-    """The passes of a compression run, in order."""
-    return [EncodeWeights(config, progress=progress)]
+    """The passes of a compression run, in order; the re-ordering pass hands its group sizes to the encoder."""
+    plan = GroupPlan()
+    return [ReorderNeurons(config, plan), EncodeWeights(config, plan, progress=progress)]
 
 
 def compress(
@@ -81,7 +83,7 @@ def compress(
     for graph_pass in build_pipeline(config, progress):
         result = graph_pass(working)
         working = result.model
-        records.extend(result.records)
+        records.extend(r for r in result.records if isinstance(r, TensorRecord))
     _write_metadata(working, config, records)
     check_output(working)
     report = CompressionReport(
@@ -117,6 +119,7 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, Any] | None:
 def _write_metadata(model: onnx.ModelProto, config: CompressionConfig, records: list[TensorRecord]) -> None:
     tensors = [
         {"name": r.name, "shape": list(r.shape), "dtype": r.dtype, "bits": r.bits, "groups": r.groups,
+         "encoding": r.encoding,
          "outliers": r.outliers,
          "original_bytes": r.original_bytes, "compressed_bytes": r.compressed_bytes}
         for r in records if r.bits is not None

@@ -19,6 +19,7 @@ from jlcm_onnx.packing import MAX_BITS
 WEIGHT_SLOTS: dict[str, int] = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
 
 CODEBOOK_DTYPES = ("float16", "float32")
+ENCODINGS = ("multi-codebook", "multi-scaling")
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,12 @@ class CompressionConfig:
 
     Attributes:
         bits: bits per weight index (1..8); each codebook holds ``2**bits`` values.
-        groups: codebooks per tensor, each shared by a contiguous range of output rows; ``None`` gives every output
-            row its own codebook (the default, and the most accurate).
+        groups: codebooks (or scales) per tensor, each shared by a contiguous range of output rows; ``None`` gives
+            every output row its own (the default, and the most accurate).
+        encoding: ``"multi-codebook"`` (a codebook of ``2**bits`` values per group) or ``"multi-scaling"`` (one
+            codebook shared by all groups of a tensor, and a scale per group: cheaper when groups are small).
+        reorder: with ``groups`` set, cluster output rows by distribution and re-order them so each cluster is a
+            contiguous group, folding the permutation into the next layer (outputs unchanged).
         min_elements: weights with fewer elements are left as they are.
         op_types: consumer kinds whose weight input is compressed (subset of MatMul, Gemm, Conv, ConvTranspose,
             Gather).
@@ -52,6 +57,8 @@ class CompressionConfig:
 
     bits: int = 4
     groups: int | None = None
+    encoding: str = "multi-codebook"
+    reorder: bool = True
     min_elements: int = 1024
     op_types: tuple[str, ...] = tuple(WEIGHT_SLOTS)
     include: tuple[str, ...] = ()
@@ -79,6 +86,10 @@ class CompressionConfig:
         unknown = sorted(set(self.op_types) - set(WEIGHT_SLOTS))
         if unknown or not self.op_types:
             raise ConfigError("op_types", list(self.op_types), f"a non-empty subset of {list(WEIGHT_SLOTS)}")
+        if self.encoding not in ENCODINGS:
+            raise ConfigError("encoding", self.encoding, f"one of {list(ENCODINGS)}")
+        if not isinstance(self.reorder, bool):
+            raise ConfigError("reorder", self.reorder, "true or false")
         if self.codebook_dtype not in CODEBOOK_DTYPES:
             raise ConfigError("codebook_dtype", self.codebook_dtype, f"one of {list(CODEBOOK_DTYPES)}")
 

@@ -30,6 +30,8 @@ class TensorRecord:
     compressed_bytes: int | None = None
     bits: int | None = None
     groups: int | None = None
+    encoding: str | None = None
+    row_order: str | None = None
     outliers: int | None = None
     sqnr_db: float | None = None
     decode_gate: str | None = None

@@ -36,6 +36,9 @@ from jlcm_onnx.packing import WordLayout, pack_codes
 GATE_PREFIX = "jlcm/gate"
 
 
+FLOAT = onnx.TensorProto.FLOAT
+
+
 class NameAllocator:
     """Hands out tensor and node names not used anywhere in the model."""
 
@@ -73,7 +76,8 @@ class DecodeSpec:
     """What the decoder must produce: tensor ``output`` of ``dtype`` and ``shape``, rows along ``row_axis``.
 
     With ``gather_indices`` set, the decoder stands in for ``Gather(weight, gather_indices)`` (axis 0) and ``output``
-    is that Gather's output.
+    is that Gather's output. With ``restore`` set, the rows were encoded re-ordered and original row r is encoded row
+    ``restore[r]``: a Gather puts them back (on the decoded weight, the looked-up ids, or a blocked MatMul's output).
     """
 
     output: str
@@ -82,6 +86,7 @@ class DecodeSpec:
     row_axis: int
     encoded: EncodedMatrix
     gather_indices: str | None = None
+    restore: np.ndarray | None = None
 
     @property
     def rows_last(self) -> bool:
@@ -135,6 +140,12 @@ class _Builder:
     def shape(self, dims: tuple[int, ...] | list[int]) -> str:
         return self.const(np.array(dims, dtype=np.int64))
 
+    def restore_index(self) -> str:
+        """int32 [rows]: where each original row sits in the encoded order (stored as uint16 when it fits)."""
+        restore = self.spec.restore
+        compact = restore.astype(np.uint16 if restore.size <= np.iinfo(np.uint16).max + 1 else np.int32)
+        return self.op("Cast", [self.stored("row_order", compact)], to=onnx.TensorProto.INT32)
+
 
 def stored_code_order(spec: DecodeSpec) -> np.ndarray:
     """The codes as they are packed: [cols, rows] when rows are W's last axis, else [rows, cols]."""
@@ -165,14 +176,20 @@ def build_blocked_matmul(
     for start, stop in zip(boundaries[:-1], boundaries[1:], strict=True):
         gate, gate_nodes = build_gate(activation, names)
         block = DecodeSpec(names.fresh(f"{spec.output}.jlcm_block"), spec.dtype, (spec.shape[0], stop - start), 1,
-                           spec.encoded.row_block(start, stop))
+                           spec.encoded.row_block(start, stop))  # encoded order; restored on the output
         decoder = build_decoder(block, names, pool, gate)
         activation = names.fresh(f"{matmul.output[0]}.jlcm_block")
         nodes += [*gate_nodes, *decoder.nodes,
                   helper.make_node("MatMul", [matmul.input[0], block.output], [activation], name=activation)]
         initializers += decoder.initializers
         outputs.append(activation)
-    nodes.append(helper.make_node("Concat", outputs, [matmul.output[0]], axis=-1, name=names.fresh("jlcm/concat")))
+    output = matmul.output[0] if spec.restore is None else names.fresh(f"{matmul.output[0]}.jlcm_reordered")
+    nodes.append(helper.make_node("Concat", outputs, [output], axis=-1, name=names.fresh("jlcm/concat")))
+    if spec.restore is not None:
+        b = _Builder(spec, names, pool)
+        b.op("Gather", [output, b.restore_index()], matmul.output[0], axis=-1)
+        nodes += b.nodes
+        initializers += b.initializers
     return DecodeGraph(nodes, initializers)
 
 
@@ -188,14 +205,20 @@ def _weight_decoder(b: _Builder, spec: DecodeSpec, gate: str | None) -> None:
         codes = b.op("Reshape", [codes, b.shape(stored.shape)])
         table = b.op("Transpose", [row_codebooks], perm=[1, 0])
         decoded = _with_outliers(b, spec, b.op("GatherElements", [table, codes], axis=0))
-        _finish(b, decoded, spec.shape, perm=None)
+        _finish(b, _restored(b, decoded, axis=1), spec.shape, perm=None)
         return
     codes = b.op("Reshape", [codes, b.shape(stored.shape)])
     decoded = _with_outliers(b, spec, b.op("GatherElements", [row_codebooks, codes], axis=1))
+    decoded = _restored(b, decoded, axis=0)
     others = [i for i in range(len(spec.shape)) if i != spec.row_axis]
     moved_shape = tuple(spec.shape[i] for i in [spec.row_axis, *others])
     perm = None if spec.row_axis == 0 else [int(i) for i in np.argsort([spec.row_axis, *others])]
     _finish(b, decoded, moved_shape, perm)
+
+
+def _restored(b: _Builder, decoded: str, axis: int) -> str:
+    """Puts re-ordered rows back in their original order (a no-op without ``spec.restore``)."""
+    return decoded if b.spec.restore is None else b.op("Gather", [decoded, b.restore_index()], axis=axis)
 
 
 def _with_outliers(b: _Builder, spec: DecodeSpec, decoded: str) -> str:
@@ -235,6 +258,8 @@ def _row_decoder(b: _Builder, spec: DecodeSpec) -> None:
     packed = b.stored("packed", pack_codes(spec.encoded.codes, layout.bits))  # [rows, B, N]
     ids = spec.gather_indices
     flat_ids = b.op("Reshape", [ids, b.shape([-1])])
+    if spec.restore is not None:
+        flat_ids = b.op("Gather", [b.restore_index(), flat_ids], axis=0)
     picked = b.op("Gather", [packed, flat_ids], axis=0)
     codes = _unpack(b, picked, layout, cols, rows=True)
     row_codebooks = b.op("Gather", [_row_codebooks(b, spec), flat_ids], axis=0)
@@ -276,11 +301,16 @@ def _row_codebooks(b: _Builder, spec: DecodeSpec) -> str:
     groups, entries = encoded.codebooks.shape
     rows = encoded.codes.shape[0]
     equal_groups = len(set(encoded.group_sizes)) == 1
-    if groups == rows or not equal_groups:
-        table = b.stored("codebooks", encoded.codebooks)
+    table_shape = (groups, entries) if groups == rows or not equal_groups else (groups, 1, entries)
+    if encoded.multi_scaling:  # C[g] = s[g] * c, computed in float32
+        scales = b.op("Cast", [b.stored("scales", encoded.scales.reshape(*table_shape[:-1], 1))], to=FLOAT)
+        shared = b.op("Cast", [b.stored("shared_codebook", encoded.shared_codebook)], to=FLOAT)
+        table = b.op("Mul", [scales, shared])
+        stored_type = FLOAT
     else:
-        table = b.stored("codebooks", encoded.codebooks.reshape(groups, 1, entries))
-    if helper.np_dtype_to_tensor_dtype(encoded.codebooks.dtype) != spec.dtype:
+        table = b.stored("codebooks", encoded.codebooks.reshape(table_shape))
+        stored_type = helper.np_dtype_to_tensor_dtype(encoded.codebooks.dtype)
+    if stored_type != spec.dtype:
         table = b.op("Cast", [table], to=spec.dtype)
     if groups == rows:
         return table

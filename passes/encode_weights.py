@@ -21,7 +21,7 @@ import onnx
 from onnx import helper
 from tqdm.auto import tqdm
 
-from jlcm_onnx.codebook import encode_matrix, equal_group_sizes, sqnr_db
+from jlcm_onnx.codebook import encode_matrix, encode_scaled_matrix, sqnr_db
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.passes.dequant_graph import (
@@ -33,6 +33,7 @@ from jlcm_onnx.passes.dequant_graph import (
     build_decoder,
     build_gate,
 )
+from jlcm_onnx.passes.reorder_neurons import GroupPlan
 from jlcm_onnx.passes.weight_sites import WeightSite, compressible_row_axis, find_weight_sites, iter_graphs
 from jlcm_onnx.report import COMPRESSED, SKIPPED, TensorRecord
 
@@ -59,8 +60,9 @@ class _Insertion:
 class EncodeWeights(Pass):
     """The codebook-encoding pass; ``records`` of its result hold one :class:`TensorRecord` per float tensor."""
 
-    def __init__(self, config: CompressionConfig, progress: bool = False) -> None:
+    def __init__(self, config: CompressionConfig, plan: GroupPlan | None = None, progress: bool = False) -> None:
         self.config = config
+        self.plan = plan or GroupPlan()
         self.progress = progress
 
     def call(self, model: onnx.ModelProto) -> PassResult:
@@ -90,9 +92,15 @@ class EncodeWeights(Pass):
     ) -> tuple[_Insertion, TensorRecord]:
         weight = site.array()
         matrix = np.moveaxis(weight, row_axis, 0).reshape(weight.shape[row_axis], -1).astype(np.float32)
-        group_sizes = equal_group_sizes(matrix.shape[0], self.config.groups)
+        group_sizes = self.plan.sizes(site.name, matrix.shape[0], self.config.groups)
+        grouping = self.plan.groupings.get(site.name)
+        stored_order = None if grouping is None else grouping.stored_order
+        restore = None if stored_order is None else np.argsort(stored_order)
+        if stored_order is not None:
+            matrix = matrix[stored_order]
         row_decoded = _is_lone_table_gather(site, row_axis)
-        encoded = encode_matrix(
+        encode = encode_scaled_matrix if self.config.encoding == "multi-scaling" else encode_matrix
+        encoded = encode(
             matrix, self.config.bits, group_sizes, _codebook_dtype(self.config, site, matrix),
             self.config.kmeans_iterations, outlier_fraction=0.0 if row_decoded else self.config.outlier_fraction,
         )
@@ -100,16 +108,16 @@ class EncodeWeights(Pass):
         boundaries = encoded.block_boundaries(BLOCK_WEIGHTS)
         replaces_matmul = _is_lone_matmul_weight(site, row_axis) and len(boundaries) > 2
         if replaces_matmul:
-            spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded)
+            spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded, restore=restore)
             activation = None
             decoder = build_blocked_matmul(spec, first.node, boundaries, names, pool)
         elif row_decoded:
             spec = DecodeSpec(first.node.output[0], site.tensor.data_type, site.shape, row_axis, encoded,
-                              gather_indices=first.node.input[1])
+                              gather_indices=first.node.input[1], restore=restore)
             activation = None
             decoder = build_decoder(spec, names, pool, gate=None)
         else:
-            spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded)
+            spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded, restore=restore)
             activation = next((n for n in first.node.input if n and n not in constants), None)
             if activation is None:
                 activation = next((v.name for v in site.graph.input if v.name not in constants), None)
@@ -120,6 +128,8 @@ class EncodeWeights(Pass):
             compressed_bytes=decoder.stored_bytes,
             bits=self.config.bits,
             groups=len(group_sizes),
+            encoding=self.config.encoding,
+            row_order=grouping.note if grouping is not None else None,
             outliers=int(encoded.outlier_index.size),
             sqnr_db=sqnr_db(matrix, encoded.decode()),
             decode_gate=_gate_description(spec, activation, len(boundaries) - 1 if replaces_matmul else 1),

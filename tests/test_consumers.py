@@ -476,7 +476,7 @@ def test_float32_weights_outside_float16_range(rng: np.random.Generator, scale: 
 def test_groups_matmul(rng: np.random.Generator, groups: int | None, rows: int) -> None:
     """Codebooks shared by contiguous output rows; 50 rows in 3 groups have unequal sizes (17, 17, 16)."""
     weight = discrete_weight((20, rows), 1, 2, rng, groups=groups)
-    config = CompressionConfig(bits=2, groups=groups, min_elements=64)
+    config = CompressionConfig(bits=2, groups=groups, min_elements=64, reorder=False)
     result = compress_and_check(matmul_model(weight), {"X": randn(rng, 3, 20)}, config, [Weight("W", weight, 1)],
                                 exact=True)
     record = result.report.tensors[0]
@@ -490,7 +490,7 @@ def test_groups_matmul(rng: np.random.Generator, groups: int | None, rows: int) 
 @pytest.mark.parametrize("groups", [1, 3, None])
 @pytest.mark.parametrize("kind", ["gemm", "gather", "conv"])
 def test_groups_other_kinds(rng: np.random.Generator, groups: int | None, kind: str) -> None:
-    config = CompressionConfig(bits=3, groups=groups, min_elements=64)
+    config = CompressionConfig(bits=3, groups=groups, min_elements=64, reorder=False)
     if kind == "gemm":
         weight = discrete_weight((10, 20), 0, 3, rng, groups=groups)
         model, feeds, name, axis = gemm_model(weight, 1), {"X": randn(rng, 2, 20)}, "B", 0
@@ -506,7 +506,7 @@ def test_groups_other_kinds(rng: np.random.Generator, groups: int | None, kind: 
 def test_many_unequal_groups(rng: np.random.Generator) -> None:
     """More than 256 groups of unequal sizes: the row-to-group map needs 16 bits."""
     weight = discrete_weight((4, 301), 1, 1, rng, groups=300)
-    config = CompressionConfig(bits=1, groups=300, min_elements=64)
+    config = CompressionConfig(bits=1, groups=300, min_elements=64, reorder=False)
     result = compress_and_check(matmul_model(weight), {"X": randn(rng, 2, 4)}, config, [Weight("W", weight, 1)],
                                 exact=True)
     np.testing.assert_array_equal(run(result.model, {"X": np.eye(4, dtype=np.float32)})[0], weight)
@@ -515,7 +515,7 @@ def test_many_unequal_groups(rng: np.random.Generator) -> None:
 @pytest.mark.parametrize("groups", [1, 3, None])
 def test_groups_random_weights(rng: np.random.Generator, groups: int | None) -> None:
     weight = randn(rng, 20, 50)
-    config = CompressionConfig(bits=3, groups=groups, min_elements=64)
+    config = CompressionConfig(bits=3, groups=groups, min_elements=64, reorder=False)
     compress_and_check(matmul_model(weight), {"X": randn(rng, 3, 20)}, config, [Weight("W", weight, 1)])
 
 
@@ -620,7 +620,7 @@ def test_whole_file_ratio(rng: np.random.Generator) -> None:
 @pytest.mark.parametrize("bits", [1, 3, 8])
 def test_record_bytes_match_stored_bytes(rng: np.random.Generator, bits: int) -> None:
     weight = randn(rng, 40, 30)
-    config = CompressionConfig(bits=bits, groups=5, min_elements=64, codebook_dtype="float32")
+    config = CompressionConfig(bits=bits, groups=5, min_elements=64, codebook_dtype="float32", reorder=False)
     result = jlcm_onnx.compress(gemm_model(weight, 1), config)  # rows first: 40 rows in 5 groups of 8
     (record,) = result.report.compressed
     outliers = round(config.outlier_fraction * weight.size)
