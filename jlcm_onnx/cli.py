@@ -70,6 +70,10 @@ def main() -> None:
               help="Fraction of weights kept beside the codebooks (dense-and-sparse), 0..0.1  [default: 0.002]")
 @click.option("--include", multiple=True, help="Only compress weights whose name matches this glob (repeatable).")
 @click.option("--exclude", multiple=True, help="Never compress weights whose name matches this glob (repeatable).")
+@click.option("--target-size", help="Size of the output file, e.g. 40MB or 1.5GiB (bits and groups per tensor)")
+@click.option("--ratio", "target_ratio", type=float, help="Make the file this many times smaller than MODEL")
+@click.option("--bits-per-weight", "target_bits_per_weight", type=float,
+              help="Average stored bits per compressed weight, codebooks included")
 @click.option("--seed", type=int, help="Seed of every random choice  [default: 0]")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -103,21 +103,45 @@ def encode_matrix(
     if outliers.size:
         importance = np.ones(matrix.shape) if importance is None else importance.copy()
         importance.reshape(-1)[outliers] = 0.0
-    starts = np.concatenate([[0], np.cumsum(group_sizes)[:-1]]).astype(np.int64)
-    values = matrix.astype(np.float64)
     codebooks = np.zeros((len(group_sizes), 1 << bits), dtype=codebook_dtype)
-    codes = np.zeros((rows, cols), dtype=np.uint8)
+    codes = np.zeros(rows * cols, dtype=np.uint8)
     sizes = np.asarray(group_sizes)
-    for size in np.unique(sizes):
-        members = np.flatnonzero(sizes == size)
-        row_index = (starts[members][:, None] + np.arange(size)[None, :]).reshape(-1)
-        batch = values[row_index].reshape(len(members), size * cols)
-        weights = None if importance is None else importance[row_index].reshape(len(members), size * cols)
-        fitted = fit_codebooks(batch, bits, codebook_dtype, weights, max_iterations)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    flat_importance = None if importance is None else importance.reshape(-1)
+    for members in _size_buckets(sizes):
+        element = np.concatenate([np.arange(starts[g] * cols, (starts[g] + sizes[g]) * cols) for g in members])
+        values, weights, slots = _padded_groups(matrix.reshape(-1)[element],
+                                                None if flat_importance is None else flat_importance[element],
+                                                sizes[members] * cols)
+        fitted = fit_codebooks(values, bits, codebook_dtype, weights, max_iterations)
         codebooks[members] = fitted.values
-        codes[row_index] = fitted.codes.reshape(len(members) * size, cols)
-    return EncodedMatrix(codebooks=codebooks, codes=codes, group_sizes=tuple(int(s) for s in group_sizes),
+        codes[element] = fitted.codes.reshape(-1)[slots]
+    return EncodedMatrix(codebooks=codebooks, codes=codes.reshape(rows, cols),
+                         group_sizes=tuple(int(s) for s in group_sizes),
                          outlier_index=outliers, outlier_values=matrix.reshape(-1)[outliers].astype(codebook_dtype))
+
+
+def _size_buckets(sizes: np.ndarray) -> list[np.ndarray]:
+    """Groups whose sizes share a power of two, so padding them to a common size at most doubles the work."""
+    octave = np.floor(np.log2(sizes)).astype(int)
+    return [np.flatnonzero(octave == level) for level in np.unique(octave)]
+
+
+def _padded_groups(
+    flat: np.ndarray, importance: np.ndarray | None, sizes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Consecutive groups of ``flat`` (``sizes`` elements each) as one k-means batch: values and importances
+    [G, max size], padded with zero-importance copies of each group's first value, and ``slots``, the position of every
+    element of ``flat`` in the flattened batch."""
+    width = int(sizes.max())
+    group_of_element = np.repeat(np.arange(len(sizes)), sizes)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    slots = group_of_element * width + (np.arange(flat.size) - starts[group_of_element])
+    values = np.repeat(flat[starts].astype(np.float64), width).reshape(len(sizes), width)
+    values.reshape(-1)[slots] = flat
+    weights = np.zeros((len(sizes), width))
+    weights.reshape(-1)[slots] = 1.0 if importance is None else importance
+    return values, weights, slots
 
 
 def encode_scaled_matrix(

@@ -20,12 +20,23 @@ from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.model_io import check_input, check_output, load_model, save_model
 from jlcm_onnx.passes.base import Pass
 from jlcm_onnx.passes.encode_weights import EncodeWeights
-from jlcm_onnx.passes.reorder_neurons import GroupPlan, ReorderNeurons
+from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
+from jlcm_onnx.plan import CompressionPlan
 from jlcm_onnx.report import CompressionReport, TensorRecord
+from jlcm_onnx.size_target import (
+    adjust_fine,
+    largest_cost,
+    plan_for_budget,
+    smallest_cost,
+    total_cost,
+    weight_shapes,
+)
 
 #: Version of the on-disk encoding (packed codes, codebooks and decoder layout), stored in ``metadata_props``.
 FORMAT_VERSION = "1"
 METADATA_PREFIX = "jlcm_onnx."
+#: Compression runs allowed to converge on a size target (the second one almost always lands within 1%).
+MAX_TARGET_RUNS = 4
 
 
 @dataclass
@@ -41,9 +52,8 @@ class CompressionResult:
         return save(self, path)
 
 
-def build_pipeline(config: CompressionConfig, progress: bool) -> list[Pass]:
+def build_pipeline(config: CompressionConfig, plan: CompressionPlan, progress: bool) -> list[Pass]:
     """The passes of a compression run, in order; the re-ordering pass hands its group sizes to the encoder."""
-    plan = GroupPlan()
     return [ReorderNeurons(config, plan), EncodeWeights(config, plan, progress=progress)]
 
 
@@ -77,14 +87,14 @@ def compress(
     if calibration is not None:
         raise JlcmError("calibration data is not supported yet: this version compresses data-free")
     started = time.perf_counter()
-    working, original_bytes = load_model(model)
-    check_input(working)
-    records: list[TensorRecord] = []
-    for graph_pass in build_pipeline(config, progress):
-        result = graph_pass(working)
-        working = result.model
-        records.extend(r for r in result.records if isinstance(r, TensorRecord))
-    _write_metadata(working, config, records)
+    source, original_bytes = load_model(model)
+    check_input(source)
+    notes: list[str] = []
+    if config.target is None:
+        working, records = _run(source, config, CompressionPlan(config), progress)
+    else:
+        working, records, note = _run_to_target(source, original_bytes, config, progress)
+        notes.append(note)
     check_output(working)
     report = CompressionReport(
         tensors=records,
@@ -92,9 +102,70 @@ def compress(
         compressed_file_bytes=working.ByteSize(),
         config=config.to_dict(),
         seconds=time.perf_counter() - started,
+        notes=notes,
     )
     source = None if isinstance(model, onnx.ModelProto) else Path(model)
     return CompressionResult(working, report, source)
+
+
+def _run(
+    source: onnx.ModelProto, config: CompressionConfig, plan: CompressionPlan, progress: bool
+) -> tuple[onnx.ModelProto, list[TensorRecord]]:
+    """One pass of the pipeline over a copy of ``source``, with metadata written."""
+    working = onnx.ModelProto()
+    working.CopyFrom(source)
+    records: list[TensorRecord] = []
+    for graph_pass in build_pipeline(config, plan, progress):
+        result = graph_pass(working)
+        working = result.model
+        records.extend(r for r in result.records if isinstance(r, TensorRecord))
+    _write_metadata(working, config, records)
+    return working, records
+
+
+def _run_to_target(
+    source: onnx.ModelProto, original_bytes: int, config: CompressionConfig, progress: bool
+) -> tuple[onnx.ModelProto, list[TensorRecord], str]:
+    """Compresses with per-tensor bits and groups chosen to meet the config's size target within 1%.
+
+    The planner budgets the tensors' stored bytes; the rest of the file (graph, decoders, uncompressed tensors) is
+    measured after each run and the budget corrected, aiming half a percent under the target.
+    """
+    shapes = weight_shapes(source, config)
+    kind, value = config.target
+    if kind == "target_bits_per_weight":
+        goal, fixed = value / 8 * sum(s.size for s in shapes), 0
+    else:
+        goal = value if kind == "target_size" else original_bytes / value
+        fixed = original_bytes - sum(s.size * s.original_itemsize for s in shapes)
+    lowest, highest = fixed + smallest_cost(shapes, config), fixed + largest_cost(shapes, config)
+    if not lowest <= goal <= highest:
+        raise JlcmError(
+            f"{kind}={value} asks for {goal:,.0f} bytes, outside what can be reached: {lowest:,.0f} (1 bit, one "
+            f"codebook per tensor) to {highest:,.0f} (8 bits, one codebook per row)" + _unit(kind)
+        )
+    aim = 0.995 * goal
+    choices = plan_for_budget(shapes, int(aim - fixed), config)
+    for attempt in range(MAX_TARGET_RUNS):
+        working, records = _run(source, config, CompressionPlan(config, choices=choices), progress)
+        achieved = sum(r.compressed_bytes or 0 for r in records) if fixed == 0 else working.ByteSize()
+        if 0.99 * goal <= achieved <= goal:
+            break
+        # fine: change group counts only, so the decoders (and their bytes) stay as measured; else coarse: re-plan
+        # with the bytes the planner did not see (graph, uncompressed tensors, its own estimates)
+        adjusted, unabsorbed = adjust_fine(shapes, choices, int(aim - achieved), config)
+        if attempt > 0 and abs(unabsorbed) < 0.004 * goal:
+            choices = adjusted
+        else:
+            choices = plan_for_budget(shapes, int(aim - (achieved - total_cost(shapes, choices, config))), config)
+    else:
+        raise JlcmError(f"could not meet {kind}={value}: {achieved:,.0f} bytes for a goal of {goal:,.0f}")
+    note = f"{kind}={value}: goal {goal:,.0f} bytes, achieved {achieved:,} ({achieved / goal - 1:+.2%})"
+    return working, records, note
+
+
+def _unit(kind: str) -> str:
+    return " bytes of stored weights" if kind == "target_bits_per_weight" else " bytes of file"
 
 
 def save(result: CompressionResult, path: str | os.PathLike) -> int:

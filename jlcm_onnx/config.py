@@ -8,6 +8,7 @@ defaults.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ WEIGHT_SLOTS: dict[str, int] = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspos
 
 CODEBOOK_DTYPES = ("float16", "float32")
 ENCODINGS = ("multi-codebook", "multi-scaling")
+TARGETS = ("target_size", "target_ratio", "target_bits_per_weight")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class CompressionConfig:
         outlier_fraction: fraction of each tensor's weights (those farthest from their row mean) kept beside the
             codebooks as (int32 index, value in the codebook dtype) pairs (dense-and-sparse); 0 disables it. Not
             applied to embedding tables read by a lone Gather, which are decoded row by row.
+        target_size: file size to hit, in bytes or as text (``"40MB"``, ``"1.5 GiB"``); with any target, bits and
+            groups are chosen per tensor (the ``bits`` and ``groups`` fields are ignored) and the written file meets
+            the target within 1%.
+        target_ratio: the file must be this many times smaller than the input file.
+        target_bits_per_weight: average stored bits per compressed weight (codebooks, maps and outliers included).
         seed: seed of every random choice, so equal inputs give byte-identical outputs.
 
     Example:
@@ -66,6 +73,9 @@ class CompressionConfig:
     codebook_dtype: str = "float16"
     kmeans_iterations: int = 100
     outlier_fraction: float = 0.002
+    target_size: int | str | None = None
+    target_ratio: float | None = None
+    target_bits_per_weight: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,8 +100,20 @@ class CompressionConfig:
             raise ConfigError("encoding", self.encoding, f"one of {list(ENCODINGS)}")
         if not isinstance(self.reorder, bool):
             raise ConfigError("reorder", self.reorder, "true or false")
+        if self.target_size is not None:
+            object.__setattr__(self, "target_size", parse_size(self.target_size))
+        _check_positive(self, "target_ratio", 1.0)
+        _check_positive(self, "target_bits_per_weight", 0.0)
+        targets = [name for name in TARGETS if getattr(self, name) is not None]
+        if len(targets) > 1:
+            raise ConfigError(targets[1], getattr(self, targets[1]), f"no second target besides {targets[0]}")
         if self.codebook_dtype not in CODEBOOK_DTYPES:
             raise ConfigError("codebook_dtype", self.codebook_dtype, f"one of {list(CODEBOOK_DTYPES)}")
+
+    @property
+    def target(self) -> tuple[str, float] | None:
+        """The size target as (field name, value), or None."""
+        return next(((name, getattr(self, name)) for name in TARGETS if getattr(self, name) is not None), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
@@ -119,6 +141,26 @@ class CompressionConfig:
     def replace(self, **changes: Any) -> CompressionConfig:
         """A copy with some fields changed (and validated)."""
         return type(self).from_dict({**self.to_dict(), **changes})
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a text such as ``"40MB"``, ``"40 MB"``, ``"1.5GiB"`` (KB/MB/GB are powers of 1000)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", value) if isinstance(value, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise ConfigError("target_size", value, "a positive size such as 40000000, '40MB' or '1.5GiB'")
+    unit = match.group(2) or "B"
+    base = 1024 if "i" in unit else 1000
+    return int(float(match.group(1)) * base ** "BKMGT".index(unit[0]))
+
+
+def _check_positive(config: CompressionConfig, name: str, above: float) -> None:
+    value = getattr(config, name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > above:
+        raise ConfigError(name, value, f"a number > {above:g}")
 
 
 def _check_int(config: CompressionConfig, name: str, low: int, high: int | None) -> None:

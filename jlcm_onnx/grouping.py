@@ -65,8 +65,8 @@ def _farthest_point_start(points: torch.Tensor, count: int) -> torch.Tensor:
     """Deterministic k-means++-like start: the median-spread row, then repeatedly the row farthest from all chosen."""
     spread = points[:, -1] - points[:, 0]
     chosen = [int(torch.argsort(spread, stable=True)[len(spread) // 2])]
-    distance = torch.cdist(points, points[chosen]).squeeze(1)
+    distance = (points - points[chosen[0]]).square().sum(dim=1)
     for _ in range(count - 1):
         chosen.append(int(distance.argmax()))
-        distance = torch.minimum(distance, torch.cdist(points, points[chosen[-1:]]).squeeze(1))
+        distance = torch.minimum(distance, (points - points[chosen[-1]]).square().sum(dim=1))
     return points[chosen].clone()

@@ -33,8 +33,14 @@ from jlcm_onnx.passes.dequant_graph import (
     build_decoder,
     build_gate,
 )
-from jlcm_onnx.passes.reorder_neurons import GroupPlan
-from jlcm_onnx.passes.weight_sites import WeightSite, compressible_row_axis, find_weight_sites, iter_graphs
+from jlcm_onnx.passes.weight_sites import (
+    WeightSite,
+    compressible_row_axis,
+    find_weight_sites,
+    is_lone_table_gather,
+    iter_graphs,
+)
+from jlcm_onnx.plan import CompressionPlan
 from jlcm_onnx.report import COMPRESSED, SKIPPED, TensorRecord
 
 #: Weights of a MatMul above this count are decoded in column blocks of about this size (1 MB of fp32), one at a time.
@@ -60,9 +66,9 @@ class _Insertion:
 class EncodeWeights(Pass):
     """The codebook-encoding pass; ``records`` of its result hold one :class:`TensorRecord` per float tensor."""
 
-    def __init__(self, config: CompressionConfig, plan: GroupPlan | None = None, progress: bool = False) -> None:
+    def __init__(self, config: CompressionConfig, plan: CompressionPlan | None = None, progress: bool = False) -> None:
         self.config = config
-        self.plan = plan or GroupPlan()
+        self.plan = plan or CompressionPlan(config)
         self.progress = progress
 
     def call(self, model: onnx.ModelProto) -> PassResult:
@@ -92,17 +98,19 @@ class EncodeWeights(Pass):
     ) -> tuple[_Insertion, TensorRecord]:
         weight = site.array()
         matrix = np.moveaxis(weight, row_axis, 0).reshape(weight.shape[row_axis], -1).astype(np.float32)
-        group_sizes = self.plan.sizes(site.name, matrix.shape[0], self.config.groups)
+        choice = self.plan.choice(site.name)
+        bits = choice.bits
+        group_sizes = self.plan.group_sizes(site.name, matrix.shape[0])
         grouping = self.plan.groupings.get(site.name)
         stored_order = None if grouping is None else grouping.stored_order
         restore = None if stored_order is None else np.argsort(stored_order)
         if stored_order is not None:
             matrix = matrix[stored_order]
-        row_decoded = _is_lone_table_gather(site, row_axis)
+        row_decoded = is_lone_table_gather(site, row_axis)
         encode = encode_scaled_matrix if self.config.encoding == "multi-scaling" else encode_matrix
         encoded = encode(
-            matrix, self.config.bits, group_sizes, _codebook_dtype(self.config, site, matrix),
-            self.config.kmeans_iterations, outlier_fraction=0.0 if row_decoded else self.config.outlier_fraction,
+            matrix, bits, group_sizes, _codebook_dtype(self.config, site, matrix),
+            self.config.kmeans_iterations, outlier_fraction=0.0 if row_decoded else choice.outlier_fraction,
         )
         first = min(site.consumers, key=lambda c: c.node_index)
         boundaries = encoded.block_boundaries(BLOCK_WEIGHTS)
@@ -126,7 +134,7 @@ class EncodeWeights(Pass):
             site,
             COMPRESSED,
             compressed_bytes=decoder.stored_bytes,
-            bits=self.config.bits,
+            bits=bits,
             groups=len(group_sizes),
             encoding=self.config.encoding,
             row_order=grouping.note if grouping is not None else None,
@@ -155,14 +163,6 @@ def _is_lone_matmul_weight(site: WeightSite, row_axis: int) -> bool:
         return False
     consumer = site.consumers[0]
     return consumer.node.op_type == "MatMul" and consumer.input_index == 1 and consumer.node.input[0] != site.name
-
-
-def _is_lone_table_gather(site: WeightSite, row_axis: int) -> bool:
-    """True when the weight is a [rows, cols] table read only by one Gather along its rows."""
-    if len(site.consumers) != 1 or len(site.shape) != 2 or row_axis != 0:
-        return False
-    consumer = site.consumers[0]
-    return consumer.node.op_type == "Gather" and consumer.input_index == 0 and consumer.node.input[1] != site.name
 
 
 def _gate_description(spec: DecodeSpec, activation: str | None, blocks: int) -> str:

@@ -1,11 +1,11 @@
 """Clusters the output neurons of each weight and re-orders them so every cluster is a contiguous group.
 
-With G codebooks per tensor (``config.groups``), a weight's rows are clustered by distribution
+With G codebooks per tensor (the plan's groups for that tensor), a weight's rows are clustered by distribution
 (:func:`jlcm_onnx.grouping.cluster_rows`) and sorted by cluster with a permutation ``P``; the permutation is folded
 into the graph (:mod:`jlcm_onnx.passes.permute_channels`): ``x @ (W P) = (x @ W) P`` and the next contraction's input
 channels are permuted by ``P`` too, so the model computes the same function while each group of similar rows is a
-contiguous range that shares one codebook, at no per-weight mapping cost. The group sizes go to the encoder through a
-:class:`GroupPlan`.
+contiguous range that shares one codebook, at no per-weight mapping cost. The group sizes go to the encoder through the
+:class:`~jlcm_onnx.plan.CompressionPlan`.
 
 Where the permutation cannot be folded (residual stream, attention heads, graph outputs, ...) the rows are still
 clustered and stored re-ordered, and a Gather restores their order after decoding (``rows`` uint16/int32 indices and
@@ -17,8 +17,6 @@ as the sibling of another (the gate of a gated FFN shares the up projection's pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
 
@@ -28,50 +26,28 @@ from jlcm_onnx.grouping import cluster_rows
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.passes.permute_channels import apply_permutation, find_channel_path
 from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
-
-
-@dataclass(frozen=True)
-class RowGrouping:
-    """How the rows of ``weight`` are grouped: ``sizes`` of the contiguous groups, whether the re-ordering was folded
-    into the graph, and, when it was not, ``stored_order`` (encoded row i = original row ``stored_order[i]``)."""
-
-    weight: str
-    sizes: tuple[int, ...]
-    reordered: bool
-    note: str
-    stored_order: np.ndarray | None = None
-
-
-@dataclass
-class GroupPlan:
-    """Group sizes chosen by :class:`ReorderNeurons`, read by the encoder (weights absent: equal contiguous groups)."""
-
-    groupings: dict[str, RowGrouping] = field(default_factory=dict)
-
-    def sizes(self, weight: str, rows: int, groups: int | None) -> tuple[int, ...]:
-        grouping = self.groupings.get(weight)
-        return grouping.sizes if grouping is not None else equal_group_sizes(rows, groups)
+from jlcm_onnx.plan import CompressionPlan, RowGrouping
 
 
 class ReorderNeurons(Pass):
     """Clusters and re-orders output rows, folding the permutation into the graph; fills ``plan``."""
 
-    def __init__(self, config: CompressionConfig, plan: GroupPlan) -> None:
+    def __init__(self, config: CompressionConfig, plan: CompressionPlan) -> None:
         self.config = config
         self.plan = plan
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        groups = self.config.groups
-        if groups is None or not self.config.reorder:
+        if not self.config.reorder:
             return PassResult(model, modified=False)
         modified = False
         sites = find_weight_sites(model)
         row_axes = {site.name: (compressible_row_axis(site, self.config)[0], len(site.shape)) for site in sites}
         for site in sites:
             row_axis = row_axes[site.name][0]
-            if row_axis is None or site.name in self.plan.groupings or groups >= site.shape[row_axis]:
+            groups = self.plan.choice(site.name).groups
+            if row_axis is None or site.name in self.plan.groupings or not 1 < (groups or 0) < site.shape[row_axis]:
                 continue
-            grouping, permuted_with = self._group(model, site.name, site.array(), row_axis, row_axes)
+            grouping, permuted_with = self._group(model, site.name, site.array(), row_axis, groups, row_axes)
             self.plan.groupings[site.name] = grouping
             for sibling in permuted_with:
                 self.plan.groupings[sibling] = RowGrouping(sibling, grouping.sizes, True,
@@ -85,9 +61,10 @@ class ReorderNeurons(Pass):
         name: str,
         weight: np.ndarray,
         row_axis: int,
+        groups: int,
         row_axes: dict[str, tuple[int | None, int]],
     ) -> tuple[RowGrouping, list[str]]:
-        rows, groups = weight.shape[row_axis], self.config.groups
+        rows = weight.shape[row_axis]
         matrix = np.moveaxis(weight, row_axis, 0).reshape(rows, -1)
         clusters = cluster_rows(matrix, groups)
         path = find_channel_path(model, name)

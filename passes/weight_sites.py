@@ -163,3 +163,11 @@ def compressible_row_axis(site: WeightSite, config: CompressionConfig) -> tuple[
     if any(consumer.graph is not site.graph for consumer in site.consumers):
         return None, "read from inside a nested subgraph (outer-scope reference)"
     return axes[0], ""
+
+
+def is_lone_table_gather(site: WeightSite, row_axis: int) -> bool:
+    """True when the weight is a [rows, cols] table read only by one Gather along its rows."""
+    if len(site.consumers) != 1 or len(site.shape) != 2 or row_axis != 0:
+        return False
+    consumer = site.consumers[0]
+    return consumer.node.op_type == "Gather" and consumer.input_index == 0 and consumer.node.input[1] != site.name

@@ -12,7 +12,8 @@ import jlcm_onnx
 from jlcm_onnx import CompressionConfig
 from jlcm_onnx.codebook import encode_matrix, encode_scaled_matrix, equal_group_sizes, sqnr_db
 from jlcm_onnx.grouping import cluster_rows
-from jlcm_onnx.passes.reorder_neurons import GroupPlan, ReorderNeurons
+from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
+from jlcm_onnx.plan import CompressionPlan
 
 from conftest import FLOAT, check_full, make_model, run, tensor, value
 
@@ -60,8 +61,9 @@ def test_reorder_pass_alone_keeps_outputs(rng: np.random.Generator, residual: bo
     model = ffn_model(rng, residual)
     working = onnx.ModelProto()
     working.CopyFrom(model)
-    plan = GroupPlan()
-    ReorderNeurons(CompressionConfig(groups=2, min_elements=64), plan)(working)
+    config = CompressionConfig(groups=2, min_elements=64)
+    plan = CompressionPlan(config)
+    ReorderNeurons(config, plan)(working)
     assert plan.groupings["W1"].reordered and plan.groupings["W1"].stored_order is None
     first = onnx.numpy_helper.to_array(working.graph.initializer[0])
     assert not np.array_equal(first, onnx.numpy_helper.to_array(model.graph.initializer[0]))  # really permuted

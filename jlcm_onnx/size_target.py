@@ -1,0 +1,172 @@
+"""Choosing bits and groups per tensor so the compressed model meets a size target.
+
+The stored bytes of a tensor of n weights in ``rows`` output rows, at b bits with G groups, are (METHOD.md section 2)::
+
+    cost(b, G) = packed(n, b) + codebook(b, G) + maps(G) + outliers + decoder(b)
+    codebook   = c * G * 2^b   (multi-codebook)      or   c * (2^b + G)   (multi-scaling)      c = codebook bytes
+    maps       = row-to-group and stored-order maps when 1 < G < rows and rows are re-ordered (an upper bound)
+    decoder    = the serialized decoder nodes, which depend on b through the number of byte planes (measured)
+
+Every tensor gets the same budget of bytes per weight ``beta``, and picks the most bits that fit, then the most groups
+that fit (``cost`` grows with b and with G). ``beta`` is found by bisection so the total meets the budget, and what is
+left (tensors whose best choice leaves slack under beta) is handed out smallest tensor first, each taking the best
+choice that fits its cost plus the leftover. Small tensors step finely, so the total lands close to the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.errors import JlcmError
+from jlcm_onnx.packing import MAX_BITS, WordLayout
+from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites, is_lone_table_gather
+from jlcm_onnx.plan import TensorChoice
+
+#: Most outliers the size planner keeps in one tensor when it spends a budget on them.
+MAX_OUTLIER_FRACTION = 0.02
+
+#: Serialized bytes of one weight's decoder nodes by bits (measured on a MatMul weight; L = 8/gcd(b, 8) code planes).
+DECODER_BYTES = {1: 2900, 2: 1900, 3: 4400, 4: 1400, 5: 5100, 6: 3100, 7: 5800, 8: 1000}
+
+
+@dataclass(frozen=True)
+class WeightShape:
+    """What the cost of a compressible tensor depends on."""
+
+    name: str
+    size: int
+    rows: int
+    codebook_bytes: int
+    row_decoded: bool
+    original_itemsize: int
+
+
+def weight_shapes(model: onnx.ModelProto, config: CompressionConfig) -> list[WeightShape]:
+    """The compressible weights of ``model`` under ``config``."""
+    shapes = []
+    for site in find_weight_sites(model):
+        row_axis, _ = compressible_row_axis(site, config)
+        if row_axis is None:
+            continue
+        fp16 = site.tensor.data_type == onnx.TensorProto.FLOAT16 or config.codebook_dtype == "float16"
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(site.tensor.data_type).itemsize
+        shapes.append(WeightShape(site.name, site.num_elements, site.shape[row_axis], 2 if fp16 else 4,
+                                  is_lone_table_gather(site, row_axis), itemsize))
+    return shapes
+
+
+def tensor_cost(shape: WeightShape, choice: TensorChoice, config: CompressionConfig) -> int:
+    """Stored bytes of ``shape`` encoded with ``choice`` (see the module docstring)."""
+    groups = shape.rows if choice.groups is None else min(choice.groups, shape.rows)
+    entries = 1 << choice.bits
+    if shape.row_decoded:
+        packed = shape.rows * WordLayout(choice.bits).packed_bytes(shape.size // shape.rows)
+    else:
+        packed = WordLayout(choice.bits).packed_bytes(shape.size)
+    if config.encoding == "multi-scaling":
+        codebooks = shape.codebook_bytes * (entries + groups)
+    else:
+        codebooks = shape.codebook_bytes * groups * entries
+    maps = shape.rows * (3 if groups <= 256 else 4) if 1 < groups < shape.rows and config.reorder else 0
+    fraction = config.outlier_fraction if choice.outlier_fraction is None else choice.outlier_fraction
+    outliers = 0 if shape.row_decoded else round(fraction * shape.size) * (4 + shape.codebook_bytes)
+    return packed + codebooks + maps + outliers + DECODER_BYTES[choice.bits] + 3 * len(shape.name)
+
+
+def best_choice(shape: WeightShape, budget: float, config: CompressionConfig) -> TensorChoice | None:
+    """The most bits, then the most groups, whose cost fits ``budget`` bytes; None if nothing fits."""
+    bits = next((b for b in range(MAX_BITS, 0, -1) if tensor_cost(shape, TensorChoice(b, 1), config) <= budget), None)
+    if bits is None:
+        return None
+    if tensor_cost(shape, TensorChoice(bits, None), config) <= budget:
+        return TensorChoice(bits, None)
+    low, high = 1, shape.rows - 1  # the largest G in [low, high] that fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        if tensor_cost(shape, TensorChoice(bits, middle), config) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return TensorChoice(bits, low)
+
+
+def total_cost(shapes: list[WeightShape], choices: dict[str, TensorChoice], config: CompressionConfig) -> int:
+    return sum(tensor_cost(s, choices[s.name], config) for s in shapes)
+
+
+def smallest_cost(shapes: list[WeightShape], config: CompressionConfig) -> int:
+    return sum(tensor_cost(s, TensorChoice(1, 1), config) for s in shapes)
+
+
+def largest_cost(shapes: list[WeightShape], config: CompressionConfig) -> int:
+    return sum(tensor_cost(s, TensorChoice(MAX_BITS, None), config) for s in shapes)
+
+
+def plan_for_budget(shapes: list[WeightShape], budget: int, config: CompressionConfig) -> dict[str, TensorChoice]:
+    """Per-tensor choices whose total cost is at most ``budget`` bytes and as close to it as the steps allow."""
+    if budget < smallest_cost(shapes, config):
+        raise JlcmError("size target too small for the weights' stored bytes")
+    low, high = 0.0, 2.0 * MAX_BITS / 8  # bytes per weight
+
+    def choose(beta: float) -> dict[str, TensorChoice]:
+        return {s.name: best_choice(s, beta * s.size, config) or TensorChoice(1, 1) for s in shapes}
+
+    def total(choices: dict[str, TensorChoice]) -> int:
+        return total_cost(shapes, choices, config)
+
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if total(choose(middle)) <= budget else (low, middle)
+    choices = choose(low)
+    leftover = budget - total(choices)
+    for shape in sorted(shapes, key=lambda s: s.size):
+        current = tensor_cost(shape, choices[shape.name], config)
+        upgrade = best_choice(shape, current + leftover, config)
+        if upgrade is not None and tensor_cost(shape, upgrade, config) > current:
+            leftover -= tensor_cost(shape, upgrade, config) - current
+            choices[shape.name] = upgrade
+    return choices
+
+
+def adjust_fine(
+    shapes: list[WeightShape], choices: dict[str, TensorChoice], change: int, config: CompressionConfig
+) -> tuple[dict[str, TensorChoice], int]:
+    """Moves the total cost by about ``change`` bytes without changing any tensor's bits (so the decoders, and their
+    bytes, stay as measured): first through group counts, then through outlier counts, largest tensors first. The
+    fine correction once a run has measured what the planner cannot see; returns the new choices and the part of
+    ``change`` they could not absorb."""
+    adjusted = dict(choices)
+    for knob in (_with_groups, _with_outliers):
+        for shape in sorted(shapes, key=lambda s: -s.size):
+            before = tensor_cost(shape, adjusted[shape.name], config)
+            candidate = knob(shape, adjusted[shape.name], change, config)
+            if candidate is not None:
+                adjusted[shape.name] = candidate
+                change -= tensor_cost(shape, candidate, config) - before
+    return adjusted, change
+
+
+def _with_groups(
+    shape: WeightShape, choice: TensorChoice, change: int, config: CompressionConfig
+) -> TensorChoice | None:
+    if choice.groups is None or shape.rows < 4:
+        return None
+    step = tensor_cost(shape, TensorChoice(choice.bits, 3), config) - tensor_cost(
+        shape, TensorChoice(choice.bits, 2), config)
+    if abs(change) < step:
+        return None
+    groups = min(max(choice.groups + int(change / step), 2), shape.rows - 1)
+    return TensorChoice(choice.bits, groups, choice.outlier_fraction)
+
+
+def _with_outliers(
+    shape: WeightShape, choice: TensorChoice, change: int, config: CompressionConfig
+) -> TensorChoice | None:
+    if shape.row_decoded or abs(change) < 4 + shape.codebook_bytes:
+        return None
+    current = config.outlier_fraction if choice.outlier_fraction is None else choice.outlier_fraction
+    extra = change / (4 + shape.codebook_bytes) / shape.size
+    return TensorChoice(choice.bits, choice.groups, min(max(current + extra, 0.0), MAX_OUTLIER_FRACTION))

@@ -1,0 +1,91 @@
+"""Size targets: bits and groups chosen per tensor so the written file meets --target-size / --ratio /
+--bits-per-weight within 1%, and a clear error when a target cannot be reached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+
+import jlcm_onnx
+from jlcm_onnx import CompressionConfig, ConfigError, JlcmError
+from jlcm_onnx.cli import main
+from jlcm_onnx.config import parse_size
+from jlcm_onnx.size_target import WeightShape, plan_for_budget, smallest_cost, tensor_cost, total_cost
+
+from conftest import FLOAT, check_full, make_model, tensor, value
+
+
+def mlp(widths: tuple[int, ...] = (256, 512, 384, 512, 256, 384, 128)) -> onnx.ModelProto:
+    """Six layers, 0.9M weights: enough tensors and rows for sizes to be reachable in steps well under 1%."""
+    rng = np.random.default_rng(0)
+    nodes, inits, current = [], [], "X"
+    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=False)):
+        inits.append(tensor(f"w{i}", rng.standard_normal((fan_in, fan_out)).astype(np.float32)))
+        nodes += [helper.make_node("MatMul", [current, f"w{i}"], [f"h{i}"]),
+                  helper.make_node("Relu", [f"h{i}"], [f"a{i}"])]
+        current = f"a{i}"
+    return make_model(nodes, [value("X", FLOAT, ["N", widths[0]])], [value(current, FLOAT, ["N", widths[-1]])], inits)
+
+
+@pytest.mark.parametrize("encoding", ["multi-codebook", "multi-scaling"])
+@pytest.mark.parametrize("fraction", [0.08, 0.12, 0.2])
+def test_target_size_is_met_within_one_percent(encoding: str, fraction: float) -> None:
+    model = mlp()
+    goal = int(fraction * model.ByteSize())
+    result = jlcm_onnx.compress(model, CompressionConfig(target_size=goal, encoding=encoding))
+    check_full(result.model)
+    assert 0.99 * goal <= result.model.ByteSize() <= goal
+    assert any("target_size" in note for note in result.report.notes)
+
+
+def test_ratio_and_bits_per_weight_targets() -> None:
+    model = mlp()
+    by_ratio = jlcm_onnx.compress(model, CompressionConfig(target_ratio=7.5))
+    assert 0.99 / 7.5 <= by_ratio.model.ByteSize() / model.ByteSize() <= 1 / 7.5
+    by_bits = jlcm_onnx.compress(model, CompressionConfig(target_bits_per_weight=3.3))
+    compressed = by_bits.report.compressed
+    bits = 8 * sum(r.compressed_bytes for r in compressed) / sum(int(np.prod(r.shape)) for r in compressed)
+    assert 0.99 * 3.3 <= bits <= 3.3
+
+
+def test_unreachable_targets_name_the_reachable_range() -> None:
+    model = mlp()
+    with pytest.raises(JlcmError, match=r"outside what can be reached: [\d,]+ \(1 bit"):
+        jlcm_onnx.compress(model, CompressionConfig(target_size=1000))
+    with pytest.raises(JlcmError, match="8 bits, one codebook per row"):
+        jlcm_onnx.compress(model, CompressionConfig(target_size=100 * model.ByteSize()))
+
+
+def test_planner_spends_the_budget() -> None:
+    config = CompressionConfig()
+    shapes = [WeightShape(f"t{i}", rows * cols, rows, 2, False, 4) for i, (rows, cols) in
+              enumerate([(64, 128), (256, 64), (32, 32), (512, 384)])]
+    smallest = smallest_cost(shapes, config)
+    for budget in (smallest, int(1.3 * smallest), int(1.8 * smallest), 3 * smallest):
+        choices = plan_for_budget(shapes, budget, config)
+        assert 0.98 * budget <= total_cost(shapes, choices, config) <= budget
+    assert all(tensor_cost(s, c, config) > 0 for s, c in zip(shapes, choices.values(), strict=True))
+
+
+def test_target_config_validation() -> None:
+    assert parse_size("40MB") == 40_000_000 and parse_size("1.5 KiB") == 1536 and parse_size(123) == 123
+    with pytest.raises(ConfigError, match="target_size"):
+        CompressionConfig(target_size="big")
+    with pytest.raises(ConfigError, match="target_ratio"):
+        CompressionConfig(target_ratio=0.9)
+    with pytest.raises(ConfigError, match="no second target"):
+        CompressionConfig(target_size="1MB", target_bits_per_weight=3)
+
+
+def test_cli_target_size(tmp_path: Path) -> None:
+    source, out = tmp_path / "mlp.onnx", tmp_path / "out.onnx"
+    onnx.save(mlp(), source)
+    goal = int(0.12 * source.stat().st_size)
+    result = CliRunner().invoke(main, ["compress", str(source), "-o", str(out), "--target-size", f"{goal}B", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert 0.99 * goal <= out.stat().st_size <= goal
