@@ -169,7 +169,8 @@ def encode_scaled_matrix(
     scales = np.sqrt(_group_sum(weights * values**2, group_of_row) / _group_sum(weights, group_of_row).clip(1e-300))
     scales = np.where(scales > 0, scales, 1.0)
     for _ in range(refinements):
-        normalized = values / scales[group_of_row][:, None]
+        divisor = np.where(scales > 0, scales, 1.0)  # a scale below the codebook dtype's range rounds to 0
+        normalized = values / divisor[group_of_row][:, None]
         fitted = fit_codebooks(normalized.reshape(1, -1), bits, codebook_dtype, weights.reshape(1, -1), max_iterations)
         shared = fitted.values[0].astype(np.float64)
         picked = shared[fitted.codes.reshape(rows, cols)]

@@ -10,6 +10,9 @@ import numpy as np
 from jlcm_onnx.codebook import equal_group_sizes
 from jlcm_onnx.config import CompressionConfig
 
+#: Per-row codebooks ("groups=None") pool rows whose weights number fewer than this many codebooks' entries.
+MIN_CODEBOOK_SPAN = 1
+
 
 @dataclass(frozen=True)
 class TensorChoice:
@@ -47,6 +50,16 @@ class CompressionPlan:
             choice = TensorChoice(choice.bits, choice.groups, self.config.outlier_fraction)
         return choice
 
-    def group_sizes(self, weight: str, rows: int) -> tuple[int, ...]:
+    def groups(self, weight: str, rows: int, cols: int) -> int:
+        """The tensor's group count: its choice, where ``None`` is one per row unless rows hold fewer weights than a
+        codebook has entries (a 3x3 depthwise row has 9 weights: a codebook of 16 values per row would cost more than
+        the weights); then rows are pooled so each codebook spans at least its number of entries."""
+        choice = self.choice(weight)
+        if choice.groups is not None:
+            return min(choice.groups, rows)
+        span = MIN_CODEBOOK_SPAN << choice.bits
+        return rows if cols >= span else max(1, rows * cols // span)
+
+    def group_sizes(self, weight: str, rows: int, cols: int) -> tuple[int, ...]:
         grouping = self.groupings.get(weight)
-        return grouping.sizes if grouping is not None else equal_group_sizes(rows, self.choice(weight).groups)
+        return grouping.sizes if grouping is not None else equal_group_sizes(rows, self.groups(weight, rows, cols))

@@ -100,7 +100,7 @@ class EncodeWeights(Pass):
         matrix = np.moveaxis(weight, row_axis, 0).reshape(weight.shape[row_axis], -1).astype(np.float32)
         choice = self.plan.choice(site.name)
         bits = choice.bits
-        group_sizes = self.plan.group_sizes(site.name, matrix.shape[0])
+        group_sizes = self.plan.group_sizes(site.name, *matrix.shape)
         grouping = self.plan.groupings.get(site.name)
         stored_order = None if grouping is None else grouping.stored_order
         restore = None if stored_order is None else np.argsort(stored_order)

@@ -44,8 +44,11 @@ class ReorderNeurons(Pass):
         row_axes = {site.name: (compressible_row_axis(site, self.config)[0], len(site.shape)) for site in sites}
         for site in sites:
             row_axis = row_axes[site.name][0]
-            groups = self.plan.choice(site.name).groups
-            if row_axis is None or site.name in self.plan.groupings or not 1 < (groups or 0) < site.shape[row_axis]:
+            if row_axis is None or site.name in self.plan.groupings:
+                continue
+            rows = site.shape[row_axis]
+            groups = self.plan.groups(site.name, rows, site.num_elements // rows)
+            if not 1 < groups < rows:
                 continue
             grouping, permuted_with = self._group(model, site.name, site.array(), row_axis, groups, row_axes)
             self.plan.groupings[site.name] = grouping

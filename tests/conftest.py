@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from jlcm_onnx.codebook import encode_matrix, equal_group_sizes
 from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.grouping import cluster_rows
 
 OPSET = 17
 IR_VERSION = 9
@@ -140,20 +141,37 @@ def replace_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) ->
 # ---------------------------------------------------------------------------------------------------------- weights
 
 
-def dequantized(weight: np.ndarray, row_axis: int, config: CompressionConfig) -> np.ndarray:
-    """The weight the compressed model must decode: the codebook encoding of ``weight``, in ``weight``'s layout."""
+def expected_groups(rows: int, cols: int, config: CompressionConfig) -> int:
+    """Codebooks per tensor: ``config.groups``, or one per row when rows hold at least a codebook's worth of weights,
+    else rows pooled so each codebook spans 2**bits weights."""
+    if config.groups is not None:
+        return min(config.groups, rows)
+    span = 1 << config.bits
+    return rows if cols >= span else max(1, rows * cols // span)
+
+
+def dequantized(weight: np.ndarray, row_axis: int, config: CompressionConfig, outliers: bool = True) -> np.ndarray:
+    """The weight the compressed model must decode: the codebook encoding of ``weight`` (rows clustered into groups
+    when the config re-orders them), in ``weight``'s layout and row order."""
     moved = np.moveaxis(weight, row_axis, 0)
     matrix = moved.reshape(weight.shape[row_axis], -1).astype(np.float32)
+    groups = expected_groups(*matrix.shape, config)
+    order = np.arange(matrix.shape[0])
+    sizes = equal_group_sizes(matrix.shape[0], groups)
+    if config.reorder and 1 < groups < matrix.shape[0]:
+        clusters = cluster_rows(matrix, groups)
+        order, sizes = clusters.permutation, clusters.sizes
     encoded = encode_matrix(
-        matrix,
+        matrix[order],
         config.bits,
-        equal_group_sizes(matrix.shape[0], config.groups),
+        sizes,
         np.dtype(config.codebook_dtype),
         config.kmeans_iterations,
-        outlier_fraction=config.outlier_fraction,
+        outlier_fraction=config.outlier_fraction if outliers else 0.0,
     )
-    decoded = encoded.decode().reshape(moved.shape)
-    return np.moveaxis(decoded, 0, row_axis).astype(weight.dtype)
+    decoded = np.empty_like(matrix)
+    decoded[order] = encoded.decode()
+    return np.moveaxis(decoded.reshape(moved.shape), 0, row_axis).astype(weight.dtype)
 
 
 def discrete_weight(

@@ -138,3 +138,12 @@ def test_multi_scaling_onnx_decoder(rng: np.random.Generator, groups: int | None
     np.testing.assert_allclose(decoded, expected, rtol=1e-6, atol=1e-7)
     stored = 2 * 8 + 2 * (24 if groups is None else groups)  # fp16 shared codebook and scales
     assert record.compressed_bytes == 16 * 24 * 3 // 8 + stored
+
+
+def test_multi_scaling_rows_below_float16_range(rng: np.random.Generator) -> None:
+    """A row whose scale rounds to 0 in float16 decodes to zeros instead of poisoning the shared codebook with NaN."""
+    matrix = rng.standard_normal((8, 64)).astype(np.float32)
+    matrix[3] *= 1e-8
+    encoded = encode_scaled_matrix(matrix, 2, equal_group_sizes(8, None), np.dtype(np.float16), outlier_fraction=0.01)
+    assert np.all(np.isfinite(encoded.decode()))
+    assert sqnr_db(matrix, encoded.decode()) > 5.0
