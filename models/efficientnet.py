@@ -27,9 +27,7 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+import model_cli
 
 MODEL_NAME = "efficientnet-lite0"
 IMAGE_SIZE = 224
@@ -370,23 +370,7 @@ def _format_summary(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    p_export = commands.add_parser("export", help="export the model to ONNX and verify it")
-    p_export.add_argument("output", type=Path, help="path of the .onnx file to write")
-    p_eval = commands.add_parser("evaluate", help="compare an original and a compressed model")
-    p_eval.add_argument("original", type=Path)
-    p_eval.add_argument("compressed", type=Path)
-    p_eval.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = parser.parse_args(argv)
-
-    if args.command == "export":
-        export(args.output)
-        print(f"exported and verified {args.output} ({args.output.stat().st_size:,} bytes)")
-    else:
-        result = evaluate(args.original, args.compressed)
-        print(json.dumps(result, indent=2) if args.json else _format_summary(result))
-    return 0
+    return model_cli.run(__doc__.split("\n\n")[0], export, evaluate, _format_summary, argv)
 
 
 if __name__ == "__main__":
