@@ -8,15 +8,19 @@ Public API::
     result.save("model-4bit.onnx")
 """
 
+from jlcm_onnx.calibration import CalibrationData, load_calibration
 from jlcm_onnx.compress import CompressionResult, compress, read_metadata, save
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.errors import ConfigError, JlcmError, ModelError, OutputError
+from jlcm_onnx.errors import CalibrationError, ConfigError, JlcmError, ModelError, OutputError
 from jlcm_onnx.report import CompressionReport, TensorRecord
 from jlcm_onnx.runtime import fold_at_load, inference_session
+from jlcm_onnx.verify import OutputFidelity, VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationData",
+    "CalibrationError",
     "CompressionConfig",
     "CompressionReport",
     "CompressionResult",
@@ -24,10 +28,14 @@ __all__ = [
     "JlcmError",
     "ModelError",
     "OutputError",
+    "OutputFidelity",
     "TensorRecord",
+    "VerifyReport",
     "compress",
     "fold_at_load",
     "inference_session",
+    "load_calibration",
     "read_metadata",
     "save",
+    "verify",
 ]

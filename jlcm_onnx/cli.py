@@ -16,11 +16,13 @@ from typing import Any
 
 import click
 
+from jlcm_onnx.calibration import DEFAULT_SAMPLES, load_calibration
 from jlcm_onnx.compress import compress, save
 from jlcm_onnx.config import CODEBOOK_DTYPES, ENCODINGS, CompressionConfig
 from jlcm_onnx.describe import describe_model
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.model_io import check_destination
+from jlcm_onnx.verify import DEVICES, execution_providers, verify
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 
@@ -75,17 +77,24 @@ def main() -> None:
 @click.option("--bits-per-weight", "target_bits_per_weight", type=float,
               help="Average stored bits per compressed weight, codebooks included")
 @click.option("--seed", type=int, help="Seed of every random choice  [default: 0]")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Calibration inputs: a .npz file or a folder of .npy/.npz files keyed by model input names.")
+@click.option("--calibration-samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
+              help="Most calibration samples used (a seeded sub-sample when there are more).")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_reporting_errors
-def compress_command(model: Path, output: Path, config_file: Path | None, as_json: bool, quiet: bool,
-                     **overrides: Any) -> None:
+def compress_command(model: Path, output: Path, config_file: Path | None, calibration: Path | None,
+                     calibration_samples: int, as_json: bool, quiet: bool, **overrides: Any) -> None:
     """Compress MODEL and write the result to OUTPUT."""
     check_destination(output, protect=model)
     config = CompressionConfig.from_file(config_file) if config_file else CompressionConfig()
     changes = {key: value for key, value in overrides.items() if value not in (None, ())}
     config = config.replace(**changes) if changes else config
-    result = compress(model, config, progress=not quiet)
+    data = None
+    if calibration is not None:
+        data = load_calibration(calibration, model, samples=calibration_samples, seed=config.seed)
+    result = compress(model, config, calibration=data, progress=not quiet)
     save(result, output)
     if as_json:
         click.echo(result.report.to_json())
@@ -106,3 +115,29 @@ def inspect_command(model: Path, as_json: bool) -> None:
     else:
         click.echo(description.format_table())
 
+
+
+@main.command("verify")
+@click.argument("original", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("compressed", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Inputs: a .npz file or a folder of .npy/.npz files keyed by model input names  "
+                   "[default: seeded synthetic inputs]")
+@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Most samples used (a seeded sub-sample of --data, or how many synthetic ones).")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+              help="onnxruntime execution provider.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Intra-op threads of both sessions.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed runs per model; the median is reported.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sub-sampling and synthetic inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
+@_reporting_errors
+def verify_command(original: Path, compressed: Path, data: Path | None, samples: int, device: str, threads: int,
+                   repeats: int, seed: int, as_json: bool) -> None:
+    """Run ORIGINAL and COMPRESSED on the same inputs; report output fidelity, file sizes and latency."""
+    providers = execution_providers(device)
+    report = verify(original, compressed, data, samples=samples, seed=seed, providers=providers, threads=threads,
+                    repeats=repeats)
+    click.echo(report.to_json() if as_json else report.format_table())

@@ -26,3 +26,8 @@ class ModelError(JlcmError):
 
 class OutputError(JlcmError):
     """The output cannot be written where it was asked for."""
+
+
+class CalibrationError(JlcmError):
+    """Calibration data does not fit the model (names, dtypes, shapes, values) or cannot be read; the message names
+    the input and the mismatch."""

@@ -1,0 +1,408 @@
+"""Output fidelity, size and latency of a compressed model against its original, both run in onnxruntime.
+
+Both models get the same inputs: calibration-style data (any source :func:`jlcm_onnx.load_calibration` reads) or, with
+no data, seeded synthetic inputs derived from the model's input types. For every output present in both models, over
+all runs, with ``x`` the original's values and ``y`` the compressed model's (computed in float64):
+
+- ``max_abs_error = max |y - x|`` and ``mean_abs_error = mean |y - x|``;
+- ``cosine``: ``x.y / (|x| |y|)`` per sample row (axis 0 of an output of rank >= 2, flattened; the whole output
+  otherwise), averaged over rows;
+- ``sqnr_db = 10 log10(sum x^2 / sum (y - x)^2)`` (infinite, reported as exact, when the outputs are equal);
+- ``top1_agreement``: for float outputs whose last axis has more than one entry (classifier logits, embeddings), the
+  fraction of positions where ``argmax`` over the last axis is the same;
+- ``nonfinite``: values that are NaN/Inf in the compressed output but finite in the original.
+
+Sizes are bytes on disk (model file plus external data; serialized size for an in-memory model). Latency is the median
+of ``repeats`` runs on the first sample after one warm-up run, with a fixed number of intra-op threads.
+
+Synthetic inputs: symbolic dims are 1 on axis 0 (the batch) and 16 elsewhere, the same symbol getting the same size in
+every input; floats are standard normal; integer inputs look like token ids (``0..99``), except names containing
+``mask`` (ones), ``type``/``segment`` (zeros) and ``position`` (``0, 1, 2, ...`` along the last axis).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from jlcm_onnx.calibration import CalibrationData, CalibrationSource, load_calibration, model_inputs, read_graph
+from jlcm_onnx.errors import ConfigError, JlcmError, ModelError
+from jlcm_onnx.report import align_columns, format_bytes
+from jlcm_onnx.runtime import inference_session
+
+DEVICES = ("cpu", "cuda")
+SYMBOLIC_BATCH, SYMBOLIC_OTHER = 1, 16
+TOKEN_IDS = 100
+
+
+@dataclass(frozen=True)
+class OutputFidelity:
+    """How close one output of the compressed model is to the original's, over every verification run."""
+
+    name: str
+    shape: tuple[int, ...]  # of the first run
+    dtype: str
+    max_abs_error: float
+    mean_abs_error: float
+    cosine: float
+    sqnr_db: float
+    top1_agreement: float | None
+    nonfinite: int
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["shape"] = list(self.shape)
+        values["exact"] = self.max_abs_error == 0.0
+        for key in ("max_abs_error", "mean_abs_error", "cosine", "sqnr_db", "top1_agreement"):
+            if values[key] is not None and not math.isfinite(values[key]):
+                values[key] = None  # JSON has no infinity or NaN; "exact" tells an infinite SQNR apart
+        return values
+
+
+@dataclass
+class VerifyReport:
+    """Per-output fidelity, file sizes and median latencies of an original and a compressed model."""
+
+    original: str
+    compressed: str
+    outputs: list[OutputFidelity]
+    original_file_bytes: int
+    compressed_file_bytes: int
+    original_latency_ms: float
+    compressed_latency_ms: float
+    samples: int
+    data: str
+    providers: list[str]
+    threads: int
+    repeats: int
+    latency_input_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.original_file_bytes / max(self.compressed_file_bytes, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "original": self.original,
+            "compressed": self.compressed,
+            "original_file_bytes": self.original_file_bytes,
+            "compressed_file_bytes": self.compressed_file_bytes,
+            "ratio": round(self.ratio, 4),
+            "latency_ms": {"original": round(self.original_latency_ms, 4),
+                           "compressed": round(self.compressed_latency_ms, 4)},
+            "latency_input_shapes": self.latency_input_shapes,
+            "samples": self.samples,
+            "data": self.data,
+            "providers": self.providers,
+            "threads": self.threads,
+            "repeats": self.repeats,
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def format_table(self) -> str:
+        rows = [("output", "shape", "max abs", "mean abs", "cosine", "SQNR dB", "top-1", "non-finite")]
+        for o in self.outputs:
+            sqnr = "exact" if o.max_abs_error == 0.0 else f"{o.sqnr_db:.1f}"
+            top1 = "" if o.top1_agreement is None else f"{o.top1_agreement:.4f}"
+            rows.append((o.name, "x".join(map(str, o.shape)), f"{o.max_abs_error:.4g}", f"{o.mean_abs_error:.4g}",
+                         f"{o.cosine:.5f}", sqnr, top1, str(o.nonfinite)))
+        lines = align_columns(rows)
+        lines.append("")
+        lines.append(f"file: {format_bytes(self.original_file_bytes)} -> {format_bytes(self.compressed_file_bytes)} "
+                     f"({self.ratio:.2f}x smaller)")
+        slower = self.compressed_latency_ms / max(self.original_latency_ms, 1e-9)
+        lines.append(f"latency: {self.original_latency_ms:.2f} ms -> {self.compressed_latency_ms:.2f} ms "
+                     f"({slower:.2f}x; median of {self.repeats}, {self.threads} threads, {', '.join(self.providers)})")
+        lines.append(f"inputs: {self.samples} samples ({self.data})")
+        return "\n".join(lines)
+
+
+def execution_providers(device: str) -> list[str]:
+    """onnxruntime providers for ``device`` ("cpu" or "cuda"); raises :class:`JlcmError` when CUDA is not installed."""
+    if device not in DEVICES:
+        raise ConfigError("device", device, f"one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise JlcmError(f"device cuda: this onnxruntime has no CUDAExecutionProvider (it has {', '.join(available)}); "
+                        "install onnxruntime-gpu")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def verify(
+    original: str | os.PathLike | onnx.ModelProto,
+    compressed: str | os.PathLike | onnx.ModelProto,
+    data: CalibrationSource | None = None,
+    *,
+    samples: int | None = 64,
+    seed: int = 0,
+    batch_size: int = 8,
+    providers: Sequence[str] | None = None,
+    threads: int = 2,
+    repeats: int = 5,
+    keep_compressed: bool = True,
+) -> VerifyReport:
+    """Runs both models on the same inputs and measures output fidelity, sizes and latency.
+
+    Args:
+        original: the reference model (path or ``ModelProto``).
+        compressed: the model to check, with the same input names and types.
+        data: inputs (any :func:`jlcm_onnx.load_calibration` source); ``None`` for seeded synthetic inputs.
+        samples: the most samples used (sub-sampled with ``seed``); with synthetic inputs, how many are made.
+        seed: seed of the sub-sampling and of synthetic inputs.
+        batch_size: samples per run where the model's batch dim is dynamic (see ``CalibrationData.batches``).
+        providers: onnxruntime execution providers; CPU by default (see :func:`execution_providers`).
+        threads: intra-op threads of both sessions, fixed so that latencies compare.
+        repeats: timed runs per model (median reported).
+        keep_compressed: load the compressed model as it is (weights decoded on every run); ``False`` decodes them
+            once at load time (see :func:`jlcm_onnx.inference_session`).
+
+    Raises:
+        ModelError: a model cannot be read or the two models' inputs or outputs do not match.
+        CalibrationError: the data does not fit the models.
+    """
+    for name, number in (("threads", threads), ("repeats", repeats)):
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise ConfigError(name, number, "a positive integer")
+    reference, candidate = read_graph(original), read_graph(compressed)
+    _check_same_inputs(reference, candidate)
+    if data is None:
+        count = 8 if samples is None else samples
+        feeds = load_calibration(synthetic_feeds(reference, count, seed), reference, samples=None, seed=seed)
+        description = f"synthetic, seed {seed}"
+    else:
+        feeds = load_calibration(data, reference, samples=samples, seed=seed)
+        description = str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
+    providers = list(providers or ["CPUExecutionProvider"])
+    options = _session_options(threads)
+    first = inference_session(original, sess_options=options, providers=providers)
+    second = inference_session(compressed, keep_compressed=keep_compressed, sess_options=options,
+                               providers=providers)
+    names = _common_outputs(first, second)
+    outputs = _compare(first, second, names, feeds, batch_size)
+    latency_feed = feeds.samples[0]
+    return VerifyReport(
+        original=_label(original),
+        compressed=_label(compressed),
+        outputs=outputs,
+        original_file_bytes=_file_bytes(original, reference),
+        compressed_file_bytes=_file_bytes(compressed, candidate),
+        original_latency_ms=_median_ms(first, latency_feed, repeats),
+        compressed_latency_ms=_median_ms(second, latency_feed, repeats),
+        samples=len(feeds),
+        data=description,
+        providers=providers,
+        threads=threads,
+        repeats=repeats,
+        latency_input_shapes={name: list(array.shape) for name, array in latency_feed.items()},
+    )
+
+
+def synthetic_feeds(model: onnx.ModelProto, samples: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``samples`` seeded feeds shaped and typed like the model's inputs (rules in the module docstring)."""
+    rng = np.random.default_rng(seed)
+    symbols = _symbol_sizes(model)
+    specs = model_inputs(model)
+    feeds = []
+    for _ in range(samples):
+        feed = {}
+        for spec in specs:
+            shape = tuple(symbols[(spec.name, axis)] if dim is None else dim
+                          for axis, dim in enumerate(spec.shape or ()))
+            feed[spec.name] = _synthetic_array(spec.name, spec.dtype, shape, rng)
+        feeds.append(feed)
+    return feeds
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def _symbol_sizes(model: onnx.ModelProto) -> dict[tuple[str, int], int]:
+    """(input, axis) -> size of each symbolic dim: 1 on axis 0, 16 elsewhere, equal symbols equal sizes."""
+    by_symbol: dict[str, int] = {}
+    sizes = {}
+    for value in model.graph.input:
+        tensor_type = value.type.tensor_type
+        for axis, dim in enumerate(tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                continue
+            size = SYMBOLIC_BATCH if axis == 0 else SYMBOLIC_OTHER
+            if dim.dim_param:
+                size = by_symbol.setdefault(dim.dim_param, size)
+            sizes[(value.name, axis)] = size
+    return sizes
+
+
+def _synthetic_array(name: str, dtype: np.dtype, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    lower = name.lower()
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return np.ones(shape, dtype) if "mask" in lower else rng.integers(0, 2, shape).astype(dtype)
+    if dtype.kind in "iu":
+        if "mask" in lower:
+            return np.ones(shape, dtype)
+        if "type" in lower or "segment" in lower:
+            return np.zeros(shape, dtype)
+        if "position" in lower and shape:
+            return np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+        return rng.integers(0, TOKEN_IDS, shape).astype(dtype)
+    raise ModelError(f"model input '{name}' has type {dtype}: give --data, synthetic inputs cannot be made for it")
+
+
+def _check_same_inputs(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
+    ours = {spec.name: spec.dtype for spec in model_inputs(reference)}
+    theirs = {spec.name: spec.dtype for spec in model_inputs(candidate)}
+    if ours != theirs:
+        def listed(specs: dict[str, np.dtype]) -> str:
+            return ", ".join(f"{name}: {dtype}" for name, dtype in specs.items()) or "none"
+
+        raise ModelError(f"the models' inputs differ: original ({listed(ours)}), compressed ({listed(theirs)})")
+
+
+def _common_outputs(first: ort.InferenceSession, second: ort.InferenceSession) -> list[str]:
+    theirs = {o.name for o in second.get_outputs()}
+    names = [o.name for o in first.get_outputs() if o.name in theirs]
+    if not names:
+        raise ModelError("the models have no output name in common")
+    return names
+
+
+def _session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return options
+
+
+class _Accumulator:
+    """Running sums of one output's error statistics over every run."""
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] = ()
+        self.dtype = ""
+        self.max_abs = 0.0
+        self.abs_sum = self.signal = self.noise = 0.0
+        self.elements = self.nonfinite = 0
+        self.cosines: list[float] = []
+        self.top1_equal = self.top1_total = 0
+
+    def add(self, name: str, x: np.ndarray, y: np.ndarray) -> None:
+        if x.shape != y.shape:
+            raise ModelError(f"output '{name}': the compressed model returns shape {list(y.shape)}, "
+                             f"the original {list(x.shape)}")
+        if not self.dtype:  # the shape reported is the first run's
+            self.shape, self.dtype = y.shape, str(y.dtype)
+        if y.dtype.kind == "f" and x.shape and x.shape[-1] > 1:
+            self.top1_equal += int((x.argmax(axis=-1) == y.argmax(axis=-1)).sum())
+            self.top1_total += int(np.prod(x.shape[:-1]))
+        x, y = x.astype(np.float64), y.astype(np.float64)
+        self.nonfinite += int((np.isfinite(x) & ~np.isfinite(y)).sum())
+        difference = np.abs(y - x)
+        if difference.size:
+            self.max_abs = max(self.max_abs, float(difference.max()))
+        self.abs_sum += float(difference.sum())
+        self.elements += difference.size
+        self.signal += float(np.square(x).sum())
+        self.noise += float(np.square(y - x).sum())
+        rows = (x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)) if x.ndim >= 2 else (x.reshape(1, -1),
+                                                                                            y.reshape(1, -1))
+        for a, b in zip(*rows, strict=True):
+            self.cosines.append(_cosine(a, b))
+
+    def result(self, name: str) -> OutputFidelity:
+        if self.noise == 0.0:
+            sqnr = math.inf
+        elif self.signal == 0.0 or not math.isfinite(self.noise):
+            sqnr = -math.inf if self.signal == 0.0 else math.nan
+        else:
+            sqnr = 10.0 * math.log10(self.signal / self.noise)
+        return OutputFidelity(
+            name=name,
+            shape=tuple(int(d) for d in self.shape),
+            dtype=self.dtype,
+            max_abs_error=self.max_abs,
+            mean_abs_error=self.abs_sum / max(self.elements, 1),
+            cosine=float(np.mean(self.cosines)) if self.cosines else math.nan,
+            sqnr_db=sqnr,
+            top1_agreement=self.top1_equal / self.top1_total if self.top1_total else None,
+            nonfinite=self.nonfinite,
+        )
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    if norms == 0.0:
+        return 1.0 if not a.any() and not b.any() else 0.0
+    return float(np.dot(a, b) / norms)
+
+
+def _compare(first: ort.InferenceSession, second: ort.InferenceSession, names: list[str], feeds: CalibrationData,
+             batch_size: int) -> list[OutputFidelity]:
+    totals = {name: _Accumulator() for name in names}
+    for feed in feeds.batches(batch_size):
+        for name, x, y in zip(names, first.run(names, feed), second.run(names, feed), strict=True):
+            totals[name].add(name, np.asarray(x), np.asarray(y))
+    return [totals[name].result(name) for name in names]
+
+
+def _median_ms(session: ort.InferenceSession, feed: dict[str, np.ndarray], repeats: int) -> float:
+    session.run(None, feed)  # warm-up: first-run allocations and kernel selection
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.run(None, feed)
+        timings.append((time.perf_counter() - started) * 1000.0)
+    return statistics.median(timings)
+
+
+def _file_bytes(source: str | os.PathLike | onnx.ModelProto, graph: onnx.ModelProto) -> int:
+    if isinstance(source, onnx.ModelProto):
+        return source.ByteSize()
+    path = Path(source)
+    locations = {location for tensor in _tensors(graph.graph) if (location := _external_location(tensor))}
+    files = {path.parent / location for location in locations}
+    return path.stat().st_size + sum(f.stat().st_size for f in files if f.is_file())
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in ``graph`` and its subgraphs: initializers, sparse initializers, attribute values."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for sub in attribute.graphs:
+                yield from _tensors(sub)
+
+
+def _external_location(tensor: onnx.TensorProto) -> str | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
+
+
+def _label(source: str | os.PathLike | onnx.ModelProto) -> str:
+    return "<in-memory model>" if isinstance(source, onnx.ModelProto) else str(source)
