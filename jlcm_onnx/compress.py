@@ -1,7 +1,8 @@
 """The public entry point: ``compress(model, config) -> CompressionResult`` and ``save``.
 
 The pipeline is one visible list of passes run on a private copy of the input (the input is never modified). The result
-is checked (full ``onnx.checker`` and an onnxruntime load) before it is returned, and carries a per-tensor report.
+is checked (full ``onnx.checker``, an onnxruntime load and a numeric spot check against the original) before it is
+returned, and carries a per-tensor report.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import onnx
 
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.errors import JlcmError
-from jlcm_onnx.model_io import check_input, check_output, load_model, save_model
+from jlcm_onnx.model_io import (
+    check_input,
+    check_output,
+    input_session,
+    load_model,
+    quantization_note,
+    save_model,
+)
 from jlcm_onnx.passes.base import Pass
 from jlcm_onnx.passes.encode_weights import EncodeWeights
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
@@ -89,13 +97,15 @@ def compress(
     started = time.perf_counter()
     source, original_bytes = load_model(model)
     check_input(source)
-    notes: list[str] = []
+    reference = input_session(source)
+    notes = [note for note in (quantization_note(source),) if note]
     if config.target is None:
         working, records = _run(source, config, CompressionPlan(config), progress)
     else:
         working, records, note = _run_to_target(source, original_bytes, config, progress)
         notes.append(note)
-    check_output(working)
+    spot_note = check_output(working, reference, seed=config.seed)
+    notes.extend([spot_note] if spot_note else [])
     report = CompressionReport(
         tensors=records,
         original_file_bytes=original_bytes,

@@ -1,28 +1,62 @@
 """Reading input models and writing outputs safely.
 
-The input is only ever read. An output is checked (``onnx.checker`` full check, then loaded by onnxruntime) before it
-is written, and written atomically: to a temporary file in the destination folder, then renamed over the target, so a
-failure never leaves a partial file. Models whose serialization would pass protobuf's 2 GB limit are written with their
-large tensors in one external-data file beside the model.
+The input is only ever read. External data is read only from inside the model's folder: a tensor whose ``location``
+is absolute, climbs out with ``..`` or resolves (through symlinks) outside the folder is refused before anything is
+read (cf. onnx CVE-2024-27318/27319). An input must load in stock onnxruntime (no custom-op library is registered), as
+the output must too.
+
+An output is gated before it is written: ``onnx.checker`` full check, an onnxruntime load, and a numeric spot check
+against the original on one batch of synthetic inputs (same output names, shapes and dtypes, and no NaN or Inf where
+the original has none); a failure there is an internal error, never a written file. The write is atomic: to a
+temporary file in the destination folder, then renamed over the target, so a failure never leaves a partial file.
+Models whose serialization would pass protobuf's 2 GB limit are written with their large tensors in one
+external-data file beside the model.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
+import re
 import tempfile
-from pathlib import Path
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PureWindowsPath
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
+from onnx import external_data_helper
 
 from jlcm_onnx.errors import ModelError, OutputError
 
 #: Serialized protobuf messages cannot exceed 2 GiB; stay clearly below it.
 INLINE_LIMIT_BYTES = 2**31 - 2**26
 
-#: The oldest ai.onnx opset the decode subgraph can be expressed in (BitShift, GatherElements).
+#: The oldest ai.onnx opset the decoder subgraph can be expressed in (BitShift, GatherElements).
 MIN_OPSET = 11
+
+#: Synthetic spot-check inputs: size of a symbolic batch (first) axis and of other symbolic axes.
+SPOT_BATCH, SPOT_OTHER = 1, 8
+#: Integer spot-check inputs (token ids, indices) are drawn in ``[0, min(SPOT_INT_HIGH, smallest Gather table))``.
+SPOT_INT_HIGH = 10
+
+#: Operators that mean a model is already quantized; its integer weights are left as they are.
+QUANTIZED_OPS = {
+    "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+    "ConvInteger", "MatMulNBits", "MatMulBnb4", "QAttention", "QGemm", "QLinearAdd", "QLinearMul",
+    "DynamicQuantizeMatMul", "GatherBlockQuantized", "MatMulIntegerToFloat",
+}
+
+#: onnxruntime's error classes (Fail, NotImplemented, InvalidGraph, ...), and RuntimeError which some loads raise.
+_ORT_ERRORS = (RuntimeError, *(
+    value for value in vars(ort.capi.onnxruntime_pybind11_state).values()
+    if isinstance(value, type) and issubclass(value, Exception)
+))
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_SOURCE = re.compile(r"^\S*onnxruntime_src\S*:\d+ .*?\) (?=[A-Z])")
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -30,20 +64,54 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
+        for tensor in external_data_helper._get_all_tensors(model):
+            if external_data_helper.uses_external_data(tensor):
+                raise ModelError(
+                    f"tensor '{tensor.name}' keeps its data in external file '{_location(tensor)}': pass the model's "
+                    "path (not a ModelProto) so the file is read from the model's folder"
+                )
         return model, model.ByteSize()
     path = Path(source)
     if not path.is_file():
         raise ModelError(f"input model {path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path} is empty: not an ONNX model")
     try:
         model = onnx.load(path, load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError) as error:
+    except (DecodeError, ValueError, RuntimeError, OSError) as error:
         raise ModelError(f"{path} is not a readable ONNX model: {_first_line(error)}") from None
+    check_external_locations(model, path.parent)
     external = _external_files(model, path.parent)
     try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as error:
         raise ModelError(f"cannot read external data of {path}: {_first_line(error)}") from None
     return model, path.stat().st_size + sum(f.stat().st_size for f in external)
+
+
+def check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
+    """Raises :class:`ModelError` naming the tensor unless every external-data location lies inside ``folder``.
+
+    Refused: an absolute location (POSIX or Windows), one whose ``..`` climbs out of the folder, and one that resolves
+    outside it through a symbolic link. Only strings are examined, and ``stat`` calls made: no file is opened.
+    """
+    root = folder.resolve()
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        location = _location(tensor)
+        where = f"tensor '{tensor.name}' has external data location '{location}'"
+        if not location:
+            raise ModelError(f"tensor '{tensor.name}' uses external data but gives no location")
+        if "\0" in location:
+            raise ModelError(f"{where}: it contains a NUL character")
+        if location.startswith(("/", "\\")) or PureWindowsPath(location).drive or Path(location).is_absolute():
+            raise ModelError(f"{where}: an absolute path; external data must be inside the model's folder")
+        normal = posixpath.normpath(location.replace("\\", "/"))
+        if normal == ".." or normal.startswith("../"):
+            raise ModelError(f"{where}: '..' leads outside the model's folder")
+        if not (folder / location).resolve().is_relative_to(root):
+            raise ModelError(f"{where}: it resolves (through a symbolic link) outside the model's folder")
 
 
 def check_input(model: onnx.ModelProto) -> None:
@@ -62,21 +130,117 @@ def check_input(model: onnx.ModelProto) -> None:
         )
 
 
+def input_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """An onnxruntime session of the input; raises :class:`ModelError` when stock onnxruntime cannot load it (an opset
+    or IR version newer than it supports, an operator of an unknown custom domain, a type without a CPU kernel)."""
+    try:
+        with _loadable(model) as loadable:
+            return ort.InferenceSession(loadable, _quiet_options(), providers=["CPUExecutionProvider"])
+    except _ORT_ERRORS as error:
+        raise ModelError(f"onnxruntime {ort.__version__} cannot load the input model: {ort_message(error)}") from None
+
+
+def quantization_note(model: onnx.ModelProto) -> str | None:
+    """A note saying the model is already quantized (which quantized operators it has), or None."""
+    found = Counter(
+        node.op_type for graph in _graphs(model.graph) for node in graph.node if node.op_type in QUANTIZED_OPS
+    )
+    if not found:
+        return None
+    ops = ", ".join(f"{count} {op}" for op, count in sorted(found.items()))
+    return f"already quantized ({ops}): its integer weights and quantized operators are left as they are"
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def check_output(model: onnx.ModelProto) -> None:
-    """Full ONNX check and an onnxruntime load; raises RuntimeError (an internal error) when either fails."""
-    if model.ByteSize() > INLINE_LIMIT_BYTES:
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.onnx"
-            _write(model, path)
-            onnx.checker.check_model(str(path), full_check=True)
-            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return
-    onnx.checker.check_model(model, full_check=True)
-    ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+def check_output(model: onnx.ModelProto, reference: ort.InferenceSession | None = None, seed: int = 0) -> str | None:
+    """The gate before an output is returned or written: ``onnx.checker`` full check, an onnxruntime load and, given
+    the original's session, a numeric spot check (:func:`spot_check`).
+
+    Raises RuntimeError (an internal error: the input was fine, the output is not) when a check fails; returns a note
+    when the spot check could not be run.
+    """
+    try:
+        with _loadable(model) as loadable:
+            onnx.checker.check_model(loadable, full_check=True)
+            session = ort.InferenceSession(loadable, _quiet_options(), providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - whatever fails, the output is broken: an internal error
+        raise RuntimeError(f"the compressed model fails its checks: {ort_message(error)}") from error
+    if reference is None:
+        return None
+    return spot_check(reference, session, gather_rows(model), seed)
+
+
+def spot_check(
+    reference: ort.InferenceSession, candidate: ort.InferenceSession, table_rows: int | None = None, seed: int = 0
+) -> str | None:
+    """Runs the original and the compressed model on one batch of synthetic inputs and compares the outputs.
+
+    The check is loose, as quantization changes values: the same output names, shapes and dtypes, and no NaN or Inf
+    where the original has none. Raises RuntimeError on a mismatch; returns a note (and checks nothing) when the
+    original cannot run on synthetic inputs.
+    """
+    try:
+        feed = synthetic_feed(reference, table_rows, seed)
+        expected = reference.run(None, feed)
+    except Exception as error:  # noqa: BLE001 - any failure of the original means: no spot check
+        return f"spot check skipped: the original model does not run on synthetic inputs ({ort_message(error)})"
+    names = [o.name for o in reference.get_outputs()]
+    if [o.name for o in candidate.get_outputs()] != names:
+        raise RuntimeError("the compressed model's outputs differ from the original's: names or order changed")
+    try:
+        actual = candidate.run(names, feed)
+    except Exception as error:  # noqa: BLE001
+        raise RuntimeError(f"the compressed model fails on inputs the original runs on: {ort_message(error)}") from None
+    for name, want, got in zip(names, expected, actual, strict=True):
+        want, got = np.asarray(want), np.asarray(got)
+        if want.shape != got.shape or want.dtype != got.dtype:
+            raise RuntimeError(
+                f"spot check: output '{name}' is {got.dtype}{list(got.shape)}, the original's {want.dtype}"
+                f"{list(want.shape)}"
+            )
+        if want.dtype.kind in "fc" and np.any(np.isfinite(want) & ~np.isfinite(got)):
+            raise RuntimeError(f"spot check: output '{name}' has NaN or Inf where the original is finite")
+    return None
+
+
+def synthetic_feed(
+    session: ort.InferenceSession, table_rows: int | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """One seeded batch shaped like the session's inputs: symbolic dims are 1 on the first axis and 8 elsewhere (the
+    same symbol the same size), floats are standard normal, integers in ``[0, min(10, table_rows))``."""
+    rng = np.random.default_rng(seed)
+    high = max(1, min(SPOT_INT_HIGH, table_rows or SPOT_INT_HIGH))
+    symbols: dict[str, int] = {}
+    feed = {}
+    for spec in session.get_inputs():
+        shape = []
+        for axis, dim in enumerate(spec.shape):
+            size = dim if isinstance(dim, int) and dim >= 0 else (SPOT_BATCH if axis == 0 else SPOT_OTHER)
+            shape.append(symbols.setdefault(dim, size) if isinstance(dim, str) and dim else size)
+        dtype = _ort_dtype(spec.type)
+        if dtype.kind == "f":
+            feed[spec.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            feed[spec.name] = rng.integers(0, high, shape).astype(dtype)
+        elif dtype.kind == "b":
+            feed[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            raise ValueError(f"input '{spec.name}' of type {spec.type} has no synthetic values")
+    return feed
+
+
+def gather_rows(model: onnx.ModelProto) -> int | None:
+    """Rows of the smallest stored table a ``Gather`` reads (a bound for synthetic indices), or None."""
+    stored = {t.name: t for g in _graphs(model.graph) for t in g.initializer}
+    rows = [
+        stored[node.input[0]].dims[0]
+        for g in _graphs(model.graph) for node in g.node
+        if node.op_type == "Gather" and node.input[0] in stored and stored[node.input[0]].dims
+    ]
+    return min(rows, default=None)
 
 
 def check_destination(path: str | os.PathLike, protect: str | os.PathLike | None = None) -> Path:
@@ -96,16 +260,16 @@ def check_destination(path: str | os.PathLike, protect: str | os.PathLike | None
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, protect: Path | None = None) -> int:
     """Writes ``model`` atomically to ``path`` and returns the bytes written (model file plus external data)."""
     target = check_destination(path, protect)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as folder:
-        staged = Path(folder) / target.name
-        try:
+    try:
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as folder:
+            staged = Path(folder) / target.name
             _write(model, staged)
-        except OSError as error:
-            raise OutputError(f"cannot write {target}: {error.strerror or error}") from None
-        written = 0
-        for file in sorted(Path(folder).iterdir(), key=lambda f: f == staged):  # the model file last
-            written += file.stat().st_size
-            os.replace(file, target.parent / file.name)
+            written = 0
+            for file in sorted(Path(folder).iterdir(), key=lambda f: f == staged):  # the model file last
+                written += file.stat().st_size
+                os.replace(file, target.parent / file.name)
+    except OSError as error:
+        raise OutputError(f"cannot write {target}: {error.strerror or error}") from None
     return written
 
 
@@ -119,13 +283,60 @@ def _write(model: onnx.ModelProto, path: Path) -> None:
               location=f"{path.name}.data", size_threshold=1024)
 
 
+@contextmanager
+def _loadable(model: onnx.ModelProto) -> Iterator[bytes | str]:
+    """What ``onnx.checker`` and onnxruntime can load: the serialized model, or a temporary file past 2 GB."""
+    if model.ByteSize() <= INLINE_LIMIT_BYTES:
+        yield model.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        _write(model, path)
+        yield str(path)
+
+
+def _quiet_options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return options
+
+
+def _ort_dtype(type_name: str) -> np.dtype:
+    """numpy dtype of an onnxruntime type string such as ``tensor(float16)``; object for what is not a tensor."""
+    inner = type_name.removeprefix("tensor(").removesuffix(")")
+    names = {"float": "float32", "double": "float64", "bool": "bool"}
+    try:
+        return np.dtype(names.get(inner, inner))
+    except TypeError:
+        return np.dtype(object)
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _graphs(subgraph)
+
+
+def _location(tensor: onnx.TensorProto) -> str:
+    return next((e.value for e in tensor.external_data if e.key == "location"), "")
+
+
 def _external_files(model: onnx.ModelProto, folder: Path) -> list[Path]:
-    files = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if onnx.external_data_helper.uses_external_data(tensor):
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            files.add(folder / location)
+    files = {folder / _location(t) for t in external_data_helper._get_all_tensors(model)
+             if external_data_helper.uses_external_data(t)}
     return [f for f in sorted(files) if f.is_file()]
+
+
+def ort_message(error: BaseException) -> str:
+    """The first line of an error, without onnxruntime's ``[ONNXRuntimeError] : 1 : FAIL :`` and source-file
+    prefixes."""
+    text = _ORT_SOURCE.sub("", _ORT_PREFIX.sub("", _first_line(error)))
+    return text.strip() or type(error).__name__
 
 
 def _first_line(error: BaseException) -> str:
