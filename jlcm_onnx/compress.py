@@ -21,9 +21,9 @@ from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.model_io import (
     check_input,
     check_output,
-    input_session,
     load_model,
     quantization_note,
+    reference_for,
     save_model,
 )
 from jlcm_onnx.passes.base import Pass
@@ -96,8 +96,8 @@ def compress(
         raise JlcmError("calibration data is not supported yet: this version compresses data-free")
     started = time.perf_counter()
     source, original_bytes = load_model(model)
-    check_input(source)
-    reference = input_session(source)
+    check_input(source, config)
+    reference = reference_for(source)
     notes = [note for note in (quantization_note(source),) if note]
     if config.target is None:
         working, records = _run(source, config, CompressionPlan(config), progress)

@@ -22,6 +22,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
@@ -30,7 +31,9 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.errors import ModelError, OutputError
+from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
 
 #: Serialized protobuf messages cannot exceed 2 GiB; stay clearly below it.
 INLINE_LIMIT_BYTES = 2**31 - 2**26
@@ -114,8 +117,12 @@ def check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
             raise ModelError(f"{where}: it resolves (through a symbolic link) outside the model's folder")
 
 
-def check_input(model: onnx.ModelProto) -> None:
-    """Raises :class:`ModelError` unless ``model`` is a valid ONNX model the decoder can extend."""
+def check_input(model: onnx.ModelProto, config: CompressionConfig | None = None) -> None:
+    """Raises :class:`ModelError` unless ``model`` is a valid ONNX model the decoder can extend.
+
+    The decoder's minimum opset is only required when ``config`` (default: the default config) would compress a
+    weight: a model with nothing to compress is returned as it is, whatever its opset.
+    """
     if len(model.graph.node) == 0:
         raise ModelError("the model's graph has no nodes")
     try:
@@ -123,21 +130,40 @@ def check_input(model: onnx.ModelProto) -> None:
     except onnx.checker.ValidationError as error:
         raise ModelError(f"the input is not a valid ONNX model: {_first_line(error)}") from None
     opset = default_opset(model)
-    if opset < MIN_OPSET:
+    if opset < MIN_OPSET and _has_compressible_weight(model, config or CompressionConfig()):
         raise ModelError(
             f"the model uses ai.onnx opset {opset}; the decoder needs opset >= {MIN_OPSET} "
             "(upgrade it with onnx.version_converter.convert_version)"
         )
 
 
-def input_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """An onnxruntime session of the input; raises :class:`ModelError` when stock onnxruntime cannot load it (an opset
-    or IR version newer than it supports, an operator of an unknown custom domain, a type without a CPU kernel)."""
+@dataclass
+class Reference:
+    """The input as the output gate compares against it: its onnxruntime session, and whether it passes the full
+    ``onnx.checker`` check (strict shape inference) itself; when it does not, the output is held to the basic check."""
+
+    session: ort.InferenceSession
+    full_check: bool
+
+
+def reference_for(model: onnx.ModelProto) -> Reference:
+    """The input's :class:`Reference`; raises :class:`ModelError` when stock onnxruntime cannot load it (an opset or IR
+    version newer than it supports, an operator of an unknown custom domain, a type without a CPU kernel)."""
     try:
         with _loadable(model) as loadable:
-            return ort.InferenceSession(loadable, _quiet_options(), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(loadable, _quiet_options(), providers=["CPUExecutionProvider"])
+            full_check = _passes_full_check(loadable)
     except _ORT_ERRORS as error:
         raise ModelError(f"onnxruntime {ort.__version__} cannot load the input model: {ort_message(error)}") from None
+    return Reference(session, full_check)
+
+
+def _passes_full_check(loadable: bytes | str) -> bool:
+    try:
+        onnx.checker.check_model(loadable, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+        return False
+    return True
 
 
 def quantization_note(model: onnx.ModelProto) -> str | None:
@@ -151,26 +177,32 @@ def quantization_note(model: onnx.ModelProto) -> str | None:
     return f"already quantized ({ops}): its integer weights and quantized operators are left as they are"
 
 
+def _has_compressible_weight(model: onnx.ModelProto, config: CompressionConfig) -> bool:
+    return any(compressible_row_axis(site, config)[0] is not None for site in find_weight_sites(model))
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def check_output(model: onnx.ModelProto, reference: ort.InferenceSession | None = None, seed: int = 0) -> str | None:
-    """The gate before an output is returned or written: ``onnx.checker`` full check, an onnxruntime load and, given
-    the original's session, a numeric spot check (:func:`spot_check`).
+def check_output(model: onnx.ModelProto, reference: Reference | None = None, seed: int = 0) -> str | None:
+    """The gate before an output is returned or written: ``onnx.checker`` full check (the basic check when the input
+    itself fails the full one), an onnxruntime load and, given the input's reference, a numeric spot check
+    (:func:`spot_check`).
 
     Raises RuntimeError (an internal error: the input was fine, the output is not) when a check fails; returns a note
     when the spot check could not be run.
     """
+    full_check = reference is None or reference.full_check
     try:
         with _loadable(model) as loadable:
-            onnx.checker.check_model(loadable, full_check=True)
+            onnx.checker.check_model(loadable, full_check=full_check)
             session = ort.InferenceSession(loadable, _quiet_options(), providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - whatever fails, the output is broken: an internal error
         raise RuntimeError(f"the compressed model fails its checks: {ort_message(error)}") from error
     if reference is None:
         return None
-    return spot_check(reference, session, gather_rows(model), seed)
+    return spot_check(reference.session, session, gather_rows(model), seed)
 
 
 def spot_check(
@@ -184,14 +216,14 @@ def spot_check(
     """
     try:
         feed = synthetic_feed(reference, table_rows, seed)
-        expected = reference.run(None, feed)
+        expected = reference.run(None, feed, _quiet_run())
     except Exception as error:  # noqa: BLE001 - any failure of the original means: no spot check
         return f"spot check skipped: the original model does not run on synthetic inputs ({ort_message(error)})"
     names = [o.name for o in reference.get_outputs()]
     if [o.name for o in candidate.get_outputs()] != names:
         raise RuntimeError("the compressed model's outputs differ from the original's: names or order changed")
     try:
-        actual = candidate.run(names, feed)
+        actual = candidate.run(names, feed, _quiet_run())
     except Exception as error:  # noqa: BLE001
         raise RuntimeError(f"the compressed model fails on inputs the original runs on: {ort_message(error)}") from None
     for name, want, got in zip(names, expected, actual, strict=True):
@@ -297,7 +329,14 @@ def _loadable(model: onnx.ModelProto) -> Iterator[bytes | str]:
 
 def _quiet_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
+    return options
+
+
+def _quiet_run() -> ort.RunOptions:
+    """Run options that keep onnxruntime's own error log off stderr (a failed run raises anyway)."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4
     return options
 
 

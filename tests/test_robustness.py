@@ -575,3 +575,12 @@ def test_spot_check_token_ids_stay_inside_the_embedding_table():
     assert feed["ids"].shape == (1, 8) and feed["ids"].min() >= 0 and feed["ids"].max() < 6
     result = jlcm_onnx.compress(model, CompressionConfig(min_elements=16))
     assert len(result.report.compressed) == 2 and result.report.notes == []
+
+
+def test_old_opset_with_nothing_to_compress_is_returned_unchanged():
+    """The decoder needs opset 11, but only a model with a weight to compress needs the decoder."""
+    model = make_model([helper.make_node("Relu", ["X"], ["Y"])], [value("X", FLOAT, ["N", 4])],
+                       [value("Y", FLOAT, ["N", 4])], opset=7)
+    result = jlcm_onnx.compress(model, CONFIG)
+    assert result.report.tensors == [] and result.report.compressed == []
+    assert result.model.graph == model.graph
