@@ -21,11 +21,13 @@ sorted into one of:
   then give exactly the original's outputs.
 - **refused**: compress raised a typed :class:`jlcm_onnx.JlcmError` (e.g. an opset older than the decoder needs);
   the message is the reason.
-- **skipped**: the original itself does not run in onnxruntime on its inputs (reason recorded), or its outputs change
-  between two runs (random ops: then only shapes and dtypes are compared, and it still counts in the other buckets).
+- **skipped**: the original itself does not run in onnxruntime on its inputs (reason recorded); compress must still
+  end cleanly on it (a result or a typed error, else it is a failure). A model whose outputs change between two runs
+  (random ops) is not skipped: only shapes and dtypes are then compared.
 - **failed**: anything else: an internal error, a mismatch beyond tolerance. The goal is zero.
 
-Run: ``python bench/corpus.py`` (a few minutes on 2 cores) writes ``bench/results/corpus.json``;
+Run: ``python bench/corpus.py`` (under a minute on 2 cores) writes ``bench/results/corpus.json`` and the table between
+the ``corpus`` markers of README.md;
 ``python bench/corpus.py --sample 30`` runs a deterministic sample.
 """
 
@@ -55,6 +57,8 @@ from jlcm_onnx.config import WEIGHT_SLOTS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "corpus.json"
+README = ROOT / "README.md"
+START, END = "<!-- corpus:start -->", "<!-- corpus:end -->"
 GENERATED = ROOT / "build" / "onnx-node-data" / "node"
 
 CONFIG = CompressionConfig(min_elements=1)
@@ -176,7 +180,7 @@ def run_case(folder: Path) -> list[CaseResult]:
     try:
         feed = read_inputs(model, folder / "test_data_set_0")
     except Exception as error:  # noqa: BLE001
-        return [CaseResult(name, SKIPPED, f"inputs cannot be fed from Python: {_first_line(error)}")]
+        return [_without_reference(name, path, f"inputs cannot be fed from Python: {_first_line(error)}")]
     results = [_timed(name, path, model, feed)]
     frozen, rest = freeze_weights(model, feed)
     if frozen is not None:
@@ -221,7 +225,8 @@ def _evaluate(name: str, source: Path | onnx.ModelProto, model: onnx.ModelProto,
         original = _session(model)
         expected = original.run(None, feed)
     except Exception as error:  # noqa: BLE001 - the original cannot run: nothing to compare against
-        return CaseResult(name, SKIPPED, f"original does not run in onnxruntime: {_first_line(error)}")
+        reason = f"original does not run in onnxruntime: {_first_line(error)}"
+        return _without_reference(name, source, reason)
     deterministic = _same(expected, original.run(None, feed))
     try:
         compressed = jlcm_onnx.compress(source, CONFIG)
@@ -261,6 +266,17 @@ def _evaluate(name: str, source: Path | onnx.ModelProto, model: onnx.ModelProto,
             if problem:
                 outcome.status, outcome.reason = FAILED, f"exact re-run (8 bits, float32 codebooks): {problem}"
     return outcome
+
+
+def _without_reference(name: str, source: Path | onnx.ModelProto, reason: str) -> CaseResult:
+    """A model whose original cannot run: compress must still end cleanly (a result or a typed error)."""
+    try:
+        jlcm_onnx.compress(source, CONFIG)
+    except JlcmError as error:
+        return CaseResult(name, SKIPPED, f"{reason} (compress: {_first_line(error)})")
+    except Exception as error:  # noqa: BLE001
+        return CaseResult(name, FAILED, f"compress: {type(error).__name__}: {_first_line(error)}")
+    return CaseResult(name, SKIPPED, reason)
 
 
 def _compare(expected: list, actual: list, tolerance: float, atol: float, rtol: float = 0.0,
@@ -345,6 +361,44 @@ def summarize(results: list[CaseResult]) -> dict[str, Any]:
     }
 
 
+def skip_kind(reason: str) -> str:
+    if "NOT_IMPLEMENTED" in reason:
+        return "ops without an onnxruntime CPU kernel"
+    if "numpy" in reason.lower():
+        return "element types onnxruntime's Python API cannot feed (float8, int4, ...)"
+    if "inputs cannot be fed" in reason:
+        return "non-tensor inputs"
+    return "preview/training domains and other onnxruntime load or run failures"
+
+
+def readme_block(payload: dict[str, Any]) -> str:
+    """The README table of a full run."""
+    summary, cases = payload["summary"], payload["cases"]
+    frozen = sum(c["name"].endswith(FROZEN_SUFFIX) for c in cases)
+    no_weights = sum(c["status"] == UNCHANGED and c["reason"] == "no float weights" for c in cases)
+    skips = Counter(skip_kind(c["reason"]) for c in cases if c["status"] == SKIPPED)
+    return "\n".join([
+        f"`{payload['command']}`: onnx {payload['onnx']}, onnxruntime {payload['onnxruntime']}, "
+        f"{payload['seconds']:.0f} s.",
+        "",
+        "| models | compressed, within tolerance | unchanged, with reason | refused (typed error) | original not "
+        "runnable in onnxruntime (skipped) | failed |",
+        "|---|---|---|---|---|---|",
+        f"| {summary['total']:,} ({summary['total'] - frozen:,} + {frozen} frozen) | {summary[COMPRESSED]:,} "
+        f"({summary['exact_checked']} also exact at 8 bits) | {summary[UNCHANGED]:,} ({no_weights:,} without float "
+        f"weights) | {summary[REFUSED]} | {summary[SKIPPED]} | **{summary[FAILED]}** |",
+        "",
+        "Skipped: " + "; ".join(f"{kind} ({count})" for kind, count in skips.most_common()) + ".",
+    ])
+
+
+def write_readme(block: str) -> None:
+    text = README.read_text()
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        README.write_text(f"{head}{START}\n{block}\n{END}{rest.split(END, 1)[1]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample", type=int, help="Run this many models, spread evenly over the sorted names.")
@@ -378,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(payload, indent=1) + "\n")
+    if not args.sample and args.output == RESULTS:
+        write_readme(readme_block(payload))
     print(json.dumps(summary))
     return 1 if summary[FAILED] else 0
 

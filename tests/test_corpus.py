@@ -58,3 +58,10 @@ def test_frozen_variant_moves_weight_inputs_into_initializers():
     assert [i.name for i in frozen.graph.input] == ["X"] and [t.name for t in frozen.graph.initializer] == ["W"]
     assert list(rest) == ["X"]
     assert corpus.freeze_weights(model, {"X": feed["X"]}) == (None, {"X": feed["X"]})
+
+
+def test_readme_tally_is_generated_with_zero_failed():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(corpus.START, 1)[1].split(corpus.END, 1)[0]
+    assert "`python bench/corpus.py`" in block
+    assert block.strip().splitlines()[4].endswith("| **0** |")
