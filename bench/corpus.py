@@ -28,7 +28,9 @@ sorted into one of:
 
 Run: ``python bench/corpus.py`` (under a minute on 2 cores) writes ``bench/results/corpus.json`` and the table between
 the ``corpus`` markers of README.md;
-``python bench/corpus.py --sample 30`` runs a deterministic sample.
+``python bench/corpus.py --sample 30`` runs a deterministic sample. A full run also compresses the edge-case models of
+../shared/MODELS.md when their packages are there (``pip install --no-deps --target build/edge-pkgs
+rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3 ddddocr==1.6.1``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ EXACT_RTOL, EXACT_ATOL = 1e-4, 1e-5
 #: Name suffix of a model's variant whose weights, graph inputs in the node tests, are frozen into initializers.
 FROZEN_SUFFIX = "[frozen]"
 
+#: package -> glob of its ONNX files (the edge-case models of ../shared/MODELS.md and their siblings).
+EDGE_PACKAGES = {"rapidocr_onnxruntime": "models/*.onnx", "silero_vad": "data/*.onnx", "ddddocr": "*.onnx"}
+
 COMPRESSED, UNCHANGED, REFUSED, SKIPPED, FAILED = "compressed", "unchanged", "refused", "skipped", "failed"
 
 
@@ -87,7 +92,6 @@ class CaseResult:
     tolerance: float | None = None
     exact_checked: bool = False
     deterministic: bool = True
-    seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
@@ -181,10 +185,10 @@ def run_case(folder: Path) -> list[CaseResult]:
         feed = read_inputs(model, folder / "test_data_set_0")
     except Exception as error:  # noqa: BLE001
         return [_without_reference(name, path, f"inputs cannot be fed from Python: {_first_line(error)}")]
-    results = [_timed(name, path, model, feed)]
+    results = [_evaluate(name, path, model, feed)]
     frozen, rest = freeze_weights(model, feed)
     if frozen is not None:
-        results.append(_timed(f"{name}{FROZEN_SUFFIX}", frozen, frozen, rest))
+        results.append(_evaluate(f"{name}{FROZEN_SUFFIX}", frozen, frozen, rest))
     return results
 
 
@@ -211,13 +215,6 @@ def freeze_weights(model: onnx.ModelProto, feed: dict[str, Any]) -> tuple[onnx.M
     frozen.graph.input.extend(kept)
     frozen.graph.initializer.extend(numpy_helper.from_array(feed[n], n) for n in names)
     return frozen, {k: v for k, v in feed.items() if k not in names}
-
-
-def _timed(name: str, source: Path | onnx.ModelProto, model: onnx.ModelProto, feed: dict[str, Any]) -> CaseResult:
-    started = time.perf_counter()
-    result = _evaluate(name, source, model, feed)
-    result.seconds = round(time.perf_counter() - started, 3)
-    return result
 
 
 def _evaluate(name: str, source: Path | onnx.ModelProto, model: onnx.ModelProto, feed: dict[str, Any]) -> CaseResult:
@@ -389,7 +386,23 @@ def readme_block(payload: dict[str, Any]) -> str:
         f"weights) | {summary[REFUSED]} | {summary[SKIPPED]} | **{summary[FAILED]}** |",
         "",
         "Skipped: " + "; ".join(f"{kind} ({count})" for kind, count in skips.most_common()) + ".",
+        *_edge_lines(payload["edge_models"]),
     ])
+
+
+def _edge_lines(edge: list[dict[str, Any]]) -> list[str]:
+    if not edge:
+        return []
+    lines = ["", "Edge-case models (default config; the output gate spot-checks each):", "",
+             "| model | result | tensors compressed / left | ratio | notes; the main reason large tensors were left |",
+             "|---|---|---|---|---|"]
+    for entry in edge:
+        left = [f"{count} large tensor(s) {reason}" for reason, count in entry.get("large_tensors_left", {}).items()]
+        note = "; ".join([*entry.get("notes", []), *left[:1]]) or entry.get("reason", "")
+        counts = f"{entry.get('compressed_tensors', 0)} / {entry.get('skipped_tensors', 0)}"
+        ratio = f"{entry['ratio']:.2f}x" if "ratio" in entry else ""
+        lines.append(f"| {entry['name']} | {entry['status']} | {counts} | {ratio} | {note} |")
+    return lines
 
 
 def write_readme(block: str) -> None:
@@ -397,6 +410,40 @@ def write_readme(block: str) -> None:
     if START in text and END in text:
         head, rest = text.split(START, 1)
         README.write_text(f"{head}{START}\n{block}\n{END}{rest.split(END, 1)[1]}")
+
+
+def edge_models() -> dict[str, Path]:
+    """The edge-case models of ../shared/MODELS.md (weights in Constant nodes, If branches, already int8) where their
+    packages are installed, in the environment or with ``pip install --no-deps --target build/edge-pkgs ...``."""
+    folders = [ROOT / "build" / "edge-pkgs", *(Path(p) for p in sys.path if p)]
+    found: dict[str, Path] = {}
+    for folder in folders:
+        for package, pattern in EDGE_PACKAGES.items():
+            for path in sorted((folder / package).glob(pattern)) if (folder / package).is_dir() else []:
+                found.setdefault(f"{package}/{path.name}", path)
+    return dict(sorted(found.items()))
+
+
+def run_edge_model(name: str, path: Path) -> dict[str, Any]:
+    """Compresses one edge-case model with the default config; the library's own gate spot-checks it."""
+    try:
+        result = jlcm_onnx.compress(path)
+    except JlcmError as error:
+        return {"name": name, "status": REFUSED, "reason": str(error)}
+    except Exception as error:  # noqa: BLE001
+        return {"name": name, "status": FAILED, "reason": f"{type(error).__name__}: {_first_line(error)}"}
+    records = result.report.compressed
+    large_left = Counter(r.reason for r in result.report.tensors if r.status != COMPRESSED
+                         and math.prod(r.shape) >= CompressionConfig().min_elements)
+    return {
+        "name": name,
+        "status": COMPRESSED if records else UNCHANGED,
+        "compressed_tensors": len(records),
+        "skipped_tensors": len(result.report.tensors) - len(records),
+        "ratio": round(result.report.ratio, 2),
+        "notes": result.report.notes,
+        "large_tensors_left": dict(large_left.most_common()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         if (index + 1) % 100 == 0:
             print(f"{index + 1}/{len(names)} {summarize(results)}", file=sys.stderr)
     summary = summarize(results)
+    edge = [] if args.sample else [run_edge_model(name, path) for name, path in edge_models().items()]
+    summary["edge_failed"] = sum(e["status"] == FAILED for e in edge)
     payload = {
         "command": "python bench/corpus.py" + (f" --sample {args.sample}" if args.sample else ""),
         "corpus": os.path.relpath(folder, ROOT) if folder.is_relative_to(ROOT) else str(folder),
@@ -428,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                       "exact_atol": EXACT_ATOL},
         "summary": summary,
         "seconds": round(time.perf_counter() - started, 1),
+        "edge_models": edge,
         "cases": [asdict(r) for r in results],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -435,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sample and args.output == RESULTS:
         write_readme(readme_block(payload))
     print(json.dumps(summary))
-    return 1 if summary[FAILED] else 0
+    return 1 if summary[FAILED] or summary["edge_failed"] else 0
 
 
 if __name__ == "__main__":

@@ -41,8 +41,11 @@ INLINE_LIMIT_BYTES = 2**31 - 2**26
 #: The oldest ai.onnx opset the decoder subgraph can be expressed in (BitShift, GatherElements).
 MIN_OPSET = 11
 
-#: Synthetic spot-check inputs: size of a symbolic batch (first) axis and of other symbolic axes.
-SPOT_BATCH, SPOT_OTHER = 1, 8
+#: Synthetic spot-check inputs: size of a symbolic batch (first) axis, and the sizes tried in turn for other symbolic
+#: axes until the original runs (convolutional nets may need 32-multiples, audio front ends long windows).
+SPOT_BATCH, SPOT_OTHER = 1, (8, 64, 256)
+#: Sizes whose feed would exceed this many elements in all are not tried (the spot check stays cheap).
+SPOT_MAX_ELEMENTS = 1 << 22
 #: Integer spot-check inputs (token ids, indices) are drawn in ``[0, min(SPOT_INT_HIGH, smallest Gather table))``.
 SPOT_INT_HIGH = 10
 
@@ -214,11 +217,10 @@ def spot_check(
     where the original has none. Raises RuntimeError on a mismatch; returns a note (and checks nothing) when the
     original cannot run on synthetic inputs.
     """
-    try:
-        feed = synthetic_feed(reference, table_rows, seed)
-        expected = reference.run(None, feed, _quiet_run())
-    except Exception as error:  # noqa: BLE001 - any failure of the original means: no spot check
-        return f"spot check skipped: the original model does not run on synthetic inputs ({ort_message(error)})"
+    ran = _run_reference(reference, table_rows, seed)
+    if isinstance(ran, str):
+        return f"spot check skipped: the original model does not run on synthetic inputs ({ran})"
+    feed, expected = ran
     names = [o.name for o in reference.get_outputs()]
     if [o.name for o in candidate.get_outputs()] != names:
         raise RuntimeError("the compressed model's outputs differ from the original's: names or order changed")
@@ -238,11 +240,27 @@ def spot_check(
     return None
 
 
+def _run_reference(
+    reference: ort.InferenceSession, table_rows: int | None, seed: int
+) -> tuple[dict[str, np.ndarray], list] | str:
+    """(feed, outputs) of the original on the first synthetic sizes it runs on, or why it runs on none."""
+    reason = ""
+    for attempt, other in enumerate(SPOT_OTHER):
+        try:
+            feed = synthetic_feed(reference, table_rows, seed, other)
+            if attempt and sum(a.size for a in feed.values()) > SPOT_MAX_ELEMENTS:
+                break
+            return feed, reference.run(None, feed, _quiet_run())
+        except Exception as error:  # noqa: BLE001 - any failure of the original: try larger sizes, else no check
+            reason = reason or ort_message(error)
+    return reason
+
+
 def synthetic_feed(
-    session: ort.InferenceSession, table_rows: int | None = None, seed: int = 0
+    session: ort.InferenceSession, table_rows: int | None = None, seed: int = 0, other: int = SPOT_OTHER[0]
 ) -> dict[str, np.ndarray]:
-    """One seeded batch shaped like the session's inputs: symbolic dims are 1 on the first axis and 8 elsewhere (the
-    same symbol the same size), floats are standard normal, integers in ``[0, min(10, table_rows))``."""
+    """One seeded batch shaped like the session's inputs: symbolic dims are 1 on the first axis and ``other``
+    elsewhere (the same symbol the same size), floats are standard normal, integers in ``[0, min(10, table_rows))``."""
     rng = np.random.default_rng(seed)
     high = max(1, min(SPOT_INT_HIGH, table_rows or SPOT_INT_HIGH))
     symbols: dict[str, int] = {}
@@ -250,7 +268,7 @@ def synthetic_feed(
     for spec in session.get_inputs():
         shape = []
         for axis, dim in enumerate(spec.shape):
-            size = dim if isinstance(dim, int) and dim >= 0 else (SPOT_BATCH if axis == 0 else SPOT_OTHER)
+            size = dim if isinstance(dim, int) and dim >= 0 else (SPOT_BATCH if axis == 0 else other)
             shape.append(symbols.setdefault(dim, size) if isinstance(dim, str) and dim else size)
         dtype = _ort_dtype(spec.type)
         if dtype.kind == "f":

@@ -584,3 +584,17 @@ def test_old_opset_with_nothing_to_compress_is_returned_unchanged():
     result = jlcm_onnx.compress(model, CONFIG)
     assert result.report.tensors == [] and result.report.compressed == []
     assert result.model.graph == model.graph
+
+
+def test_spot_check_tries_larger_sizes_until_the_original_runs():
+    """A Conv with a 33-wide kernel cannot run on 8 samples; the spot check moves on to 64 instead of giving up."""
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [helper.make_node("Conv", ["X", "W"], ["Y"])],
+        [value("X", FLOAT, ["N", 1, "length"])],
+        [value("Y", FLOAT, ["N", 4, "out"])],
+        [tensor("W", rng.standard_normal((4, 1, 33)).astype(np.float32))],
+    )
+    result = jlcm_onnx.compress(model, CONFIG)
+    assert [r.name for r in result.report.compressed] == ["W"]
+    assert result.report.notes == []
