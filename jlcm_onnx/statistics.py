@@ -1,0 +1,423 @@
+"""Calibration statistics of each weight's layer, collected in onnxruntime batch by batch (METHOD.md section 4).
+
+For a weight read as the matrix ``W`` of ``rows x cols`` (``moveaxis(W, row_axis, 0).reshape(rows, cols)``, rows are
+output neurons, see :mod:`jlcm_onnx.passes.weight_sites`), the consumer computes ``y = W @ x`` for every position's
+input vector ``x`` (of length ``cols``). Stacking the ``N`` vectors as ``X`` [cols, N], the layer objective of an
+approximation ``W^`` is::
+
+    L(W^) = || (W - W^) X ||_F^2 = tr(ΔW H ΔW^T),   ΔW = W - W^,   H = X X^T = sum_x x x^T   [cols, cols]
+
+so ``H`` (summed over calibration batches in float64) replaces the activations, and ``diag(H) / N`` is the mean square
+of each input column, a cheap per-column sensitivity. What ``x`` is, per consumer kind:
+
+- ``MatMul(A, W)``, W [in, out] (row_axis 1, cols = in): ``x`` is a row of ``A`` flattened over its leading axes,
+  ``A.reshape(-1, in)``. Weights of rank > 2 (batched MatMul) are not handled.
+- ``Gemm(A, W)``: ``x`` is a row of ``A`` (``A^T`` when ``transA=1``); ``transB`` only moves W's row axis, cols is the
+  contracted axis K either way. ``alpha`` scales every output of the layer equally and is left out of ``H``.
+- ``Conv(X, W)``, W [C_out, C_in/groups, *kernel] (row_axis 0, cols = C_in/groups * prod(kernel), ordered channel
+  first then kernel positions, exactly W's memory order): ``x`` is an im2col column, the zero-padded input window of one
+  output position (kernel, strides, pads or auto_pad, dilations honoured; 1-D, 2-D and 3-D alike). Output channels of
+  conv group ``g`` only see input channels of group ``g``, so a grouped conv (depthwise included) gets one Gram per
+  group: ``gram`` has shape [groups, cols, cols] and output row ``r`` uses ``gram[r // (rows // groups)]``. A conv with
+  one group gets a plain [cols, cols] Gram.
+- ``Gather(W, indices)`` (embedding tables): no product, so ``token_counts[r]`` counts how often row ``r`` (along the
+  gather axis, W's row axis) was looked up; weigh each row's error by it (or use plain weight MSE).
+- ``ConvTranspose``, batched MatMul weights, and weights read inside ``If``/``Loop``/``Scan`` bodies: no statistics
+  (``None``, with the reason in ``note``). Body activations are not graph outputs that onnxruntime can return.
+
+A weight read by several nodes gets the sum of their statistics (the objective sums their output errors). Weights whose
+consumers read the same activation the same way (Q, K and V projections reading one LayerNorm output) share one Gram,
+computed once per batch and returned as one read-only array.
+
+Sequential mode: statistics are located by the consumers' *data input* tensors (``A`` of MatMul, ``X`` of Conv, the
+indices of Gather), which the encoder keeps when it replaces a weight by a decode subgraph (it may even replace the
+consumer node itself, for a blocked MatMul or a row-decoding Gather, but not the activation it reads). So compute the
+:func:`activation_inputs` once on the ORIGINAL model and pass them to :func:`collect_statistics` of the partially
+compressed one::
+
+    inputs = activation_inputs(original, names)
+    stats = collect_statistics(partially_compressed, names, feeds, inputs=inputs)
+
+Memory: one onnxruntime run per batch returns only the needed activations (the copy's graph outputs are replaced by
+them); they are reduced into the Grams and dropped before the next batch is read, so the peak is one batch of
+activations plus the Grams. Feeds may be a generator.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from jlcm_onnx.model_io import _loadable
+from jlcm_onnx.passes.weight_sites import Consumer, WeightSite, find_weight_sites, weight_row_axis
+
+#: Activations are turned into float64 matrices in chunks of at most this many elements (64 MB).
+CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass
+class LayerStatistics:
+    """What the layer objective of one weight needs, in the layout of the encoder's matrix (rows = output neurons).
+
+    Attributes:
+        gram: ``H = sum_x x x^T`` in float64, [cols, cols] (column order of ``moveaxis(W, row_axis, 0).reshape(rows,
+            -1)``), or [groups, cols, cols] for a grouped Conv (row ``r`` uses ``gram[r // (rows // groups)]``);
+            ``None`` for embedding tables and weights without statistics. May be shared with other weights: read-only.
+        token_counts: for a weight read by ``Gather``, how often each row was looked up (int64, [rows]); else ``None``.
+        count: number of input vectors accumulated into ``gram`` (positions, im2col columns; per group for a grouped
+            Conv), or of lookups when there is only ``token_counts``.
+        note: why statistics are missing, or what was left out; empty when everything was collected.
+    """
+
+    gram: np.ndarray | None
+    token_counts: np.ndarray | None
+    count: int
+    note: str = ""
+
+    @property
+    def available(self) -> bool:
+        """True when a Gram or token counts were collected."""
+        return self.gram is not None or self.token_counts is not None
+
+    @property
+    def mean_square(self) -> np.ndarray | None:
+        """``diag(H) / count``: the mean square of each input column ([cols], or [groups, cols] for a grouped Conv)."""
+        if self.gram is None:
+            return None
+        return np.diagonal(self.gram, axis1=-2, axis2=-1) / max(self.count, 1)
+
+    @property
+    def conv_groups(self) -> int:
+        """Number of per-group Grams (1 unless the weight is a grouped Conv's)."""
+        return 1 if self.gram is None or self.gram.ndim == 2 else self.gram.shape[0]
+
+
+# ------------------------------------------------------------------------------------------- how a consumer reads x
+
+
+@dataclass(frozen=True)
+class ActivationInput:
+    """One consumer's data input, and how it turns into the vectors ``x`` of the layer objective.
+
+    Equal inputs (same tensor, read the same way) are computed once. Subclasses reduce one batch of the tensor.
+    """
+
+    tensor: str
+
+    def reduce(self, activation: np.ndarray) -> tuple[torch.Tensor, int]:
+        """(this batch's float64 Gram [cols, cols] or [groups, cols, cols], or int64 counts; how many vectors or
+        lookups it holds)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class RowInput(ActivationInput):
+    """MatMul ``A`` / Gemm ``A``: ``x`` runs over the rows of ``A.reshape(-1, cols)`` (of ``A^T`` when transposed)."""
+
+    cols: int
+    transposed: bool = False
+
+    def reduce(self, activation: np.ndarray) -> tuple[torch.Tensor, int]:
+        rows = activation.T if self.transposed else activation.reshape(-1, self.cols)
+        if rows.shape[-1] != self.cols:
+            raise ValueError(f"activation '{self.tensor}' has shape {activation.shape}, expected {self.cols} columns")
+        gram = torch.zeros(self.cols, self.cols, dtype=torch.float64)
+        step = max(1, CHUNK_ELEMENTS // self.cols)
+        for start in range(0, rows.shape[0], step):
+            chunk = torch.from_numpy(np.ascontiguousarray(rows[start:start + step])).to(torch.float64)
+            gram.addmm_(chunk.T, chunk)
+        return gram, rows.shape[0]
+
+
+@dataclass(frozen=True)
+class ConvInput(ActivationInput):
+    """Conv ``X`` [N, C_in, *spatial]: ``x`` runs over the im2col columns of each conv group."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+    groups: int
+    auto_pad: str = "NOTSET"
+
+    def reduce(self, activation: np.ndarray) -> tuple[torch.Tensor, int]:
+        samples, channels = activation.shape[:2]
+        cols = channels // self.groups * int(np.prod(self.kernel))
+        gram = torch.zeros(self.groups, cols, cols, dtype=torch.float64)
+        per_sample = channels * int(np.prod(self.kernel)) * int(np.prod(activation.shape[2:]))
+        step = max(1, CHUNK_ELEMENTS // max(per_sample, 1))
+        count = 0
+        for start in range(0, samples, step):
+            columns = self.im2col(torch.from_numpy(np.ascontiguousarray(activation[start:start + step])))
+            grouped = columns.to(torch.float64).reshape(columns.shape[0], self.groups, cols).transpose(0, 1)
+            gram.baddbmm_(grouped.transpose(1, 2), grouped)
+            count += columns.shape[0]
+        return gram, count
+
+    def im2col(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, C, *spatial] -> [N * output positions, C * prod(kernel)], columns ordered (channel, kernel position)."""
+        spatial = x.shape[2:]
+        begin, end = self._padding(spatial)
+        pad = [p for axis in reversed(range(len(spatial))) for p in (begin[axis], end[axis])]
+        x = F.pad(x, pad)
+        for axis, (size, stride, dilation) in enumerate(zip(self.kernel, self.strides, self.dilations, strict=True)):
+            x = x.unfold(2 + axis, (size - 1) * dilation + 1, stride)[..., ::dilation]
+        # x: [N, C, *out, *kernel] -> [N, *out, C, *kernel]
+        rank = len(spatial)
+        x = x.permute(0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank))
+        return x.reshape(-1, x.shape[1 + rank] * int(np.prod(self.kernel)))
+
+    def _padding(self, spatial: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        rank = len(spatial)
+        if self.auto_pad == "VALID":
+            return [0] * rank, [0] * rank
+        if self.auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+            return list(self.pads[:rank]), list(self.pads[rank:])
+        begin, end = [], []
+        for size, kernel, stride, dilation in zip(spatial, self.kernel, self.strides, self.dilations, strict=True):
+            out = -(-size // stride)
+            total = max(0, (out - 1) * stride + (kernel - 1) * dilation + 1 - size)
+            small, large = total // 2, total - total // 2
+            begin.append(small if self.auto_pad == "SAME_UPPER" else large)
+            end.append(total - begin[-1])
+        return begin, end
+
+
+@dataclass(frozen=True)
+class GatherInput(ActivationInput):
+    """Gather ``indices``: counts of each of the table's ``rows`` looked up (negative indices count from the end)."""
+
+    rows: int
+
+    def reduce(self, activation: np.ndarray) -> tuple[torch.Tensor, int]:
+        indices = activation.astype(np.int64, copy=False).ravel()
+        indices = np.where(indices < 0, indices + self.rows, indices)
+        return torch.from_numpy(np.bincount(indices, minlength=self.rows)[: self.rows]), indices.size
+
+
+@dataclass(frozen=True)
+class WeightActivations:
+    """The data inputs of one weight's consumers (empty when it gets no statistics) and the reason for what is not."""
+
+    inputs: tuple[ActivationInput, ...]
+    note: str = ""
+
+
+def activation_inputs(model: onnx.ModelProto, weights: Iterable[str]) -> dict[str, WeightActivations]:
+    """For each weight name, the data inputs of its consumers in ``model`` (the original, uncompressed model).
+
+    The consumers define the output rows the same way as the encoder (the first consumer with a weight role sets the
+    row axis; consumers that read the weight along another axis are left out and named in the note).
+    """
+    sites = {site.name: site for site in find_weight_sites(model)}
+    return {name: _weight_activations(sites.get(name), model.graph) for name in weights}
+
+
+def _weight_activations(site: WeightSite | None, main: onnx.GraphProto) -> WeightActivations:
+    if site is None:
+        return WeightActivations((), "not a float weight of this model")
+    if site.graph is not main or any(c.graph is not main for c in site.consumers):
+        return WeightActivations((), "read inside an If/Loop/Scan body: its activations are not graph outputs")
+    roles = [(c, weight_row_axis(c, len(site.shape))) for c in site.consumers]
+    roles = [(c, axis) for c, axis in roles if axis is not None]
+    if not roles:
+        return WeightActivations((), "no MatMul/Gemm/Conv/ConvTranspose/Gather reads it as a weight")
+    row_axis = roles[0][1]
+    inputs, notes = [], []
+    for consumer, axis in roles:
+        if axis != row_axis:
+            notes.append(f"{consumer.describe()} reads it along axis {axis}, not {row_axis}: left out")
+            continue
+        entry = _activation_input(consumer, site.shape)
+        if isinstance(entry, str):
+            notes.append(f"{consumer.describe()}: {entry}")
+        else:
+            inputs.append(entry)
+    return WeightActivations(tuple(inputs), "; ".join(notes))
+
+
+def _activation_input(consumer: Consumer, shape: tuple[int, ...]) -> ActivationInput | str:
+    """What ``consumer`` reads as ``x``, or why it has no statistics."""
+    node = consumer.node
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "MatMul":
+        if len(shape) != 2:
+            return f"batched MatMul weight of shape {list(shape)} is not handled"
+        return RowInput(node.input[0], shape[0])
+    if node.op_type == "Gemm":
+        cols = shape[1] if attributes.get("transB", 0) else shape[0]
+        return RowInput(node.input[0], cols, transposed=bool(attributes.get("transA", 0)))
+    if node.op_type == "Conv":
+        rank = len(shape) - 2
+        auto_pad = attributes.get("auto_pad", b"NOTSET")
+        return ConvInput(
+            node.input[0],
+            kernel=tuple(shape[2:]),
+            strides=tuple(attributes.get("strides", [1] * rank)),
+            pads=tuple(attributes.get("pads", [0] * 2 * rank)),
+            dilations=tuple(attributes.get("dilations", [1] * rank)),
+            groups=int(attributes.get("group", 1)),
+            auto_pad=auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad,
+        )
+    if node.op_type == "Gather":
+        axis = int(attributes.get("axis", 0)) % len(shape)
+        return GatherInput(node.input[1], shape[axis])
+    return f"{node.op_type} statistics are not collected"
+
+
+# ---------------------------------------------------------------------------------------------------- collection
+
+
+@dataclass
+class _Sum:
+    total: torch.Tensor | None = None
+    count: int = 0
+    result: np.ndarray | None = field(default=None, repr=False)
+
+    def add(self, value: torch.Tensor, count: int) -> None:
+        self.total = value if self.total is None else self.total.add_(value)
+        self.count += count
+
+    def array(self) -> np.ndarray | None:
+        """The final sum as a read-only array (Grams symmetrised), built once and shared."""
+        if self.total is not None:
+            total = self.total
+            if total.dtype == torch.float64:
+                total = (total + total.transpose(-1, -2)) / 2
+                if total.ndim == 3 and total.shape[0] == 1:
+                    total = total[0]  # a conv with one group: a plain [cols, cols] Gram
+            self.result, self.total = total.numpy(), None
+            self.result.flags.writeable = False
+        return self.result
+
+
+def collect_statistics(
+    model: onnx.ModelProto,
+    weights: Iterable[str],
+    feeds: Iterable[dict[str, np.ndarray]],
+    *,
+    inputs: Mapping[str, WeightActivations] | None = None,
+    providers: list[str] | None = None,
+    progress: bool = False,
+) -> dict[str, LayerStatistics]:
+    """Runs ``model`` in onnxruntime on every feed and returns the :class:`LayerStatistics` of each weight.
+
+    Args:
+        model: the model to run (not modified); in sequential mode, the partially compressed one.
+        weights: names of the weights (weight sites of the original model).
+        feeds: batches, each a dict of model input name -> array; read once, one at a time (a generator is fine).
+        inputs: the weights' :class:`WeightActivations` from :func:`activation_inputs` on the original model; weights
+            missing from it are looked up in ``model`` itself (fine while they are still initializers there).
+        providers: onnxruntime execution providers (default CPU).
+        progress: show a progress bar over batches.
+
+    Example (all-MiniLM-L6-v2, 128 sentences in 8 padded batches of 16; ``val_60`` is a query projection)::
+
+        >>> stats = collect_statistics(model, ["val_60", "bert.embeddings.word_embeddings.weight"], feeds)
+        >>> stats["val_60"].gram.shape, stats["val_60"].count
+        ((384, 384), 5472)
+        >>> int(stats["bert.embeddings.word_embeddings.weight"].token_counts.sum())
+        5472
+    """
+    names = list(dict.fromkeys(weights))
+    given = dict(inputs or {})
+    missing = [name for name in names if name not in given]
+    plan = {**activation_inputs(model, missing), **{name: given[name] for name in names if name in given}}
+    available = _tensor_names(model.graph)
+    for name, entry in plan.items():
+        absent = sorted({i.tensor for i in entry.inputs if i.tensor not in available})
+        if absent:
+            plan[name] = WeightActivations((), f"activation(s) {', '.join(absent)} not found in this model")
+    sums = {i: _Sum() for entry in plan.values() for i in entry.inputs}
+    if sums:
+        _accumulate(model, sums, feeds, providers, progress)
+    return {name: _statistics(plan[name], sums) for name in names}
+
+
+def _accumulate(
+    model: onnx.ModelProto,
+    sums: dict[ActivationInput, _Sum],
+    feeds: Iterable[dict[str, np.ndarray]],
+    providers: list[str] | None,
+    progress: bool,
+) -> None:
+    tensors = list(dict.fromkeys(i.tensor for i in sums))
+    readers = defaultdict(list)
+    for activation in sums:
+        readers[activation.tensor].append(activation)
+    session = _session(model, tensors, providers)
+    total = len(feeds) if hasattr(feeds, "__len__") else None
+    for feed in tqdm(feeds, desc="statistics", unit="batch", total=total, disable=not progress, leave=False):
+        _reduce_batch(session.run(tensors, feed), tensors, readers, sums)  # activations die before the next batch
+
+
+def _reduce_batch(
+    outputs: list[np.ndarray],
+    tensors: list[str],
+    readers: dict[str, list[ActivationInput]],
+    sums: dict[ActivationInput, _Sum],
+) -> None:
+    for tensor, activation in zip(tensors, outputs, strict=True):
+        for reader in readers[tensor]:
+            sums[reader].add(*reader.reduce(activation))
+
+
+def _session(model: onnx.ModelProto, tensors: list[str], providers: list[str] | None) -> ort.InferenceSession:
+    """A session of a copy of ``model`` whose outputs are exactly ``tensors`` (so nothing else is computed)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    types = _elem_types(copy.graph)
+    del copy.graph.output[:]
+    for name in tensors:
+        value = onnx.ValueInfoProto(name=name)
+        if name in types:
+            value.type.tensor_type.elem_type = types[name]
+        copy.graph.output.append(value)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    with _loadable(copy) as loadable:
+        return ort.InferenceSession(loadable, options, providers=providers or ["CPUExecutionProvider"])
+
+
+def _statistics(entry: WeightActivations, sums: dict[ActivationInput, _Sum]) -> LayerStatistics:
+    grams = [sums[i] for i in entry.inputs if not isinstance(i, GatherInput)]
+    counts = [sums[i] for i in entry.inputs if isinstance(i, GatherInput)]
+    gram, count = _combine(grams)
+    token_counts, lookups = _combine(counts)
+    if gram is None and token_counts is None and not entry.note:
+        return LayerStatistics(None, None, 0, "no batches were given")
+    return LayerStatistics(gram, token_counts, count if gram is not None else lookups, entry.note)
+
+
+def _combine(parts: list[_Sum]) -> tuple[np.ndarray | None, int]:
+    """The sum over a weight's consumers (the shared array itself when there is one)."""
+    parts = [part for part in parts if part.array() is not None]
+    if not parts:
+        return None, 0
+    if len(parts) == 1:
+        return parts[0].array(), parts[0].count
+    if len({part.array().shape for part in parts}) > 1:
+        raise ValueError(f"consumers of one weight give statistics of shapes {[p.array().shape for p in parts]}")
+    return np.sum([part.array() for part in parts], axis=0), sum(part.count for part in parts)
+
+
+def _tensor_names(graph: onnx.GraphProto) -> set[str]:
+    names = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer}
+    return names | {output for node in graph.node for output in node.output}
+
+
+def _elem_types(graph: onnx.GraphProto) -> dict[str, int]:
+    """Element types known without shape inference (value_info, inputs, outputs, initializers)."""
+    types = {t.name: t.data_type for t in graph.initializer}
+    for value in (*graph.value_info, *graph.input, *graph.output):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    return types

@@ -1,0 +1,278 @@
+"""Calibration statistics collected in onnxruntime: Grams equal to those computed from the known inputs."""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from jlcm_onnx.statistics import activation_inputs, collect_statistics
+
+from conftest import FLOAT, INT64, make_model, matmul_model, tensor, value
+
+
+def gram(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float64)
+    return rows.T @ rows
+
+
+def test_matmul_gram_over_all_leading_axes(rng):
+    weight = rng.standard_normal((6, 5)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+        [value("X", FLOAT, ["B", "S", 6])],
+        [value("Y", FLOAT, ["B", "S", 5])],
+        [tensor("W", weight)],
+    )
+    batches = [rng.standard_normal((2, 3, 6)).astype(np.float32), rng.standard_normal((4, 7, 6)).astype(np.float32)]
+    stats = collect_statistics(model, ["W"], [{"X": x} for x in batches])["W"]
+    rows = np.concatenate([x.reshape(-1, 6) for x in batches])
+    assert stats.gram.shape == (6, 6)
+    np.testing.assert_allclose(stats.gram, gram(rows), rtol=1e-12)
+    assert stats.count == 2 * 3 + 4 * 7
+    np.testing.assert_allclose(stats.mean_square, (rows.astype(np.float64) ** 2).mean(axis=0), rtol=1e-12)
+    assert stats.token_counts is None and stats.note == ""
+    # The objective identity of the module docstring: ||dW X||^2 = tr(dW H dW^T) with dW in the encoder's layout.
+    delta = rng.standard_normal(weight.shape)
+    matrix = np.moveaxis(delta, 1, 0).reshape(5, -1)
+    np.testing.assert_allclose(((rows @ delta) ** 2).sum(), np.trace(matrix @ stats.gram @ matrix.T), rtol=1e-9)
+
+
+def test_gemm_transposed_weight_and_input(rng):
+    weight = rng.standard_normal((5, 6)).astype(np.float32)  # transB=1: [out, in], cols = in
+    model = make_model(
+        [helper.make_node("Gemm", ["A", "W"], ["Y"], transA=1, transB=1, alpha=2.0)],
+        [value("A", FLOAT, [6, "M"])],
+        [value("Y", FLOAT, ["M", 5])],
+        [tensor("W", weight)],
+    )
+    a = rng.standard_normal((6, 9)).astype(np.float32)
+    stats = collect_statistics(model, ["W"], [{"A": a}])["W"]
+    np.testing.assert_allclose(stats.gram, gram(a.T), rtol=1e-12)
+    assert stats.count == 9
+
+
+def conv_model(weight: np.ndarray, channels: int, **attributes) -> object:
+    return make_model(
+        [helper.make_node("Conv", ["X", "W"], ["Y"], **attributes)],
+        [value("X", FLOAT, ["N", channels, "H", "W"])],
+        [value("Y", FLOAT, [None] * 4)],
+        [tensor("W", weight)],
+    )
+
+
+def test_conv_gram_matches_torch_unfold(rng):
+    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    model = conv_model(weight, 3, strides=[2, 2], pads=[1, 1, 1, 1])
+    x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
+    stats = collect_statistics(model, ["W"], [{"X": x}])["W"]
+    columns = torch.nn.functional.unfold(torch.from_numpy(x), (3, 3), padding=1, stride=2)  # [N, C*9, L]
+    columns = columns.transpose(1, 2).reshape(-1, 27).numpy()
+    assert stats.gram.shape == (27, 27)
+    np.testing.assert_allclose(stats.gram, gram(columns), rtol=1e-10, atol=1e-10)
+    assert stats.count == 2 * 5 * 4
+    # The layer output is W_mat @ x per position: the columns reproduce the conv.
+    output = columns @ weight.reshape(4, -1).T
+    expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), stride=2, padding=1)
+    np.testing.assert_allclose(output, expected.permute(0, 2, 3, 1).reshape(-1, 4).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_dilation(rng):
+    weight = rng.standard_normal((2, 2, 3, 2)).astype(np.float32)
+    model = conv_model(weight, 2, dilations=[2, 1], pads=[2, 0, 1, 1])
+    x = rng.standard_normal((1, 2, 7, 6)).astype(np.float32)
+    stats = collect_statistics(model, ["W"], [{"X": x}])["W"]
+    padded = np.pad(x, [(0, 0), (0, 0), (2, 1), (0, 1)])
+    columns = torch.nn.functional.unfold(torch.from_numpy(padded), (3, 2), dilation=(2, 1))
+    columns = columns.transpose(1, 2).reshape(-1, 12).numpy()
+    assert stats.count == 6 * 6
+    np.testing.assert_allclose(stats.gram, gram(columns), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("auto_pad", "width_pads"), [("SAME_UPPER", (0, 1)), ("SAME_LOWER", (1, 0))])
+def test_conv_auto_pad(rng, auto_pad, width_pads):
+    weight = rng.standard_normal((2, 2, 3, 2)).astype(np.float32)
+    model = conv_model(weight, 2, strides=[2, 1], auto_pad=auto_pad)
+    x = rng.standard_normal((1, 2, 7, 6)).astype(np.float32)
+    stats = collect_statistics(model, ["W"], [{"X": x}])["W"]
+    padded = np.pad(x, [(0, 0), (0, 0), (1, 1), width_pads])  # odd total padding: the extra one at the end (UPPER)
+    columns = torch.nn.functional.unfold(torch.from_numpy(padded), (3, 2), stride=(2, 1))
+    columns = columns.transpose(1, 2).reshape(-1, 12).numpy()
+    assert stats.count == 4 * 6
+    np.testing.assert_allclose(stats.gram, gram(columns), rtol=1e-10, atol=1e-10)
+
+
+def test_depthwise_conv_one_gram_per_group(rng):
+    channels = 4
+    weight = rng.standard_normal((channels, 1, 3, 3)).astype(np.float32)
+    model = conv_model(weight, channels, group=channels, pads=[1, 1, 1, 1])
+    x = rng.standard_normal((3, channels, 5, 5)).astype(np.float32)
+    stats = collect_statistics(model, ["W"], [{"X": x}])["W"]
+    assert stats.gram.shape == (channels, 9, 9) and stats.conv_groups == channels
+    columns = torch.nn.functional.unfold(torch.from_numpy(x), (3, 3), padding=1).transpose(1, 2).numpy()
+    for group in range(channels):
+        np.testing.assert_allclose(
+            stats.gram[group], gram(columns[:, :, group * 9:(group + 1) * 9].reshape(-1, 9)), rtol=1e-10, atol=1e-10
+        )
+    assert stats.count == 3 * 25
+    assert stats.mean_square.shape == (channels, 9)
+
+
+def test_gather_token_counts():
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    model = make_model(
+        [helper.make_node("Gather", ["E", "ids"], ["Y"])],
+        [value("ids", INT64, ["B", "S"])],
+        [value("Y", FLOAT, ["B", "S", 4])],
+        [tensor("E", table)],
+    )
+    feeds = [{"ids": np.array([[1, 2, 2], [9, -1, 0]])}, {"ids": np.array([[2, 3]])}]
+    stats = collect_statistics(model, ["E"], feeds)["E"]
+    assert stats.gram is None
+    np.testing.assert_array_equal(stats.token_counts, [1, 1, 3, 1, 0, 0, 0, 0, 0, 2])
+    assert stats.count == 8
+
+
+def shared_input_model(rng) -> object:
+    return make_model(
+        [
+            helper.make_node("Relu", ["X"], ["R"]),
+            helper.make_node("MatMul", ["R", "Q"], ["YQ"]),
+            helper.make_node("MatMul", ["R", "K"], ["YK"]),
+            helper.make_node("MatMul", ["YQ", "O"], ["Y"]),
+        ],
+        [value("X", FLOAT, ["N", 8])],
+        [value("Y", FLOAT, ["N", 3]), value("YK", FLOAT, ["N", 4])],
+        [tensor(name, rng.standard_normal(shape).astype(np.float32)) for name, shape in
+         [("Q", (8, 4)), ("K", (8, 4)), ("O", (4, 3))]],
+    )
+
+
+def test_shared_input_gram_computed_once(rng, monkeypatch):
+    from jlcm_onnx import statistics
+
+    model = shared_input_model(rng)
+    calls = []
+    original = statistics.RowInput.reduce
+    monkeypatch.setattr(statistics.RowInput, "reduce", lambda self, a: calls.append(self.tensor) or original(self, a))
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    stats = collect_statistics(model, ["Q", "K", "O"], [{"X": x}])
+    assert sorted(calls) == ["R", "YQ"]
+    assert stats["Q"].gram is stats["K"].gram and not stats["Q"].gram.flags.writeable
+    np.testing.assert_allclose(stats["Q"].gram, gram(np.maximum(x, 0)), rtol=1e-12)
+    q = numpy_helper.to_array(model.graph.initializer[0])
+    np.testing.assert_allclose(stats["O"].gram, gram(np.maximum(x, 0) @ q), rtol=1e-5)
+
+
+def test_weight_with_two_consumers_sums_them(rng):
+    weight = rng.standard_normal((3, 2)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("MatMul", ["X", "W"], ["Y1"]), helper.make_node("MatMul", ["Z", "W"], ["Y2"])],
+        [value("X", FLOAT, ["N", 3]), value("Z", FLOAT, ["N", 3])],
+        [value("Y1", FLOAT, ["N", 2]), value("Y2", FLOAT, ["N", 2])],
+        [tensor("W", weight)],
+    )
+    x, z = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32)
+    stats = collect_statistics(model, ["W"], [{"X": x, "Z": z}])["W"]
+    np.testing.assert_allclose(stats.gram, gram(x) + gram(z), rtol=1e-12)
+    assert stats.count == 10
+
+
+def test_feeds_are_streamed_not_kept(rng, monkeypatch):
+    """A generator is read one batch at a time, and no batch's activations outlive its reduction."""
+    from jlcm_onnx import statistics
+
+    model = matmul_model(rng.standard_normal((16, 4)).astype(np.float32))
+    seen: list[weakref.ref] = []
+    alive_when_drawn = []
+
+    def batches():
+        for _ in range(5):
+            alive_when_drawn.append(sum(ref() is not None for ref in seen))
+            yield {"X": rng.standard_normal((32, 16)).astype(np.float32)}
+
+    original = statistics.RowInput.reduce
+
+    def reduce(self, activation):
+        seen.append(weakref.ref(activation))
+        return original(self, activation)
+
+    monkeypatch.setattr(statistics.RowInput, "reduce", reduce)
+    stats = collect_statistics(model, ["W"], batches(), progress=True)["W"]
+    assert stats.count == 5 * 32 and len(seen) == 5
+    assert alive_when_drawn == [0] * 5  # every earlier batch's activation was freed before the next was drawn
+
+
+def test_deterministic(rng):
+    model = shared_input_model(rng)
+    feeds = [{"X": rng.standard_normal((7, 8)).astype(np.float32)} for _ in range(3)]
+    first = collect_statistics(model, ["Q", "O"], feeds)
+    second = collect_statistics(model, ["Q", "O"], feeds)
+    for name in ("Q", "O"):
+        np.testing.assert_array_equal(first[name].gram, second[name].gram)
+
+
+def test_sequential_mode_uses_activations_of_the_original(rng):
+    """Once W is no longer an initializer, its activation keys from the original model still find its input."""
+    model = shared_input_model(rng)
+    keys = activation_inputs(model, ["Q"])
+    compressed = shared_input_model(rng)
+    index = [t.name for t in compressed.graph.initializer].index("Q")
+    q = compressed.graph.initializer.pop(index)
+    compressed.graph.node.insert(0, helper.make_node("Identity", ["Qc"], ["Q"]))  # stands in for a decode subgraph
+    compressed.graph.initializer.append(tensor("Qc", np.zeros(tuple(q.dims), np.float32)))
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    assert not collect_statistics(compressed, ["Q"], [{"X": x}])["Q"].available
+    stats = collect_statistics(compressed, ["Q"], [{"X": x}], inputs=keys)["Q"]
+    np.testing.assert_allclose(stats.gram, gram(np.maximum(x, 0)), rtol=1e-12)
+
+
+def test_reasons_for_weights_without_statistics(rng):
+    weight = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("ConvTranspose", ["X", "W"], ["Y"]), helper.make_node("Add", ["Y", "B"], ["Z"])],
+        [value("X", FLOAT, [1, 3, 4, 4])],
+        [value("Z", FLOAT, [1, 2, 6, 6])],
+        [tensor("W", weight), tensor("B", np.ones((1, 2, 1, 1), np.float32))],
+    )
+    stats = collect_statistics(model, ["W", "B", "missing"], [{"X": np.ones((1, 3, 4, 4), np.float32)}])
+    assert "ConvTranspose" in stats["W"].note and stats["W"].gram is None
+    assert "no MatMul" in stats["B"].note
+    assert "not a float weight" in stats["missing"].note
+
+
+def test_weight_inside_subgraph_has_a_reason(rng):
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "Wb"], ["Yb"])], "body", [], [value("Yb", FLOAT, [3, 2])],
+        [tensor("Wb", rng.standard_normal((4, 2)).astype(np.float32))],
+    )
+    model = make_model(
+        [helper.make_node("If", ["C"], ["Y"], then_branch=body, else_branch=body)],
+        [value("C", TensorProto.BOOL, []), value("X", FLOAT, [3, 4])],
+        [value("Y", FLOAT, [3, 2])],
+    )
+    stats = collect_statistics(model, ["Wb"], [])
+    assert "If/Loop/Scan" in stats["Wb"].note
+
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv1d(rng, groups):
+    weight = rng.standard_normal((4, 4 // groups, 3)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("Conv", ["X", "W"], ["Y"], group=groups, pads=[1, 0])],
+        [value("X", FLOAT, ["N", 4, "L"])],
+        [value("Y", FLOAT, [None] * 3)],
+        [tensor("W", weight)],
+    )
+    x = rng.standard_normal((2, 4, 6)).astype(np.float32)
+    stats = collect_statistics(model, ["W"], [{"X": x}])["W"]
+    padded = torch.from_numpy(np.pad(x, [(0, 0), (0, 0), (1, 0)]))[:, :, None]
+    columns = torch.nn.functional.unfold(padded, (1, 3)).transpose(1, 2).reshape(-1, 4, 3).numpy()
+    cols = 4 // groups
+    grams = [gram(columns[:, g * cols:(g + 1) * cols].reshape(-1, cols * 3)) for g in range(groups)]
+    expected = grams[0] if groups == 1 else np.stack(grams)
+    np.testing.assert_allclose(stats.gram, expected, rtol=1e-10, atol=1e-10)
