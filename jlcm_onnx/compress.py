@@ -17,6 +17,7 @@ from typing import Any
 import onnx
 
 from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.distortion import estimate_errors
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.model_io import (
     check_input,
@@ -155,7 +156,8 @@ def _run_to_target(
             f"codebook per tensor) to {highest:,.0f} (8 bits, one codebook per row)" + _unit(kind)
         )
     aim = 0.995 * goal
-    choices = plan_for_budget(shapes, int(aim - fixed), config)
+    errors = estimate_errors(source, config, progress)
+    choices = plan_for_budget(shapes, int(aim - fixed), config, errors)
     for attempt in range(MAX_TARGET_RUNS):
         working, records = _run(source, config, CompressionPlan(config, choices=choices), progress)
         achieved = sum(r.compressed_bytes or 0 for r in records) if fixed == 0 else working.ByteSize()
@@ -167,7 +169,8 @@ def _run_to_target(
         if attempt > 0 and abs(unabsorbed) < 0.004 * goal:
             choices = adjusted
         else:
-            choices = plan_for_budget(shapes, int(aim - (achieved - total_cost(shapes, choices, config))), config)
+            spent = int(aim - (achieved - total_cost(shapes, choices, config)))
+            choices = plan_for_budget(shapes, spent, config, errors)
     else:
         raise JlcmError(f"could not meet {kind}={value}: {achieved:,.0f} bytes for a goal of {goal:,.0f}")
     note = f"{kind}={value}: goal {goal:,.0f} bytes, achieved {achieved:,} ({achieved / goal - 1:+.2%})"

@@ -38,9 +38,14 @@ def row_descriptors(matrix: np.ndarray, levels: int = QUANTILE_LEVELS) -> np.nda
 
 def cluster_rows(matrix: np.ndarray, groups: int, iterations: int = 50) -> RowGroups:
     """Clusters the rows of ``matrix`` [rows, cols] into at most ``groups`` non-empty groups of similar rows."""
-    rows = matrix.shape[0]
+    return cluster_descriptors(row_descriptors(matrix), groups, iterations)
+
+
+def cluster_descriptors(row_quantiles: np.ndarray, groups: int, iterations: int = 50) -> RowGroups:
+    """:func:`cluster_rows` on precomputed :func:`row_descriptors` [rows, levels] (reused across group counts)."""
+    rows = row_quantiles.shape[0]
     groups = min(groups, rows)
-    descriptors = torch.from_numpy(row_descriptors(matrix))
+    descriptors = torch.from_numpy(row_quantiles)
     centers = _farthest_point_start(descriptors, groups)
     labels = torch.cdist(descriptors, centers).argmin(dim=1)
     for _ in range(iterations):

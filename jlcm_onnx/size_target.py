@@ -7,10 +7,12 @@ The stored bytes of a tensor of n weights in ``rows`` output rows, at b bits wit
     maps       = row-to-group and stored-order maps when 1 < G < rows and rows are re-ordered (an upper bound)
     decoder    = the serialized decoder nodes, which depend on b through the number of byte planes (measured)
 
-Every tensor gets the same budget of bytes per weight ``beta``, and picks the most bits that fit, then the most groups
-that fit (``cost`` grows with b and with G). ``beta`` is found by bisection so the total meets the budget, and what is
-left (tensors whose best choice leaves slack under beta) is handed out smallest tensor first, each taking the best
-choice that fits its cost plus the leftover. Small tensors step finely, so the total lands close to the budget.
+Which (b, G) each tensor gets is a rate-distortion choice: the planner minimises the summed measured relative weight
+error ``sum_t D_t(b_t, G_t)`` (:mod:`jlcm_onnx.distortion`) subject to ``sum_t cost_t <= budget``. For a multiplier
+``lambda`` every tensor independently picks ``argmin_o D_t(o) + lambda * cost_t(o)``; ``lambda`` is bisected (in log
+space) to the smallest value whose total fits, which lands on the lower convex hull of every tensor's options. What
+is left under the budget is spent greedily on the upgrades with the largest error drop per byte, then in fine steps
+of group counts and outliers (:func:`adjust_fine`), so the total lands close to the budget.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import onnx
 
 from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.distortion import ErrorTable
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.packing import MAX_BITS, WordLayout
 from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites, is_lone_table_gather
@@ -76,23 +79,6 @@ def tensor_cost(shape: WeightShape, choice: TensorChoice, config: CompressionCon
     return packed + codebooks + maps + outliers + DECODER_BYTES[choice.bits] + 3 * len(shape.name)
 
 
-def best_choice(shape: WeightShape, budget: float, config: CompressionConfig) -> TensorChoice | None:
-    """The most bits, then the most groups, whose cost fits ``budget`` bytes; None if nothing fits."""
-    bits = next((b for b in range(MAX_BITS, 0, -1) if tensor_cost(shape, TensorChoice(b, 1), config) <= budget), None)
-    if bits is None:
-        return None
-    if tensor_cost(shape, TensorChoice(bits, None), config) <= budget:
-        return TensorChoice(bits, None)
-    low, high = 1, shape.rows - 1  # the largest G in [low, high] that fits
-    while low < high:
-        middle = (low + high + 1) // 2
-        if tensor_cost(shape, TensorChoice(bits, middle), config) <= budget:
-            low = middle
-        else:
-            high = middle - 1
-    return TensorChoice(bits, low)
-
-
 def total_cost(shapes: list[WeightShape], choices: dict[str, TensorChoice], config: CompressionConfig) -> int:
     return sum(tensor_cost(s, choices[s.name], config) for s in shapes)
 
@@ -105,30 +91,43 @@ def largest_cost(shapes: list[WeightShape], config: CompressionConfig) -> int:
     return sum(tensor_cost(s, TensorChoice(MAX_BITS, None), config) for s in shapes)
 
 
-def plan_for_budget(shapes: list[WeightShape], budget: int, config: CompressionConfig) -> dict[str, TensorChoice]:
-    """Per-tensor choices whose total cost is at most ``budget`` bytes and as close to it as the steps allow."""
+def plan_for_budget(
+    shapes: list[WeightShape], budget: int, config: CompressionConfig, errors: ErrorTable
+) -> dict[str, TensorChoice]:
+    """Per-tensor choices of least summed error (``errors``, every tensor's options) whose total cost is at most
+    ``budget`` bytes and as close to it as the steps allow (see the module docstring)."""
     if budget < smallest_cost(shapes, config):
         raise JlcmError("size target too small for the weights' stored bytes")
-    low, high = 0.0, 2.0 * MAX_BITS / 8  # bytes per weight
+    options = {s.name: [(tensor_cost(s, c, config), error, c) for c, error in errors[s.name].items()] for s in shapes}
 
-    def choose(beta: float) -> dict[str, TensorChoice]:
-        return {s.name: best_choice(s, beta * s.size, config) or TensorChoice(1, 1) for s in shapes}
+    def choose(multiplier: float) -> dict[str, tuple[int, float, TensorChoice]]:
+        return {name: min(opts, key=lambda o: (o[1] + multiplier * o[0], o[0])) for name, opts in options.items()}
 
-    def total(choices: dict[str, TensorChoice]) -> int:
-        return total_cost(shapes, choices, config)
+    def total(picked: dict[str, tuple[int, float, TensorChoice]]) -> int:
+        return sum(cost for cost, _, _ in picked.values())
 
-    for _ in range(60):
-        middle = (low + high) / 2
-        low, high = (middle, high) if total(choose(middle)) <= budget else (low, middle)
-    choices = choose(low)
-    leftover = budget - total(choices)
-    for shape in sorted(shapes, key=lambda s: s.size):
-        current = tensor_cost(shape, choices[shape.name], config)
-        upgrade = best_choice(shape, current + leftover, config)
-        if upgrade is not None and tensor_cost(shape, upgrade, config) > current:
-            leftover -= tensor_cost(shape, upgrade, config) - current
-            choices[shape.name] = upgrade
-    return choices
+    low, high = -30.0, 10.0  # log10 of the multiplier: error per byte
+    if total(choose(10.0**high)) > budget:
+        picked = {name: min(opts, key=lambda o: o[0]) for name, opts in options.items()}
+    else:
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (low, middle) if total(choose(10.0**middle)) <= budget else (middle, high)
+        picked = choose(10.0**high)
+    leftover = budget - total(picked)
+    while True:  # greedy: the upgrade with the largest error drop per byte that still fits
+        best, best_gain = None, 0.0
+        for name, (cost, error, _) in picked.items():
+            for option in options[name]:
+                extra = option[0] - cost
+                if 0 < extra <= leftover and (error - option[1]) / extra > best_gain:
+                    best, best_gain = (name, option), (error - option[1]) / extra
+        if best is None:
+            break
+        leftover -= best[1][0] - picked[best[0]][0]
+        picked[best[0]] = best[1]
+    choices = {name: choice for name, (_, _, choice) in picked.items()}
+    return adjust_fine(shapes, choices, leftover, config)[0]
 
 
 def adjust_fine(

@@ -15,6 +15,8 @@ import jlcm_onnx
 from jlcm_onnx import CompressionConfig, ConfigError, JlcmError
 from jlcm_onnx.cli import main
 from jlcm_onnx.config import parse_size
+from jlcm_onnx.distortion import ErrorTable, estimate_errors, tensor_options
+from jlcm_onnx.plan import TensorChoice
 from jlcm_onnx.size_target import WeightShape, plan_for_budget, smallest_cost, tensor_cost, total_cost
 
 from conftest import FLOAT, check_full, make_model, tensor, value
@@ -67,9 +69,40 @@ def test_planner_spends_the_budget() -> None:
               enumerate([(64, 128), (256, 64), (32, 32), (512, 384)])]
     smallest = smallest_cost(shapes, config)
     for budget in (smallest, int(1.3 * smallest), int(1.8 * smallest), 3 * smallest):
-        choices = plan_for_budget(shapes, budget, config)
+        choices = plan_for_budget(shapes, budget, config, modelled_errors(shapes))
         assert 0.98 * budget <= total_cost(shapes, choices, config) <= budget
     assert all(tensor_cost(s, c, config) > 0 for s, c in zip(shapes, choices.values(), strict=True))
+
+
+def modelled_errors(shapes: list[WeightShape]) -> ErrorTable:
+    """``4^-b``, lowered by groups: enough for the planner's bookkeeping (real tables are measured)."""
+    return {s.name: {c: 4.0 ** -c.bits * (1 + 1 / (c.groups or s.rows)) for c in tensor_options(s.rows)}
+            for s in shapes}
+
+
+def test_planner_minimises_measured_error() -> None:
+    """At the size of a uniform choice, the planner's choice has no larger summed error than that uniform choice,
+    and spends bytes where error drops most: a tensor whose error barely depends on bits gets fewer of them."""
+    config = CompressionConfig()
+    shapes = [WeightShape(name, 256 * 256, 256, 2, False, 4) for name in ("steep", "flat")]
+    errors = modelled_errors(shapes)
+    errors["flat"] = {c: 0.01 + 1e-4 * 2.0 ** -c.bits for c in errors["flat"]}
+    uniform = {s.name: TensorChoice(4, 16) for s in shapes}
+    budget = total_cost(shapes, uniform, config)
+    choices = plan_for_budget(shapes, budget, config, errors)
+    assert total_cost(shapes, choices, config) <= budget
+    assert sum(errors[n][TensorChoice(c.bits, c.groups)] for n, c in choices.items() if
+               TensorChoice(c.bits, c.groups) in errors[n]) <= sum(errors[n][c] for n, c in uniform.items())
+    assert choices["steep"].bits > 4 > choices["flat"].bits
+
+
+def test_measured_errors_fall_with_bits_and_groups() -> None:
+    errors = estimate_errors(mlp((256, 512, 384)), CompressionConfig())
+    for table in errors.values():
+        for groups in (1, 16, None):
+            curve = [table[TensorChoice(bits, groups)] for bits in range(1, 9)]
+            assert all(later < earlier for earlier, later in zip(curve, curve[1:], strict=False))
+        assert table[TensorChoice(3, None)] < table[TensorChoice(3, 1)]
 
 
 def test_target_config_validation() -> None:

@@ -1,0 +1,100 @@
+"""Measured weight error of every (bits, groups) option of every tensor: what the size planner trades bytes against.
+
+The planner (:mod:`jlcm_onnx.size_target`) minimises the summed relative error of the tensors under a byte budget::
+
+    minimise  sum_t D_t(b_t, G_t)   subject to   sum_t cost_t(b_t, G_t) <= budget
+    D_t = ||W_t - W^_t||^2 / ||W_t||^2
+
+For a layer ``y = W x`` with inputs of similar energy in every direction, the relative output error equals the relative
+weight error, and to first order the relative errors of successive layers add up, so every tensor counts the same
+whatever its size: a small depthwise convolution at 2 bits hurts the output as much as a large projection at 2 bits.
+
+``D_t`` is measured, not modelled: k-means at low bits, outliers and heavy tails are far from the ``4^-b`` rule. For
+each option the rows are grouped as the passes would group them (clustered on their quantiles and sorted by cluster
+when the re-ordering is on, else contiguous), ``SAMPLE_ROWS`` rows are taken evenly through that order, so every group
+keeps its share, and the sample is encoded with the configured encoding, codebook dtype and outliers. The group count
+of the sample is the full count scaled by the sampling fraction, so each sampled group holds about as many weights per
+codeword as a full one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from jlcm_onnx.codebook import encode_matrix, encode_scaled_matrix, equal_group_sizes
+from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.grouping import cluster_descriptors, row_descriptors
+from jlcm_onnx.packing import MAX_BITS
+from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
+from jlcm_onnx.plan import CompressionPlan, TensorChoice
+
+#: Group counts the planner chooses from, besides ``None`` (one codebook per row); fine steps come later.
+GROUP_LADDER = (1, 4, 16, 64, 256)
+#: Rows of a tensor encoded to measure an option's error.
+SAMPLE_ROWS = 128
+#: Lloyd iterations of the measuring k-means (the encoder runs to convergence; 25 gets within a few percent).
+ESTIMATE_ITERATIONS = 25
+
+ErrorTable = dict[str, dict[TensorChoice, float]]
+
+
+def tensor_options(rows: int) -> list[TensorChoice]:
+    """Every (bits, groups) option of a tensor with ``rows`` output rows."""
+    groups: list[int | None] = [g for g in GROUP_LADDER if g < rows] + [None]
+    return [TensorChoice(bits, g) for bits in range(1, MAX_BITS + 1) for g in groups]
+
+
+def estimate_errors(model: onnx.ModelProto, config: CompressionConfig, progress: bool = False) -> ErrorTable:
+    """``D_t`` of every option (:func:`tensor_options`) of every compressible tensor of ``model``."""
+    sites = [(site, compressible_row_axis(site, config)[0]) for site in find_weight_sites(model)]
+    sites = [(site, axis) for site, axis in sites if axis is not None]
+    table: ErrorTable = {}
+    for site, row_axis in tqdm(sites, desc="measuring options", unit="tensor", disable=not progress):
+        weight = site.array()
+        rows = weight.shape[row_axis]
+        matrix = np.moveaxis(weight, row_axis, 0).reshape(rows, -1).astype(np.float32)
+        fp16 = site.tensor.data_type == onnx.TensorProto.FLOAT16 or config.codebook_dtype == "float16"
+        table[site.name] = _tensor_errors(site.name, matrix, config, np.dtype(np.float16 if fp16 else np.float32))
+    return table
+
+
+def _tensor_errors(
+    name: str, matrix: np.ndarray, config: CompressionConfig, codebook_dtype: np.dtype
+) -> dict[TensorChoice, float]:
+    rows, cols = matrix.shape
+    descriptors = row_descriptors(matrix) if config.reorder else None
+    errors: dict[TensorChoice, float] = {}
+    groupings: dict[int, tuple[np.ndarray, tuple[int, ...]]] = {}
+    for option in tensor_options(rows):
+        count = CompressionPlan(config, choices={name: option}).groups(name, rows, cols)
+        if count not in groupings:
+            groupings[count] = _sampled_groups(descriptors, rows, count)
+        sample_rows, sizes = groupings[count]
+        sample = matrix[sample_rows]
+        encode = encode_scaled_matrix if config.encoding == "multi-scaling" else encode_matrix
+        encoded = encode(sample, option.bits, sizes, codebook_dtype, max_iterations=ESTIMATE_ITERATIONS,
+                         outlier_fraction=config.outlier_fraction)
+        signal = float(np.sum(sample.astype(np.float64) ** 2))
+        noise = float(np.sum((encoded.decode().astype(np.float64) - sample) ** 2))
+        errors[option] = noise / signal if signal > 0 else 0.0
+    return errors
+
+
+def _sampled_groups(
+    descriptors: np.ndarray | None, rows: int, count: int
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The sampled rows in grouped order and the sample's group sizes, for ``count`` groups over ``rows`` rows."""
+    sample = min(rows, SAMPLE_ROWS)
+    if 1 < count < rows and descriptors is not None:
+        order = cluster_descriptors(descriptors, count)
+        labels = np.repeat(np.arange(len(order.sizes)), order.sizes)
+        picks = np.linspace(0, rows - 1, sample).round().astype(int)
+        sizes = np.bincount(labels[picks], minlength=len(order.sizes))
+        sample_count = max(1, round(count * sample / rows))
+        if sample_count < np.count_nonzero(sizes):  # fewer sampled groups than clusters met: merge neighbours
+            sizes = np.array(equal_group_sizes(sample, sample_count))
+        return order.permutation[picks], tuple(int(s) for s in sizes if s > 0)
+    picks = np.linspace(0, rows - 1, sample).round().astype(int)
+    return picks, equal_group_sizes(sample, max(1, round(count * sample / rows)))
