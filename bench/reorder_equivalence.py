@@ -5,8 +5,8 @@ per tensor, then compares the outputs of the re-ordered and the original model i
 how each weight's rows were handled (permutation folded into the graph, stored re-ordered and restored by a Gather,
 or permuted as the sibling of another weight).
 
-Run: ``python bench/reorder_equivalence.py [minilm] [efficientnet] [smollm2]``; prints one line per model and writes
-``bench/results/reorder_equivalence.json``.
+Run: ``python bench/reorder_equivalence.py [minilm] [efficientnet] [smollm2]`` (all three by default); prints one
+line per model and writes ``bench/results/reorder_equivalence.json``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def check(name: str) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=["minilm", "efficientnet"])
+    parser.add_argument("models", nargs="*", default=["minilm", "efficientnet", "smollm2"])
     results = [check(name) for name in parser.parse_args().models]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))

@@ -18,7 +18,7 @@ import click
 
 from jlcm_onnx.calibration import DEFAULT_SAMPLES, load_calibration
 from jlcm_onnx.compress import compress, save
-from jlcm_onnx.config import CODEBOOK_DTYPES, ENCODINGS, CompressionConfig
+from jlcm_onnx.config import CODEBOOK_DTYPES, ENCODINGS, MAPPINGS, CompressionConfig
 from jlcm_onnx.describe import describe_model
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.model_io import check_destination
@@ -81,6 +81,9 @@ def main() -> None:
               help="Calibration inputs: a .npz file or a folder of .npy/.npz files keyed by model input names.")
 @click.option("--calibration-samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
               help="Most calibration samples used (a seeded sub-sample when there are more).")
+@click.option("--mapping", type=click.Choice(MAPPINGS),
+              help="With --calibration: how codes move while codebooks are learned  [default: proximal]")
+@click.option("--learning-steps", type=int, help="With --calibration: optimiser steps per layer  [default: 200]")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_reporting_errors

@@ -16,6 +16,7 @@ from typing import Any
 
 import onnx
 
+from jlcm_onnx.calibration import DEFAULT_SAMPLES, CalibrationData, load_calibration
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.distortion import estimate_errors
 from jlcm_onnx.errors import JlcmError
@@ -28,6 +29,7 @@ from jlcm_onnx.model_io import (
     save_model,
 )
 from jlcm_onnx.passes.base import Pass
+from jlcm_onnx.passes.collect_statistics import CollectStatistics
 from jlcm_onnx.passes.encode_weights import EncodeWeights
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
 from jlcm_onnx.plan import CompressionPlan
@@ -61,9 +63,13 @@ class CompressionResult:
         return save(self, path)
 
 
-def build_pipeline(config: CompressionConfig, plan: CompressionPlan, progress: bool) -> list[Pass]:
-    """The passes of a compression run, in order; the re-ordering pass hands its group sizes to the encoder."""
-    return [ReorderNeurons(config, plan), EncodeWeights(config, plan, progress=progress)]
+def build_pipeline(
+    config: CompressionConfig, plan: CompressionPlan, progress: bool, data: CalibrationData | None = None
+) -> list[Pass]:
+    """The passes of a compression run, in order; the re-ordering pass hands its group sizes to the encoder, and with
+    calibration data the statistics of the re-ordered model's layers go to the encoder's joint learning."""
+    calibrate = [] if data is None else [CollectStatistics(config, plan, data, progress)]
+    return [ReorderNeurons(config, plan), *calibrate, EncodeWeights(config, plan, progress=progress)]
 
 
 def compress(
@@ -78,7 +84,9 @@ def compress(
     Args:
         model: path of an ``.onnx`` file (external data is read from its folder) or a ``ModelProto`` (not modified).
         config: compression settings; ``CompressionConfig()`` (4 bits, one codebook per output row) if None.
-        calibration: reserved for calibrated compression; must be None in this version (data-free only).
+        calibration: calibration inputs (see :func:`jlcm_onnx.load_calibration` for the formats; at most 128 samples
+            are used, drawn with the config's seed): codebooks and mappings are then learned per layer to minimise the
+            layer's output error. None compresses data-free.
         progress: show a progress bar on stderr.
 
     Returns:
@@ -93,17 +101,19 @@ def compress(
     config = config or CompressionConfig()
     if not isinstance(config, CompressionConfig):
         raise JlcmError(f"config must be a CompressionConfig, got {type(config).__name__}")
-    if calibration is not None:
-        raise JlcmError("calibration data is not supported yet: this version compresses data-free")
     started = time.perf_counter()
     source, original_bytes = load_model(model)
     check_input(source, config)
     reference = reference_for(source)
+    data = None
+    if calibration is not None:  # a CalibrationData is re-checked against this model but keeps all its samples
+        samples = None if isinstance(calibration, CalibrationData) else DEFAULT_SAMPLES
+        data = load_calibration(calibration, source, samples=samples, seed=config.seed)
     notes = [note for note in (quantization_note(source),) if note]
     if config.target is None:
-        working, records = _run(source, config, CompressionPlan(config), progress)
+        working, records = _run(source, config, CompressionPlan(config), progress, data)
     else:
-        working, records, note = _run_to_target(source, original_bytes, config, progress)
+        working, records, note = _run_to_target(source, original_bytes, config, progress, data)
         notes.append(note)
     spot_note = check_output(working, reference, seed=config.seed)
     notes.extend([spot_note] if spot_note else [])
@@ -120,13 +130,17 @@ def compress(
 
 
 def _run(
-    source: onnx.ModelProto, config: CompressionConfig, plan: CompressionPlan, progress: bool
+    source: onnx.ModelProto,
+    config: CompressionConfig,
+    plan: CompressionPlan,
+    progress: bool,
+    data: CalibrationData | None = None,
 ) -> tuple[onnx.ModelProto, list[TensorRecord]]:
     """One pass of the pipeline over a copy of ``source``, with metadata written."""
     working = onnx.ModelProto()
     working.CopyFrom(source)
     records: list[TensorRecord] = []
-    for graph_pass in build_pipeline(config, plan, progress):
+    for graph_pass in build_pipeline(config, plan, progress, data):
         result = graph_pass(working)
         working = result.model
         records.extend(r for r in result.records if isinstance(r, TensorRecord))
@@ -135,7 +149,11 @@ def _run(
 
 
 def _run_to_target(
-    source: onnx.ModelProto, original_bytes: int, config: CompressionConfig, progress: bool
+    source: onnx.ModelProto,
+    original_bytes: int,
+    config: CompressionConfig,
+    progress: bool,
+    data: CalibrationData | None = None,
 ) -> tuple[onnx.ModelProto, list[TensorRecord], str]:
     """Compresses with per-tensor bits and groups chosen to meet the config's size target within 1%.
 
@@ -159,7 +177,7 @@ def _run_to_target(
     errors = estimate_errors(source, config, progress)
     choices = plan_for_budget(shapes, int(aim - fixed), config, errors)
     for attempt in range(MAX_TARGET_RUNS):
-        working, records = _run(source, config, CompressionPlan(config, choices=choices), progress)
+        working, records = _run(source, config, CompressionPlan(config, choices=choices), progress, data)
         achieved = sum(r.compressed_bytes or 0 for r in records) if fixed == 0 else working.ByteSize()
         if 0.99 * goal <= achieved <= goal:
             break

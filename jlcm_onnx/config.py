@@ -21,6 +21,7 @@ WEIGHT_SLOTS: dict[str, int] = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspos
 
 CODEBOOK_DTYPES = ("float16", "float32")
 ENCODINGS = ("multi-codebook", "multi-scaling")
+MAPPINGS = ("proximal", "naive", "frozen")
 TARGETS = ("target_size", "target_ratio", "target_bits_per_weight")
 
 
@@ -51,6 +52,10 @@ class CompressionConfig:
             the target within 1%.
         target_ratio: the file must be this many times smaller than the input file.
         target_bits_per_weight: average stored bits per compressed weight (codebooks, maps and outliers included).
+        mapping: with calibration data, how codes move while codebooks are learned: ``"proximal"`` (the paper's
+            update: a weight may only step to a neighbouring codeword), ``"naive"`` (to any codeword, the update the
+            paper rejects, for ablation) or ``"frozen"`` (codes kept from k-means, codebooks only).
+        learning_steps: optimiser steps of the joint learning per layer (with calibration data only).
         seed: seed of every random choice, so equal inputs give byte-identical outputs.
 
     Example:
@@ -76,6 +81,8 @@ class CompressionConfig:
     target_size: int | str | None = None
     target_ratio: float | None = None
     target_bits_per_weight: float | None = None
+    mapping: str = "proximal"
+    learning_steps: int = 200
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,6 +92,9 @@ class CompressionConfig:
         _check_int(self, "min_elements", 1, None)
         _check_int(self, "kmeans_iterations", 1, None)
         _check_int(self, "seed", 0, None)
+        _check_int(self, "learning_steps", 0, None)
+        if self.mapping not in MAPPINGS:
+            raise ConfigError("mapping", self.mapping, f"one of {list(MAPPINGS)}")
         fraction = self.outlier_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 <= fraction <= 0.1:
             raise ConfigError("outlier_fraction", fraction, "a number in [0, 0.1]")

@@ -9,6 +9,7 @@ import numpy as np
 
 from jlcm_onnx.codebook import equal_group_sizes
 from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.statistics import LayerStatistics
 
 #: Per-row codebooks ("groups=None") pool rows whose weights number fewer than this many codebooks' entries.
 MIN_CODEBOOK_SPAN = 1
@@ -38,11 +39,13 @@ class RowGrouping:
 
 @dataclass
 class CompressionPlan:
-    """Per-tensor choices (absent: the config's bits and groups) and row groupings (absent: equal contiguous groups)."""
+    """Per-tensor choices (absent: the config's bits and groups), row groupings (absent: equal contiguous groups)
+    and calibration statistics (absent: data-free, k-means codebooks only)."""
 
     config: CompressionConfig
     choices: dict[str, TensorChoice] = field(default_factory=dict)
     groupings: dict[str, RowGrouping] = field(default_factory=dict)
+    statistics: dict[str, LayerStatistics] = field(default_factory=dict)
 
     def choice(self, weight: str) -> TensorChoice:
         choice = self.choices.get(weight, TensorChoice(self.config.bits, self.config.groups))

@@ -1,0 +1,39 @@
+"""Collects each compressible weight's calibration statistics (Gram of its layer inputs) into the plan.
+
+Runs after the re-ordering pass, on the re-ordered model, so a weight whose input channels were permuted to follow the
+previous layer's groups gets a Gram in the same permuted column order as the matrix the encoder sees. The model is
+not changed; :class:`~jlcm_onnx.passes.encode_weights.EncodeWeights` reads ``plan.statistics``.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from jlcm_onnx.calibration import CalibrationData
+from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.passes.base import Pass, PassResult
+from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
+from jlcm_onnx.plan import CompressionPlan
+from jlcm_onnx.statistics import collect_statistics
+
+#: Calibration samples joined into one onnxruntime run (bounded memory: one batch of activations at a time).
+BATCH_SIZE = 16
+
+
+class CollectStatistics(Pass):
+    """Fills ``plan.statistics`` from one onnxruntime pass over the calibration data; leaves the model unchanged."""
+
+    def __init__(
+        self, config: CompressionConfig, plan: CompressionPlan, data: CalibrationData, progress: bool = False
+    ) -> None:
+        self.config = config
+        self.plan = plan
+        self.data = data
+        self.progress = progress
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        sites = find_weight_sites(model)
+        names = [site.name for site in sites if compressible_row_axis(site, self.config)[0] is not None]
+        self.plan.statistics.update(
+            collect_statistics(model, names, self.data.batches(BATCH_SIZE), progress=self.progress))
+        return PassResult(model, modified=False)
