@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "models")]
+sys.path[:0] = [str(ROOT / "models"), str(ROOT / "bench")]
+
+from readme_section import write_section  # noqa: E402
 
 import jlcm_onnx  # noqa: E402
 from jlcm_onnx import CompressionConfig  # noqa: E402
@@ -28,8 +30,6 @@ import minilm  # noqa: E402
 
 BUILD = ROOT / "build"
 RESULTS = ROOT / "bench" / "results" / "grouping.json"
-README = ROOT / "README.md"
-START, END = "<!-- grouping:start -->", "<!-- grouping:end -->"
 GROUPS = 16
 
 #: model name -> (export/evaluate module, bits, fidelity metric, higher is better)
@@ -88,9 +88,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     markdown = to_markdown(results)
-    text = README.read_text()
-    head, rest = text.split(START, 1)
-    README.write_text(f"{head}{START}\n{markdown}\n{END}{rest.split(END, 1)[1]}")
+    write_section("grouping", markdown)
     print(markdown)
 
 

@@ -32,6 +32,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "models"), str(ROOT / "bench")]
 
+from readme_section import write_section  # noqa: E402
+
 import jlcm_onnx  # noqa: E402
 
 import memory  # noqa: E402
@@ -39,8 +41,6 @@ import minilm  # noqa: E402
 
 BUILD = ROOT / "build"
 RESULTS = ROOT / "bench" / "results" / "minilm.json"
-README = ROOT / "README.md"
-START, END = "<!-- numbers:start -->", "<!-- numbers:end -->"
 MB = 1024 * 1024
 
 
@@ -128,13 +128,6 @@ def to_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(markdown: str) -> None:
-    text = README.read_text()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{markdown}\n{END}{tail}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-readme", action="store_true", help="only write bench/results/minilm.json")
@@ -144,7 +137,7 @@ def main() -> None:
     RESULTS.write_text(json.dumps(results, indent=2))
     markdown = to_markdown(results)
     if not args.no_readme:
-        update_readme(markdown)
+        write_section("numbers", markdown)
     print(markdown)
 
 

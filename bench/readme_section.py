@@ -1,0 +1,21 @@
+"""Replaces a generated section of README.md: the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def write_section(name: str, markdown: str, readme: Path = README) -> None:
+    """Writes ``markdown`` between the section's markers; a README without them is an error naming the section."""
+    start, end = markers(name)
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} section")
+    head, rest = text.split(start, 1)
+    readme.write_text(f"{head}{start}\n{markdown}\n{end}{rest.split(end, 1)[1]}")
