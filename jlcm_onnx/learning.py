@@ -1,0 +1,366 @@
+"""Layer-wise joint learning of codebooks and mappings (METHOD.md section 4).
+
+A weight ``W`` [rows, cols] (rows = output neurons) is approximated by ``W^[r, j] = C[g(r), I[r, j]]`` (codebooks
+``C`` [G, K] of contiguous row groups, codes ``I``), except for the dense-and-sparse outliers, kept exactly. With the
+Gram ``H = X X^T`` of the layer's input activations (damped as GPTQ does, ``H + 1e-2 * mean(diag H) * Id``, so the
+problem stays well posed; ``H = Id`` without data, i.e. plain weight MSE) the objective is the relative output error::
+
+    L(C, I) = tr(ΔW H ΔW^T) / tr(W H W^T),     ΔW = W - W^   (ΔW = 0 at outliers up to their storage rounding)
+
+    dL/dW^ = 2 (W^ - W) H / tr(W H W^T)
+
+A grouped Conv has one Gram per conv group (``gram`` [Q, cols, cols], row ``r`` uses ``gram[r // (rows / Q)]``); every
+sum below then runs block by block.
+
+**Codebook step (closed form).** For fixed codes ``W^_r = E_r c_g + o_r`` with ``E_r`` [cols, K] the one-hot matrix
+of row r's codes (zero at outliers) and ``o_r`` its outlier values, so L is quadratic in ``c_g`` and its minimiser
+solves the K x K normal equations of each group::
+
+    A_g = sum_{r in g} E_r^T H E_r      A_g[k, l] = sum_r sum_{i,j} [I_ri = k] H_ij [I_rj = l]
+    b_g = sum_{r in g} E_r^T H (W_r - o_r)
+    (A_g + λ Id) c_g = b_g + λ c_g_old          (ridge towards the current codebook, λ = 1e-6 mean diag A_g)
+
+The ridge keeps unused codewords where they were and makes ``L(c_new) <= L(c_old)`` exact (before rounding to the
+codebook dtype). Codebooks are re-sorted after each solve and the codes permuted with them, so "neighbouring codeword"
+keeps its meaning. Cost per solve: ``rows * K * cols^2`` (a dense product of the one-hot codes with H).
+
+**Mapping step, proximal (the paper's).** A continuous latent ``V`` per weight is updated by Adam with the
+straight-through gradient ``dL/dW^`` (the gradient at the quantized point applied to the latent), and every weight is
+re-mapped to the codeword nearest its latent, ``I = argmin_k |V - C[g, k]|``. A weight moves only to a codeword near
+its latent value, which drifts by about ``learning_rate`` codeword gaps per step (V is parametrised as ``V0 + gap_g *
+Z`` and Adam updates Z): the proximal step. Two choices made by measurement (64x48 layers, correlated inputs, 3 seeds):
+``V0`` is the decoded value ``W^`` (the codeword, so a latent must travel half a cell before its code changes), not
+``W`` as METHOD.md says (from ``W`` the final objective was 20-70% higher: weights next to a cell edge flip on noise);
+and when a refit moves the codewords each latent moves with its own codeword (``V += C_new[I] - C_old[I]``), so the
+refit changes no code by itself (without this, every refit re-mapped many weights at once and the final objective
+doubled). Frequent refits still hurt (every step: 2-3x worse than every 50 steps), hence ``refit_every=50``.
+
+**Mapping step, naive (the ablation the paper rejects).** The index is treated as continuous, ``U`` (initialised at
+``I``) with ``dL/dU = dL/dW^ * (C[I+1] - C[I])``, and ``I = clip(round(U), 0, K-1)``; the step in value space grows
+with the gap between codewords.
+
+**Frozen.** Codes never change; only the codebooks are refit.
+
+Each run does ``steps`` Adam steps with a cosine schedule and refits the codebooks in closed form every
+``refit_every`` steps and once at the end; the best (lowest objective) state seen is returned, so the result is never
+worse than its starting point. ``init="error-feedback"`` starts from GPTQ codes (:func:`error_feedback_codes`,
+column by column, error propagated with the Cholesky factor of ``H^-1``) followed by a closed-form codebook refit.
+
+Multi-scaling encodings (``scales`` set) are not supported: :func:`learn_layer` raises ``NotImplementedError``.
+Deterministic on CPU: no random draws are made (``seed`` seeds torch for future stochastic options), and the same
+inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+import torch
+
+from jlcm_onnx.codebook import EncodedMatrix
+from jlcm_onnx.kmeans import nearest_codes
+
+#: GPTQ's damping: ``H + DAMPING * mean(diag H) * Id``.
+DAMPING = 1e-2
+#: Ridge of the closed-form codebook solve, relative to the mean diagonal of the normal matrix.
+RIDGE = 1e-6
+#: One-hot blocks of the closed-form solve hold at most this many float64 elements (64 MB).
+CHUNK_ELEMENTS = 1 << 23
+
+Mapping = Literal["proximal", "naive", "frozen"]
+Init = Literal["kmeans", "error-feedback"]
+
+
+@dataclass(frozen=True)
+class LearnedLayer:
+    """The refined encoding and how the objective went.
+
+    Attributes:
+        encoded: same group sizes and outliers as the initial encoding, codebooks in its dtype, uint8 codes.
+        trace: the objective at every step (after the init), then after the final refit.
+        initial_objective: the objective of the encoding passed in.
+        final_objective: the objective of ``encoded``.
+    """
+
+    encoded: EncodedMatrix
+    trace: list[float]
+    initial_objective: float
+    final_objective: float
+
+
+class _Layer:
+    """W, the damped Gram blocks and the outliers of one layer, as float64 torch tensors on ``device``."""
+
+    def __init__(self, matrix: np.ndarray, encoded: EncodedMatrix, gram: np.ndarray | None, device: str):
+        self.device = torch.device(device)
+        self.rows, self.cols = matrix.shape
+        self.weight = torch.as_tensor(np.asarray(matrix, dtype=np.float64), device=self.device)
+        self.grams = damped_gram(gram, self.cols).to(self.device)
+        if self.rows % self.grams.shape[0]:
+            raise ValueError(f"{self.rows} rows do not split into {self.grams.shape[0]} conv groups")
+        self.per_block = self.rows // self.grams.shape[0]
+        self.group_sizes = encoded.group_sizes
+        if sum(self.group_sizes) != self.rows:
+            raise ValueError(f"group sizes {self.group_sizes} do not cover {self.rows} rows")
+        self.group_of_row = torch.repeat_interleave(torch.arange(len(self.group_sizes)),
+                                                    torch.tensor(self.group_sizes)).to(self.device)
+        self.outlier_index = torch.as_tensor(encoded.outlier_index.astype(np.int64), device=self.device)
+        self.outlier_values = torch.as_tensor(encoded.outlier_values.astype(np.float64), device=self.device)
+        self.learnable = torch.ones(self.rows * self.cols, dtype=torch.bool, device=self.device)
+        self.learnable[self.outlier_index] = False
+        self.learnable = self.learnable.view(self.rows, self.cols)
+        # W - o: the target of the codebook part (outlier positions carry W minus the stored value, ~0).
+        self.target = self.weight.clone()
+        self.target.view(-1)[self.outlier_index] -= self.outlier_values
+        self.norm = float(sum((self._block(self.weight, q) @ self.grams[q] * self._block(self.weight, q)).sum()
+                              for q in range(self.grams.shape[0])))
+        self.norm = self.norm if self.norm > 0 else 1.0
+
+    def _block(self, tensor: torch.Tensor, q: int) -> torch.Tensor:
+        return tensor[q * self.per_block:(q + 1) * self.per_block]
+
+    def decode(self, books: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        decoded = books[self.group_of_row].gather(1, codes)
+        decoded.view(-1)[self.outlier_index] = self.outlier_values
+        return decoded
+
+    def objective(self, decoded: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """(L, dL/dW^) at the decoded matrix."""
+        residual = decoded - self.weight
+        product = torch.cat([self._block(residual, q) @ self.grams[q] for q in range(self.grams.shape[0])])
+        return float((product * residual).sum()) / self.norm, product * (2.0 / self.norm)
+
+    def refit(self, books: torch.Tensor, codes: torch.Tensor, dtype: np.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The closed-form codebooks for ``codes`` (rounded to ``dtype``, sorted) and the codes permuted with them."""
+        groups, num_codes = books.shape
+        normal = torch.zeros(groups, num_codes, num_codes, dtype=torch.float64, device=self.device)
+        rhs = torch.zeros(groups, num_codes, dtype=torch.float64, device=self.device)
+        step = max(1, CHUNK_ELEMENTS // (num_codes * self.cols))
+        for q in range(self.grams.shape[0]):
+            for start in range(q * self.per_block, (q + 1) * self.per_block, step):
+                stop = min(start + step, (q + 1) * self.per_block)
+                onehot = torch.zeros(stop - start, num_codes, self.cols, dtype=torch.float64, device=self.device)
+                onehot.scatter_(1, codes[start:stop, None, :], self.learnable[start:stop, None, :].to(torch.float64))
+                weighted = (onehot.reshape(-1, self.cols) @ self.grams[q]).view_as(onehot)
+                rows_normal = torch.bmm(weighted, onehot.transpose(1, 2))
+                rows_rhs = torch.bmm(weighted, self.target[start:stop, :, None])[..., 0]
+                normal.index_add_(0, self.group_of_row[start:stop], rows_normal)
+                rhs.index_add_(0, self.group_of_row[start:stop], rows_rhs)
+        ridge = RIDGE * torch.diagonal(normal, dim1=1, dim2=2).mean(dim=1).clamp(min=1e-30)
+        eye = torch.eye(num_codes, dtype=torch.float64, device=self.device)
+        solved = torch.linalg.solve(normal + ridge[:, None, None] * eye, rhs + ridge[:, None] * books)
+        rounded = _round(solved, dtype)
+        order = rounded.argsort(dim=1, stable=True)
+        rank = order.argsort(dim=1)
+        return rounded.gather(1, order), rank[self.group_of_row].gather(1, codes)
+
+
+def damped_gram(gram: np.ndarray | None, cols: int) -> torch.Tensor:
+    """``H + DAMPING * mean(diag H) * Id`` as float64 [Q, cols, cols] (Q = 1 unless per conv group); Id without data."""
+    eye = torch.eye(cols, dtype=torch.float64)
+    if gram is None:
+        return eye[None]
+    grams = torch.as_tensor(np.asarray(gram, dtype=np.float64))
+    grams = grams[None] if grams.ndim == 2 else grams
+    if grams.shape[-2:] != (cols, cols):
+        raise ValueError(f"gram of shape {tuple(grams.shape)} does not match {cols} columns")
+    mean_diag = torch.diagonal(grams, dim1=-2, dim2=-1).mean(dim=-1)
+    mean_diag = torch.where(mean_diag > 0, mean_diag, torch.ones_like(mean_diag))
+    return grams + DAMPING * mean_diag[:, None, None] * eye
+
+
+def _round(values: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
+    """``values`` rounded to the storage dtype, back in float64."""
+    return torch.from_numpy(values.cpu().numpy().astype(dtype).astype(np.float64)).to(values.device)
+
+
+def _sorted_books(encoded: EncodedMatrix, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoding's codebooks sorted per group (float64) and its codes permuted accordingly (int64)."""
+    books = torch.as_tensor(encoded.codebooks.astype(np.float64), device=device)
+    order = books.argsort(dim=1, stable=True)
+    group_of_row = torch.repeat_interleave(torch.arange(len(encoded.group_sizes)),
+                                           torch.tensor(encoded.group_sizes)).to(device)
+    codes = torch.as_tensor(encoded.codes.astype(np.int64), device=device)
+    return books.gather(1, order), order.argsort(dim=1)[group_of_row].gather(1, codes)
+
+
+def layer_objective(matrix: np.ndarray, encoded: EncodedMatrix, gram: np.ndarray | None) -> float:
+    """The relative output error ``tr(ΔW H ΔW^T) / tr(W H W^T)`` of ``encoded`` (damped H, see the module)."""
+    layer = _Layer(matrix, encoded, gram, "cpu")
+    books, codes = _sorted_books(encoded, layer.device)
+    return layer.objective(layer.decode(books, codes))[0]
+
+
+def refit_codebooks(matrix: np.ndarray, encoded: EncodedMatrix, gram: np.ndarray | None) -> EncodedMatrix:
+    """The closed-form least-squares codebooks for ``encoded``'s codes (codes permuted if the order changes)."""
+    _reject_scales(encoded)
+    layer = _Layer(matrix, encoded, gram, "cpu")
+    books, codes = _sorted_books(encoded, layer.device)
+    books, codes = layer.refit(books, codes, encoded.codebooks.dtype)
+    return _encoded(encoded, books, codes)
+
+
+def _encoded(template: EncodedMatrix, books: torch.Tensor, codes: torch.Tensor) -> EncodedMatrix:
+    return replace(template, codebooks=books.cpu().numpy().astype(template.codebooks.dtype),
+                   codes=codes.cpu().numpy().astype(np.uint8))
+
+
+def _reject_scales(encoded: EncodedMatrix) -> None:
+    if encoded.scales is not None:
+        raise NotImplementedError("joint learning of multi-scaling encodings (shared codebook + group scales) is not "
+                                  "implemented; learn per-group codebooks instead")
+    if encoded.codebooks.shape[1] > 256:
+        raise ValueError(f"codebooks of {encoded.codebooks.shape[1]} values do not fit uint8 codes")
+
+
+def error_feedback_codes(
+    matrix: np.ndarray,
+    codebooks: np.ndarray,
+    group_sizes: tuple[int, ...],
+    gram: np.ndarray | None,
+    *,
+    outlier_index: np.ndarray | None = None,
+    outlier_values: np.ndarray | None = None,
+    block: int = 128,
+) -> np.ndarray:
+    """GPTQ-style codes (uint8 [rows, cols]) for fixed ``codebooks`` [G, K] (indices into them as given).
+
+    Columns are quantised in order, each weight to the nearest codeword of its row's codebook, and the error of column
+    j, divided by ``U[j, j]``, is propagated to the later columns through row j of ``U``, the upper Cholesky factor of
+    ``H^-1`` (damped H); columns are processed in blocks of ``block`` with a lazy update of the rest. Outliers are
+    "quantised" to their stored values and their error propagated too.
+    """
+    rows, cols = matrix.shape
+    grams = damped_gram(gram, cols)
+    per_block = rows // grams.shape[0]
+    books = torch.as_tensor(np.asarray(codebooks, dtype=np.float64))
+    order = books.argsort(dim=1, stable=True)
+    row_books = books.gather(1, order)[torch.repeat_interleave(torch.arange(len(group_sizes)),
+                                                               torch.tensor(group_sizes))]
+    row_order = order[torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))]
+    weight = torch.as_tensor(np.asarray(matrix, dtype=np.float64)).clone()
+    exact = torch.zeros(rows * cols, dtype=torch.bool)
+    stored = torch.zeros(rows * cols, dtype=torch.float64)
+    if outlier_index is not None and len(outlier_index):
+        index = torch.as_tensor(np.asarray(outlier_index, dtype=np.int64))
+        exact[index] = True
+        stored[index] = torch.as_tensor(np.asarray(outlier_values, dtype=np.float64))
+    exact, stored = exact.view(rows, cols), stored.view(rows, cols)
+    codes = torch.zeros(rows, cols, dtype=torch.int64)
+    for q in range(grams.shape[0]):
+        upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(grams[q])), upper=True)
+        part = slice(q * per_block, (q + 1) * per_block)
+        work, part_books = weight[part], row_books[part]
+        for start in range(0, cols, block):
+            stop = min(start + block, cols)
+            chunk = work[:, start:stop].clone()
+            errors = torch.zeros_like(chunk)
+            for j in range(stop - start):
+                column = chunk[:, j]
+                index = nearest_codes(column[:, None].contiguous(), part_books)[:, 0]
+                quantized = part_books.gather(1, index[:, None])[:, 0]
+                quantized = torch.where(exact[part, start + j], stored[part, start + j], quantized)
+                codes[part, start + j] = index
+                error = (column - quantized) / upper[start + j, start + j]
+                chunk[:, j + 1:] -= error[:, None] * upper[start + j, start + j + 1:stop][None, :]
+                errors[:, j] = error
+            work[:, stop:] -= errors @ upper[start:stop, stop:]
+    return row_order.gather(1, codes).numpy().astype(np.uint8)
+
+
+def learn_layer(
+    matrix: np.ndarray,
+    initial: EncodedMatrix,
+    gram: np.ndarray | None,
+    *,
+    mapping: Mapping = "proximal",
+    init: Init = "kmeans",
+    steps: int = 200,
+    learning_rate: float = 0.05,
+    refit_every: int = 50,
+    seed: int = 0,
+    device: str = "cpu",
+) -> LearnedLayer:
+    """Jointly learn the codebooks and codes of ``initial`` for the layer objective (see the module docstring).
+
+    Args:
+        matrix: the float weight [rows, cols], rows = output neurons.
+        initial: its encoding (k-means from :func:`jlcm_onnx.codebook.encode_matrix`); group sizes and outliers kept.
+        gram: ``H = sum x x^T`` [cols, cols] (or [Q, cols, cols] per conv group), float64; None: plain weight MSE.
+        mapping: ``"proximal"`` (straight-through latent, nearest codeword), ``"naive"`` (continuous index, the
+            rejected update) or ``"frozen"`` (codebooks only).
+        init: ``"kmeans"`` (the codes of ``initial``) or ``"error-feedback"`` (GPTQ codes against ``initial``'s
+            codebooks, then a closed-form codebook refit).
+        steps: Adam steps (cosine schedule from ``learning_rate`` to 0).
+        learning_rate: in codeword gaps per step (the latent of a weight in group g is ``V0 + gap_g * Z``).
+        refit_every: closed-form codebook refit period, in steps (and once at the end).
+        seed: torch seed (the learner itself draws nothing at random).
+        device: torch device.
+
+    Raises:
+        NotImplementedError: for multi-scaling encodings (``initial.scales`` set).
+    """
+    _reject_scales(initial)
+    if mapping not in ("proximal", "naive", "frozen"):
+        raise ValueError(f"mapping must be 'proximal', 'naive' or 'frozen', not {mapping!r}")
+    if init not in ("kmeans", "error-feedback"):
+        raise ValueError(f"init must be 'kmeans' or 'error-feedback', not {init!r}")
+    torch.manual_seed(seed)
+    dtype = initial.codebooks.dtype
+    layer = _Layer(matrix, initial, gram, device)
+    books, codes = _sorted_books(initial, layer.device)
+    initial_objective = layer.objective(layer.decode(books, codes))[0]
+    if init == "error-feedback":
+        ef = error_feedback_codes(matrix, books.cpu().numpy(), initial.group_sizes, gram,
+                                  outlier_index=initial.outlier_index, outlier_values=initial.outlier_values)
+        codes = torch.as_tensor(ef.astype(np.int64), device=layer.device)
+        books, codes = layer.refit(books, codes, dtype)
+    latent = layer.decode(books, codes)
+    num_codes = books.shape[1]
+    gap = ((books[:, -1] - books[:, 0]) / max(num_codes - 1, 1))[layer.group_of_row][:, None]
+    gap = torch.where(gap > 0, gap, torch.full_like(gap, 1e-8))
+    parameter = torch.zeros_like(layer.weight) if mapping != "naive" else codes.to(torch.float64)
+    parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam([parameter], lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1))))
+
+    best = (math.inf, books, codes)
+    trace: list[float] = []
+    for step in range(steps + 1):
+        value, gradient = layer.objective(layer.decode(books, codes))
+        trace.append(value)
+        if value < best[0]:
+            best = (value, books, codes)
+        if step == steps:
+            break
+        if mapping != "frozen":
+            row_books = books[layer.group_of_row]
+            if mapping == "proximal":
+                parameter.grad = gradient * gap
+            else:
+                upper = row_books.gather(1, (codes + 1).clamp(max=num_codes - 1))
+                lower = row_books.gather(1, (codes + 1).clamp(max=num_codes - 1) - 1)
+                parameter.grad = gradient * (upper - lower)
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                if mapping == "proximal":
+                    codes = nearest_codes(latent + gap * parameter, row_books)
+                else:
+                    codes = parameter.round().clamp(0, num_codes - 1).to(torch.int64)
+        if (step + 1) % refit_every == 0 or step + 1 == steps:
+            old_values = layer.decode(books, codes)
+            old = codes
+            books, codes = layer.refit(books, codes, dtype)
+            with torch.no_grad():
+                if mapping == "naive":
+                    parameter += (codes - old).to(torch.float64)
+                elif mapping == "proximal":  # each latent moves with its codeword, so the refit changes no code
+                    latent = latent + (layer.decode(books, codes) - old_values)
+    final_objective, books, codes = best
+    return LearnedLayer(encoded=_encoded(initial, books, codes), trace=trace,
+                        initial_objective=initial_objective, final_objective=final_objective)
