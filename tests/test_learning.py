@@ -6,11 +6,21 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, equal_group_sizes
 from jlcm_onnx.learning import error_feedback_codes, layer_objective, learn_layer, refit_codebooks
 
 ROWS, COLS, BITS, GROUPS = 64, 48, 3, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These layers are tiny: intra-op threads only add spin-waits (70 s instead of 6 s on a loaded 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def correlated_layer(seed: int, outlier_fraction: float = 0.0):
