@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from jlcm_onnx.codebook import encode_matrix, encode_scaled_matrix, sqnr_db
 from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.learning import learn_layer
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.passes.dequant_graph import (
     ConstantPool,
@@ -97,7 +98,7 @@ class EncodeWeights(Pass):
         self, site: WeightSite, row_axis: int, names: NameAllocator, pool: ConstantPool, constants: set[str]
     ) -> tuple[_Insertion, TensorRecord]:
         weight = site.array()
-        matrix = np.moveaxis(weight, row_axis, 0).reshape(weight.shape[row_axis], -1).astype(np.float32)
+        matrix = np.ascontiguousarray(np.moveaxis(weight, row_axis, 0).reshape(weight.shape[row_axis], -1), np.float32)
         choice = self.plan.choice(site.name)
         bits = choice.bits
         group_sizes = self.plan.group_sizes(site.name, *matrix.shape)
@@ -112,6 +113,11 @@ class EncodeWeights(Pass):
             matrix, bits, group_sizes, _codebook_dtype(self.config, site, matrix),
             self.config.kmeans_iterations, outlier_fraction=0.0 if row_decoded else choice.outlier_fraction,
         )
+        statistics = self.plan.statistics.get(site.name)
+        learned = statistics is not None and statistics.gram is not None and not encoded.multi_scaling
+        if learned:
+            encoded = learn_layer(matrix, encoded, statistics.gram, mapping=self.config.mapping,
+                                  steps=self.config.learning_steps, seed=self.config.seed).encoded
         first = min(site.consumers, key=lambda c: c.node_index)
         boundaries = encoded.block_boundaries(BLOCK_WEIGHTS)
         replaces_matmul = _is_lone_matmul_weight(site, row_axis) and len(boundaries) > 2
@@ -136,7 +142,7 @@ class EncodeWeights(Pass):
             compressed_bytes=decoder.stored_bytes,
             bits=bits,
             groups=len(group_sizes),
-            encoding=self.config.encoding,
+            encoding=self.config.encoding + (f", learned ({self.config.mapping})" if learned else ""),
             row_order=grouping.note if grouping is not None else None,
             outliers=int(encoded.outlier_index.size),
             sqnr_db=sqnr_db(matrix, encoded.decode()),
