@@ -163,7 +163,7 @@ def damped_gram(gram: np.ndarray | None, cols: int) -> torch.Tensor:
     eye = torch.eye(cols, dtype=torch.float64)
     if gram is None:
         return eye[None]
-    grams = torch.as_tensor(np.asarray(gram, dtype=np.float64))
+    grams = torch.from_numpy(np.array(gram, dtype=np.float64))  # a copy: shared Grams are read-only
     grams = grams[None] if grams.ndim == 2 else grams
     if grams.shape[-2:] != (cols, cols):
         raise ValueError(f"gram of shape {tuple(grams.shape)} does not match {cols} columns")
