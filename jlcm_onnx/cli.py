@@ -18,7 +18,7 @@ import click
 
 from jlcm_onnx.calibration import DEFAULT_SAMPLES, load_calibration
 from jlcm_onnx.compress import compress, save
-from jlcm_onnx.config import CODEBOOK_DTYPES, ENCODINGS, MAPPINGS, CompressionConfig
+from jlcm_onnx.config import CODEBOOK_DTYPES, ENCODINGS, INITS, MAPPINGS, CompressionConfig
 from jlcm_onnx.describe import describe_model
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.model_io import check_destination
@@ -83,6 +83,8 @@ def main() -> None:
               help="Most calibration samples used (a seeded sub-sample when there are more).")
 @click.option("--mapping", type=click.Choice(MAPPINGS),
               help="With --calibration: how codes move while codebooks are learned  [default: proximal]")
+@click.option("--init", type=click.Choice(INITS),
+              help="With --calibration: where learning starts  [default: error-feedback]")
 @click.option("--learning-steps", type=int, help="With --calibration: optimiser steps per layer  [default: 200]")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -22,6 +22,7 @@ WEIGHT_SLOTS: dict[str, int] = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspos
 CODEBOOK_DTYPES = ("float16", "float32")
 ENCODINGS = ("multi-codebook", "multi-scaling")
 MAPPINGS = ("proximal", "naive", "frozen")
+INITS = ("error-feedback", "kmeans")
 TARGETS = ("target_size", "target_ratio", "target_bits_per_weight")
 
 
@@ -55,6 +56,9 @@ class CompressionConfig:
         mapping: with calibration data, how codes move while codebooks are learned: ``"proximal"`` (the paper's
             update: a weight may only step to a neighbouring codeword), ``"naive"`` (to any codeword, the update the
             paper rejects, for ablation) or ``"frozen"`` (codes kept from k-means, codebooks only).
+        init: with calibration data, where the learning starts: ``"error-feedback"`` (GPTQ-style codes against the
+            k-means codebooks, each column's error pushed onto the columns not yet assigned, then a least-squares
+            codebook refit) or ``"kmeans"`` (the data-free encoding).
         learning_steps: optimiser steps of the joint learning per layer (with calibration data only).
         seed: seed of every random choice, so equal inputs give byte-identical outputs.
 
@@ -82,6 +86,7 @@ class CompressionConfig:
     target_ratio: float | None = None
     target_bits_per_weight: float | None = None
     mapping: str = "proximal"
+    init: str = "error-feedback"
     learning_steps: int = 200
     seed: int = 0
 
@@ -95,6 +100,8 @@ class CompressionConfig:
         _check_int(self, "learning_steps", 0, None)
         if self.mapping not in MAPPINGS:
             raise ConfigError("mapping", self.mapping, f"one of {list(MAPPINGS)}")
+        if self.init not in INITS:
+            raise ConfigError("init", self.init, f"one of {list(INITS)}")
         fraction = self.outlier_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 <= fraction <= 0.1:
             raise ConfigError("outlier_fraction", fraction, "a number in [0, 0.1]")

@@ -277,7 +277,7 @@ def learn_layer(
     gram: np.ndarray | None,
     *,
     mapping: Mapping = "proximal",
-    init: Init = "kmeans",
+    init: Init = "error-feedback",
     steps: int = 200,
     learning_rate: float = 0.05,
     refit_every: int = 50,

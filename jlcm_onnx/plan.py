@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jlcm_onnx.codebook import equal_group_sizes
+from jlcm_onnx.codebook import EncodedMatrix, equal_group_sizes
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.statistics import LayerStatistics
 
@@ -39,13 +39,16 @@ class RowGrouping:
 
 @dataclass
 class CompressionPlan:
-    """Per-tensor choices (absent: the config's bits and groups), row groupings (absent: equal contiguous groups)
-    and calibration statistics (absent: data-free, k-means codebooks only)."""
+    """Per-tensor choices (absent: the config's bits and groups), row groupings (absent: equal contiguous groups),
+    calibration statistics (absent: data-free, k-means codebooks only), the encodings already made by sequential
+    calibration (absent: the encoder makes them) and how many onnxruntime passes the calibration ran."""
 
     config: CompressionConfig
     choices: dict[str, TensorChoice] = field(default_factory=dict)
     groupings: dict[str, RowGrouping] = field(default_factory=dict)
     statistics: dict[str, LayerStatistics] = field(default_factory=dict)
+    encodings: dict[str, EncodedMatrix] = field(default_factory=dict)
+    calibration_passes: int = 0
 
     def choice(self, weight: str) -> TensorChoice:
         choice = self.choices.get(weight, TensorChoice(self.config.bits, self.config.groups))

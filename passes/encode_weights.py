@@ -16,14 +16,12 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 from onnx import helper
 from tqdm.auto import tqdm
 
-from jlcm_onnx.codebook import encode_matrix, encode_scaled_matrix, sqnr_db
+from jlcm_onnx.codebook import sqnr_db
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.learning import learn_layer
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.passes.dequant_graph import (
     ConstantPool,
@@ -34,6 +32,7 @@ from jlcm_onnx.passes.dequant_graph import (
     build_decoder,
     build_gate,
 )
+from jlcm_onnx.passes.site_encoding import encode_site
 from jlcm_onnx.passes.weight_sites import (
     WeightSite,
     compressible_row_axis,
@@ -46,9 +45,6 @@ from jlcm_onnx.report import COMPRESSED, SKIPPED, TensorRecord
 
 #: Weights of a MatMul above this count are decoded in column blocks of about this size (1 MB of fp32), one at a time.
 BLOCK_WEIGHTS = 1 << 18
-
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-FLOAT16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
 
 #: Placeholder input name for the gate until the shared gate of the activation is built.
 _GATE = "__jlcm_gate__"
@@ -97,27 +93,11 @@ class EncodeWeights(Pass):
     def _encode(
         self, site: WeightSite, row_axis: int, names: NameAllocator, pool: ConstantPool, constants: set[str]
     ) -> tuple[_Insertion, TensorRecord]:
-        weight = site.array()
-        matrix = np.ascontiguousarray(np.moveaxis(weight, row_axis, 0).reshape(weight.shape[row_axis], -1), np.float32)
-        choice = self.plan.choice(site.name)
-        bits = choice.bits
-        group_sizes = self.plan.group_sizes(site.name, *matrix.shape)
-        grouping = self.plan.groupings.get(site.name)
-        stored_order = None if grouping is None else grouping.stored_order
-        restore = None if stored_order is None else np.argsort(stored_order)
-        if stored_order is not None:
-            matrix = matrix[stored_order]
+        site_encoding = encode_site(site, row_axis, self.config, self.plan)
+        matrix, encoded, restore, learned = (site_encoding.matrix, site_encoding.encoded, site_encoding.restore,
+                                             site_encoding.learned)
         row_decoded = is_lone_table_gather(site, row_axis)
-        encode = encode_scaled_matrix if self.config.encoding == "multi-scaling" else encode_matrix
-        encoded = encode(
-            matrix, bits, group_sizes, _codebook_dtype(self.config, site, matrix),
-            self.config.kmeans_iterations, outlier_fraction=0.0 if row_decoded else choice.outlier_fraction,
-        )
-        statistics = self.plan.statistics.get(site.name)
-        learned = statistics is not None and statistics.gram is not None and not encoded.multi_scaling
-        if learned:
-            encoded = learn_layer(matrix, encoded, statistics.gram, mapping=self.config.mapping,
-                                  steps=self.config.learning_steps, seed=self.config.seed).encoded
+        grouping = self.plan.groupings.get(site.name)
         first = min(site.consumers, key=lambda c: c.node_index)
         boundaries = encoded.block_boundaries(BLOCK_WEIGHTS)
         replaces_matmul = _is_lone_matmul_weight(site, row_axis) and len(boundaries) > 2
@@ -140,8 +120,8 @@ class EncodeWeights(Pass):
             site,
             COMPRESSED,
             compressed_bytes=decoder.stored_bytes,
-            bits=bits,
-            groups=len(group_sizes),
+            bits=encoded.bits,
+            groups=len(encoded.group_sizes),
             encoding=self.config.encoding + (f", learned ({self.config.mapping})" if learned else ""),
             row_order=grouping.note if grouping is not None else None,
             outliers=int(encoded.outlier_index.size),
@@ -150,17 +130,6 @@ class EncodeWeights(Pass):
         )
         replaces = spec.gather_indices is not None or replaces_matmul
         return _Insertion(site.graph, first.node_index, activation, decoder, site, replaces), record
-
-
-def _codebook_dtype(config: CompressionConfig, site: WeightSite, matrix: np.ndarray) -> np.dtype:
-    """The configured codebook dtype, except: float16 for a float16 weight (what its decoder reads), and float32 where
-    float16 cannot hold the weights (overflow above 65504, or magnitudes lost in float16's subnormal range)."""
-    if site.tensor.data_type == onnx.TensorProto.FLOAT16:
-        return np.dtype(np.float16)
-    magnitude = float(np.abs(matrix).max(initial=0.0))
-    if config.codebook_dtype == "float16" and (magnitude > FLOAT16_MAX or 0.0 < magnitude < FLOAT16_MIN_NORMAL * 1024):
-        return np.dtype(np.float32)
-    return np.dtype(config.codebook_dtype)
 
 
 def _is_lone_matmul_weight(site: WeightSite, row_axis: int) -> bool:

@@ -1,0 +1,94 @@
+"""The encoding of one weight site: its matrix, in the row order the plan stores it, encoded as the plan says.
+
+``moveaxis(W, row_axis, 0).reshape(rows, -1)`` is re-ordered by the site's stored order (when the re-ordering could not
+be folded into the graph), encoded with k-means codebooks (importance ``diag(H)`` per column when calibration
+statistics hold a Gram, so the codewords sit where the layer's inputs are large) and, with a Gram, learned jointly
+(:func:`jlcm_onnx.learning.learn_layer`). Both the sequential calibration pass and the encoder use it, so a weight
+learned early is encoded exactly as the encoder would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix
+from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.learning import learn_layer
+from jlcm_onnx.passes.weight_sites import WeightSite, is_lone_table_gather
+from jlcm_onnx.plan import CompressionPlan
+from jlcm_onnx.statistics import LayerStatistics
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+FLOAT16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
+
+
+@dataclass(frozen=True)
+class SiteEncoding:
+    """``matrix`` (float32, rows in stored order), its ``encoded`` form, ``restore`` (the permutation back to the
+    original row order, ``None`` when rows are stored in order) and whether the codes were ``learned`` from data."""
+
+    matrix: np.ndarray
+    encoded: EncodedMatrix
+    restore: np.ndarray | None
+    learned: bool
+
+    def decoded_weight(self, shape: tuple[int, ...], row_axis: int) -> np.ndarray:
+        """The decoded weight in the layout of the original tensor (float32)."""
+        decoded = self.encoded.decode()
+        if self.restore is not None:
+            decoded = decoded[self.restore]
+        moved = (shape[row_axis], *(size for axis, size in enumerate(shape) if axis != row_axis))
+        return np.moveaxis(decoded.reshape(moved), 0, row_axis)
+
+
+def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan: CompressionPlan) -> SiteEncoding:
+    """Encodes ``site`` with the plan's bits, groups, row order and statistics (learned when a Gram is there)."""
+    weight = site.array()
+    matrix = np.ascontiguousarray(np.moveaxis(weight, row_axis, 0).reshape(weight.shape[row_axis], -1), np.float32)
+    choice = plan.choice(site.name)
+    grouping = plan.groupings.get(site.name)
+    stored_order = None if grouping is None else grouping.stored_order
+    if stored_order is not None:
+        matrix = matrix[stored_order]
+    statistics = plan.statistics.get(site.name)
+    gram = None if statistics is None else statistics.gram
+    restore = None if stored_order is None else np.argsort(stored_order)
+    encoded = plan.encodings.get(site.name)
+    if encoded is not None:  # encoded (and learned) earlier in this run, by the sequential calibration
+        return SiteEncoding(matrix, encoded, restore, gram is not None and not encoded.multi_scaling)
+    encode = encode_scaled_matrix if config.encoding == "multi-scaling" else encode_matrix
+    row_decoded = is_lone_table_gather(site, row_axis)
+    encoded = encode(
+        matrix, choice.bits, plan.group_sizes(site.name, *matrix.shape), codebook_dtype(config, site, matrix),
+        config.kmeans_iterations, importance=_importance(statistics, matrix.shape),
+        outlier_fraction=0.0 if row_decoded else choice.outlier_fraction,
+    )
+    learned = gram is not None and not encoded.multi_scaling
+    if learned:
+        encoded = learn_layer(matrix, encoded, gram, mapping=config.mapping, init=config.init,
+                              steps=config.learning_steps, seed=config.seed).encoded
+    return SiteEncoding(matrix, encoded, restore, learned)
+
+
+def codebook_dtype(config: CompressionConfig, site: WeightSite, matrix: np.ndarray) -> np.dtype:
+    """The configured codebook dtype, except: float16 for a float16 weight (what its decoder reads), and float32 where
+    float16 cannot hold the weights (overflow above 65504, or magnitudes lost in float16's subnormal range)."""
+    if site.tensor.data_type == onnx.TensorProto.FLOAT16:
+        return np.dtype(np.float16)
+    magnitude = float(np.abs(matrix).max(initial=0.0))
+    if config.codebook_dtype == "float16" and (magnitude > FLOAT16_MAX or 0.0 < magnitude < FLOAT16_MIN_NORMAL * 1024):
+        return np.dtype(np.float32)
+    return np.dtype(config.codebook_dtype)
+
+
+def _importance(statistics: LayerStatistics | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """``diag(H)`` of each weight's input column ([rows, cols]; per conv group for a grouped Conv), or None."""
+    mean_square = None if statistics is None else statistics.mean_square
+    if mean_square is None:
+        return None
+    rows, cols = shape
+    blocks = mean_square.reshape(-1, cols)
+    return np.repeat(blocks, rows // blocks.shape[0], axis=0) + 1e-12 * float(blocks.max(initial=1.0))
