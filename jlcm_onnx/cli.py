@@ -85,6 +85,9 @@ def main() -> None:
               help="With --calibration: how codes move while codebooks are learned  [default: proximal]")
 @click.option("--init", type=click.Choice(INITS),
               help="With --calibration: where learning starts  [default: error-feedback]")
+@click.option("--sequential/--no-sequential", default=None,
+              help="With --calibration: calibrate each level of layers with the earlier ones compressed  "
+                   "[default: --no-sequential]")
 @click.option("--learning-steps", type=int, help="With --calibration: optimiser steps per layer  [default: 200]")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

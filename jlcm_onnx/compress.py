@@ -29,6 +29,7 @@ from jlcm_onnx.model_io import (
     save_model,
 )
 from jlcm_onnx.passes.base import Pass
+from jlcm_onnx.passes.calibrate_sequentially import CalibrateSequentially
 from jlcm_onnx.passes.collect_statistics import CollectStatistics
 from jlcm_onnx.passes.encode_weights import EncodeWeights
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
@@ -68,7 +69,8 @@ def build_pipeline(
 ) -> list[Pass]:
     """The passes of a compression run, in order; the re-ordering pass hands its group sizes to the encoder, and with
     calibration data the statistics of the re-ordered model's layers go to the encoder's joint learning."""
-    calibrate = [] if data is None else [CollectStatistics(config, plan, data, progress)]
+    calibration = CalibrateSequentially if config.sequential else CollectStatistics
+    calibrate = [] if data is None else [calibration(config, plan, data, progress)]
     return [ReorderNeurons(config, plan), *calibrate, EncodeWeights(config, plan, progress=progress)]
 
 
@@ -111,10 +113,14 @@ def compress(
         data = load_calibration(calibration, source, samples=samples, seed=config.seed)
     notes = [note for note in (quantization_note(source),) if note]
     if config.target is None:
-        working, records = _run(source, config, CompressionPlan(config), progress, data)
+        plan = CompressionPlan(config)
+        working, records = _run(source, config, plan, progress, data)
     else:
-        working, records, note = _run_to_target(source, original_bytes, config, progress, data)
+        working, records, plan, note = _run_to_target(source, original_bytes, config, progress, data)
         notes.append(note)
+    if data is not None:
+        mode = "sequential" if config.sequential else "on the float model"
+        notes.append(f"calibration: {len(data)} samples, onnxruntime passes: {plan.calibration_passes} ({mode})")
     spot_note = check_output(working, reference, seed=config.seed)
     notes.extend([spot_note] if spot_note else [])
     report = CompressionReport(
@@ -154,7 +160,7 @@ def _run_to_target(
     config: CompressionConfig,
     progress: bool,
     data: CalibrationData | None = None,
-) -> tuple[onnx.ModelProto, list[TensorRecord], str]:
+) -> tuple[onnx.ModelProto, list[TensorRecord], CompressionPlan, str]:
     """Compresses with per-tensor bits and groups chosen to meet the config's size target within 1%.
 
     The planner budgets the tensors' stored bytes; the rest of the file (graph, decoders, uncompressed tensors) is
@@ -177,7 +183,8 @@ def _run_to_target(
     errors = estimate_errors(source, config, progress)
     choices = plan_for_budget(shapes, int(aim - fixed), config, errors)
     for attempt in range(MAX_TARGET_RUNS):
-        working, records = _run(source, config, CompressionPlan(config, choices=choices), progress, data)
+        plan = CompressionPlan(config, choices=choices)
+        working, records = _run(source, config, plan, progress, data)
         achieved = sum(r.compressed_bytes or 0 for r in records) if fixed == 0 else working.ByteSize()
         if 0.99 * goal <= achieved <= goal:
             break
@@ -192,7 +199,7 @@ def _run_to_target(
     else:
         raise JlcmError(f"could not meet {kind}={value}: {achieved:,.0f} bytes for a goal of {goal:,.0f}")
     note = f"{kind}={value}: goal {goal:,.0f} bytes, achieved {achieved:,} ({achieved / goal - 1:+.2%})"
-    return working, records, note
+    return working, records, plan, note
 
 
 def _unit(kind: str) -> str:

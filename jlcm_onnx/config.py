@@ -60,6 +60,9 @@ class CompressionConfig:
             k-means codebooks, each column's error pushed onto the columns not yet assigned, then a least-squares
             codebook refit) or ``"kmeans"`` (the data-free encoding).
         learning_steps: optimiser steps of the joint learning per layer (with calibration data only).
+        sequential: with calibration data, take each layer's statistics with the layers before it already compressed
+            (one onnxruntime pass per level of the network) so it learns to correct their error; otherwise one pass
+            on the float model.
         seed: seed of every random choice, so equal inputs give byte-identical outputs.
 
     Example:
@@ -88,6 +91,7 @@ class CompressionConfig:
     mapping: str = "proximal"
     init: str = "error-feedback"
     learning_steps: int = 200
+    sequential: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -115,8 +119,9 @@ class CompressionConfig:
             raise ConfigError("op_types", list(self.op_types), f"a non-empty subset of {list(WEIGHT_SLOTS)}")
         if self.encoding not in ENCODINGS:
             raise ConfigError("encoding", self.encoding, f"one of {list(ENCODINGS)}")
-        if not isinstance(self.reorder, bool):
-            raise ConfigError("reorder", self.reorder, "true or false")
+        for name in ("reorder", "sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, getattr(self, name), "true or false")
         if self.target_size is not None:
             object.__setattr__(self, "target_size", parse_size(self.target_size))
         _check_positive(self, "target_ratio", 1.0)

@@ -36,4 +36,5 @@ class CollectStatistics(Pass):
         names = [site.name for site in sites if compressible_row_axis(site, self.config)[0] is not None]
         self.plan.statistics.update(
             collect_statistics(model, names, self.data.batches(BATCH_SIZE), progress=self.progress))
+        self.plan.calibration_passes += 1
         return PassResult(model, modified=False)
