@@ -13,8 +13,9 @@ compressor on a real sentence-embedding model:
   with an onnxruntime session.
 * ``evaluate``: compares an original and a compressed ONNX model: file sizes,
   compression ratio, mean cosine similarity between their embeddings, and
-  three task metrics for each model (Lee document similarity Pearson,
-  SimLex-999 Spearman, WordSim-353 Spearman).
+  the task metrics of each model (Lee document similarity Pearson,
+  SimLex-999 Spearman, WordSim-353 Spearman, and title -> abstract retrieval
+  top-1 on ``../shared/data/abstracts.tsv`` when that file is there).
 
 Command line::
 
@@ -46,6 +47,8 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "last_hidden_state"
 VERIFY_TOLERANCE = 1e-3
 SESSION_THREADS = 2
+#: Title/abstract pairs beside the repository (``../shared/data``), used for retrieval when present.
+ABSTRACTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "abstracts.tsv"
 
 
 # --------------------------------------------------------------------------
@@ -212,6 +215,19 @@ def _read_word_pairs(name: str) -> list[tuple[str, str, float]]:
     return pairs
 
 
+def load_abstracts() -> list[tuple[str, str]] | None:
+    """Return the ``(title, abstract)`` pairs of the shared retrieval set, or None where it is not checked out."""
+    if not ABSTRACTS.exists():
+        return None
+    lines = ABSTRACTS.read_text(encoding="utf-8").splitlines()[1:]
+    return [(title, abstract) for title, abstract in (line.split("\t", 1) for line in lines if line.strip())]
+
+
+def retrieval_top1(titles: np.ndarray, abstracts: np.ndarray) -> float:
+    """Fraction of titles whose nearest abstract (cosine of normalised embeddings) is their own."""
+    return float(np.mean(np.argmax(titles @ abstracts.T, axis=1) == np.arange(len(titles))))
+
+
 def load_lee_documents() -> list[str]:
     """Return the 50 documents of the Lee corpus (``lee.cor``), in file order."""
     text = (data_dir() / "lee.cor").read_text(encoding="latin-1")
@@ -371,26 +387,36 @@ def evaluate(original: Path, compressed: Path) -> dict[str, Any]:
 
     Returns file sizes in bytes, the compression ratio (original / compressed),
     the number of evaluation texts, the mean cosine similarity between the
-    compressed and original embeddings over ``load_texts()``, and the task
-    metrics of both models.
+    compressed and original embeddings over ``load_texts()``, the task metrics
+    of both models and, with the retrieval set present, ``fidelity``: the mean
+    cosine over ``load_texts()`` plus every title and abstract (1,555 texts).
     """
     original, compressed = Path(original), Path(compressed)
     texts = load_texts()
-    emb_original = embed(make_session(original), texts)
-    emb_compressed = embed(make_session(compressed), texts)
+    pairs = load_abstracts() or []
+    everything = texts + [title for title, _ in pairs] + [abstract for _, abstract in pairs]
+    sessions = make_session(original), make_session(compressed)
+    emb_original, emb_compressed = (embed(session, everything) for session in sessions)
     cosines = np.sum(emb_original * emb_compressed, axis=1)
     original_bytes = original.stat().st_size
     compressed_bytes = compressed.stat().st_size
-    return {
+    result = {
         "original_bytes": original_bytes,
         "compressed_bytes": compressed_bytes,
         "ratio": original_bytes / compressed_bytes,
         "num_texts": len(texts),
-        "mean_cosine": float(np.mean(cosines)),
-        "min_cosine": float(np.min(cosines)),
-        "original": task_metrics(texts, emb_original),
-        "compressed": task_metrics(texts, emb_compressed),
+        "mean_cosine": float(np.mean(cosines[: len(texts)])),
+        "min_cosine": float(np.min(cosines[: len(texts)])),
+        "original": task_metrics(texts, emb_original[: len(texts)]),
+        "compressed": task_metrics(texts, emb_compressed[: len(texts)]),
     }
+    if pairs:
+        result["fidelity"] = float(np.mean(cosines))
+        result["fidelity_texts"] = len(everything)
+        for key, embeddings in (("original", emb_original), ("compressed", emb_compressed)):
+            titles = embeddings[len(texts): len(texts) + len(pairs)]
+            result[key]["retrieval_top1"] = retrieval_top1(titles, embeddings[len(texts) + len(pairs):])
+    return result
 
 
 # --------------------------------------------------------------------------
