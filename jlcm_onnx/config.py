@@ -90,7 +90,7 @@ class CompressionConfig:
     target_bits_per_weight: float | None = None
     mapping: str = "proximal"
     init: str = "error-feedback"
-    learning_steps: int = 200
+    learning_steps: int = 50
     sequential: bool = False
     seed: int = 0
 

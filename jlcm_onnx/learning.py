@@ -278,7 +278,7 @@ def learn_layer(
     *,
     mapping: Mapping = "proximal",
     init: Init = "error-feedback",
-    steps: int = 200,
+    steps: int = 50,
     learning_rate: float = 0.05,
     refit_every: int = 50,
     seed: int = 0,

@@ -41,7 +41,7 @@ def output_error(weight: np.ndarray, encoded: EncodedMatrix, activations: np.nda
 
 @pytest.fixture(scope="module")
 def runs() -> dict[tuple[int, str], object]:
-    """learn_layer results for seeds 0-2 and every mapping, from the k-means codes (200 steps)."""
+    """learn_layer results for seeds 0-2 and every mapping, from the k-means codes (default steps)."""
     results = {}
     for seed in range(3):
         weight, activations, gram, initial = correlated_layer(seed)
