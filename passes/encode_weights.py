@@ -7,7 +7,8 @@ produce a tensor of W's name, dtype and shape. Consumers are untouched, except t
 is decoded at a time: a lone embedding ``Gather`` (a row decoder decodes only the looked-up rows) and the lone
 ``MatMul`` of a large weight (split into column blocks decoded one after the other). A weight read by several nodes
 (tied embeddings) is stored and decoded once. Weights inside ``If``/``Loop``/``Scan`` bodies are handled in their own
-body.
+body; a weight defined outside a body and read inside it (an outer-scope reference) is decoded in its own graph, right
+before the node that holds the body, and the body reads the decoded tensor by the same name.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from jlcm_onnx.passes.dequant_graph import (
 from jlcm_onnx.passes.site_encoding import encode_site
 from jlcm_onnx.passes.weight_sites import (
     WeightSite,
+    anchor_index,
     compressible_row_axis,
     find_weight_sites,
     is_lone_table_gather,
@@ -98,21 +100,22 @@ class EncodeWeights(Pass):
                                              site_encoding.learned)
         row_decoded = is_lone_table_gather(site, row_axis)
         grouping = self.plan.groupings.get(site.name)
-        first = min(site.consumers, key=lambda c: c.node_index)
+        anchor = anchor_index(site)
+        first = site.graph.node[anchor]
         boundaries = encoded.block_boundaries(BLOCK_WEIGHTS)
         replaces_matmul = _is_lone_matmul_weight(site, row_axis) and len(boundaries) > 2
         if replaces_matmul:
             spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded, restore=restore)
             activation = None
-            decoder = build_blocked_matmul(spec, first.node, boundaries, names, pool)
+            decoder = build_blocked_matmul(spec, first, boundaries, names, pool)
         elif row_decoded:
-            spec = DecodeSpec(first.node.output[0], site.tensor.data_type, site.shape, row_axis, encoded,
-                              gather_indices=first.node.input[1], restore=restore)
+            spec = DecodeSpec(first.output[0], site.tensor.data_type, site.shape, row_axis, encoded,
+                              gather_indices=first.input[1], restore=restore)
             activation = None
             decoder = build_decoder(spec, names, pool, gate=None)
         else:
             spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded, restore=restore)
-            activation = next((n for n in first.node.input if n and n not in constants), None)
+            activation = next((n for n in first.input if n and n not in constants), None)
             if activation is None:
                 activation = next((v.name for v in site.graph.input if v.name not in constants), None)
             decoder = build_decoder(spec, names, pool, gate=None if activation is None else _GATE)
@@ -129,7 +132,7 @@ class EncodeWeights(Pass):
             decode_gate=_gate_description(spec, activation, len(boundaries) - 1 if replaces_matmul else 1),
         )
         replaces = spec.gather_indices is not None or replaces_matmul
-        return _Insertion(site.graph, first.node_index, activation, decoder, site, replaces), record
+        return _Insertion(site.graph, anchor, activation, decoder, site, replaces), record
 
 
 def _is_lone_matmul_weight(site: WeightSite, row_axis: int) -> bool:
@@ -137,7 +140,8 @@ def _is_lone_matmul_weight(site: WeightSite, row_axis: int) -> bool:
     if len(site.consumers) != 1 or len(site.shape) != 2 or row_axis != 1:
         return False
     consumer = site.consumers[0]
-    return consumer.node.op_type == "MatMul" and consumer.input_index == 1 and consumer.node.input[0] != site.name
+    return (consumer.graph is site.graph and consumer.node.op_type == "MatMul" and consumer.input_index == 1
+            and consumer.node.input[0] != site.name)
 
 
 def _gate_description(spec: DecodeSpec, activation: str | None, blocks: int) -> str:

@@ -80,6 +80,8 @@ def find_channel_path(model: onnx.ModelProto, weight: str) -> ChannelPath | str:
         return f"{weight} is not a float initializer or Constant of the model"
     if site.graph is not model.graph:
         return f"{weight} lives inside a subgraph (If/Loop/Scan body); only main-graph weights are permuted"
+    if any(c.graph is not site.graph for c in site.consumers):
+        return f"{weight} is read inside an If/Loop/Scan body; only weights read by main-graph nodes are permuted"
     readers = [(c, weight_row_axis(c, len(site.shape))) for c in site.consumers]
     if any(c.node.op_type == "Gather" and axis is not None for c, axis in readers):
         return f"{weight} is a Gather table: its rows are looked up by id"

@@ -160,9 +160,20 @@ def compressible_row_axis(site: WeightSite, config: CompressionConfig) -> tuple[
         return None, "name matches an 'exclude' pattern"
     if site.is_graph_output:
         return None, "is a graph output"
-    if any(consumer.graph is not site.graph for consumer in site.consumers):
-        return None, "read from inside a nested subgraph (outer-scope reference)"
     return axes[0], ""
+
+
+def anchor_index(site: WeightSite) -> int:
+    """Position in ``site.graph`` of the first node that reads the weight, itself or from inside one of its
+    ``If``/``Loop``/``Scan`` bodies (an outer-scope reference): where a decoder of the weight must run."""
+    positions = []
+    for consumer in site.consumers:
+        if consumer.graph is site.graph:
+            positions.append(consumer.node_index)
+        else:
+            positions.append(next(position for position, node in enumerate(site.graph.node)
+                                  if any(consumer.graph is g for sub in _subgraphs(node) for g in iter_graphs(sub))))
+    return min(positions)
 
 
 def is_lone_table_gather(site: WeightSite, row_axis: int) -> bool:
@@ -170,4 +181,5 @@ def is_lone_table_gather(site: WeightSite, row_axis: int) -> bool:
     if len(site.consumers) != 1 or len(site.shape) != 2 or row_axis != 0:
         return False
     consumer = site.consumers[0]
-    return consumer.node.op_type == "Gather" and consumer.input_index == 0 and consumer.node.input[1] != site.name
+    return (consumer.graph is site.graph and consumer.node.op_type == "Gather" and consumer.input_index == 0
+            and consumer.node.input[1] != site.name)

@@ -387,25 +387,46 @@ def test_weights_inside_if_branches_and_main_graph(rng: np.random.Generator, out
     )
 
 
-def test_outer_scope_weight_is_skipped(rng: np.random.Generator) -> None:
-    """A main-graph weight also read from inside an If body is left alone, with a reason, and the model still runs."""
+@pytest.mark.parametrize("condition", [True, False])
+@pytest.mark.parametrize("also_in_main", [True, False])
+def test_outer_scope_weight_read_inside_an_if_body_is_compressed(
+    rng: np.random.Generator, also_in_main: bool, condition: bool
+) -> None:
+    """A main-graph weight read from inside an If body (and, or not, by a main-graph MatMul) is decoded in the main
+    graph before the If, and the body reads the decoded tensor by its name."""
     weight = randn(rng, 16, 8)
     then_body = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["yt"])], "then_body", [],
                                   [value("yt", FLOAT, ["N", 8])])
     else_body = helper.make_graph([helper.make_node("Neg", ["Y0"], ["ye"])], "else_body", [],
                                   [value("ye", FLOAT, ["N", 8])])
+    main = (helper.make_node("MatMul", ["X", "W"], ["Y0"]) if also_in_main
+            else helper.make_node("Slice", ["X", "start", "stop", "axis"], ["Y0"]))
     model = make_model(
-        [helper.make_node("MatMul", ["X", "W"], ["Y0"]),
-         helper.make_node("If", ["C"], ["Y"], then_branch=then_body, else_branch=else_body)],
+        [main, helper.make_node("If", ["C"], ["Y"], then_branch=then_body, else_branch=else_body)],
         [value("X", FLOAT, ["N", 16]), value("C", TensorProto.BOOL, [])], [value("Y", FLOAT, ["N", 8])],
-        [tensor("W", weight)],
+        [tensor("W", weight), *(numpy_helper.from_array(np.array([v], np.int64), name)
+                                for name, v in (("start", 0), ("stop", 8), ("axis", 1)))],
     )
-    result = jlcm_onnx.compress(model, CompressionConfig(bits=3, min_elements=64))
-    record = records_by_name(result)["W"]
-    assert record.status == "skipped" and "subgraph" in record.reason
-    check_full(result.model)
-    feeds = {"X": randn(rng, 2, 16), "C": np.array(True)}
-    np.testing.assert_array_equal(run(result.model, feeds)[0], run(model, feeds)[0])
+    compress_and_check(model, {"X": randn(rng, 2, 16), "C": np.array(condition)},
+                       CompressionConfig(bits=3, min_elements=64), [Weight("W", weight, 1)])
+
+
+def test_outer_scope_weight_read_inside_a_loop_body_is_compressed(rng: np.random.Generator) -> None:
+    """``Loop`` three times ``h = h @ W`` with W [16, 16] defined in the main graph."""
+    weight = randn(rng, 16, 16) * np.float32(0.25)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("MatMul", ["h_in", "W"], ["h_out"])],
+        "loop_body",
+        [value("i", TensorProto.INT64, []), value("cond_in", TensorProto.BOOL, []), value("h_in", FLOAT, ["N", 16])],
+        [value("cond_out", TensorProto.BOOL, []), value("h_out", FLOAT, ["N", 16])],
+    )
+    model = make_model(
+        [helper.make_node("Loop", ["trips", "", "X"], ["Y"], body=body)],
+        [value("X", FLOAT, ["N", 16])], [value("Y", FLOAT, ["N", 16])],
+        [tensor("W", weight), numpy_helper.from_array(np.array(3, np.int64), "trips")],
+    )
+    compress_and_check(model, {"X": randn(rng, 2, 16)}, CompressionConfig(bits=3, min_elements=64),
+                       [Weight("W", weight, 1)])
 
 
 # ------------------------------------------------------------------------------------------------------------ fp16
