@@ -369,6 +369,14 @@ def load_eval_tokens(n_tokens: int = EVAL_TOKENS) -> np.ndarray:
     return _eval_tokens(int(n_tokens)).copy()
 
 
+def calibration_feeds(samples: int = 64, length: int = 128) -> list[dict[str, np.ndarray]]:
+    """``samples`` windows of ``length`` tokens taken right after the evaluation tokens (never overlapping them),
+    as model feeds (``input_ids`` and an all-ones ``attention_mask``, batch 1)."""
+    tokens = _eval_tokens(EVAL_TOKENS + samples * length)[EVAL_TOKENS:]
+    return [{"input_ids": window[None], "attention_mask": np.ones((1, length), dtype=np.int64)}
+            for window in tokens.reshape(samples, length)]
+
+
 # --------------------------------------------------------------------------
 # Inference
 # --------------------------------------------------------------------------

@@ -1,0 +1,388 @@
+"""jlcm-onnx next to the tools users would pick instead, on real models, side by side in one run: BENCHMARKS.md.
+
+Every method turns the same fp32 ONNX file into a smaller one; every file is then measured the same way:
+
+- **task metrics** on real data (``models/<model>.py evaluate``): MiniLM, fidelity (mean cosine to fp32 over 1,555
+  texts), title -> abstract retrieval top-1, Lee Pearson, SimLex-999 / WordSim-353 Spearman; SmolLM2, perplexity
+  on 4,096 tokens of gensim's Wikipedia text, top-1 next-token agreement and KL to fp32; EfficientNet-Lite0, top-1 /
+  top-5 agreement and KL to fp32 on the scikit-image photos; PP-OCRv6 rec, character accuracy on text lines rendered
+  with PIL, and agreement with the fp32 model's text;
+- **cost**: bytes on disk, ratio to fp32, compression wall time, and, each in a fresh process with default
+  onnxruntime session options (``bench/memory.py``, 2 intra-op threads), the load peak and steady RSS and the median
+  latency at batch 1 and at a larger batch.
+
+Methods: jlcm-onnx at 4, 3 and 2 bits (one codebook per output row; 3 bits also per tensor and multi-scaling;
+calibrated where the model has calibration data apart from its evaluation data), onnxruntime's
+``MatMulNBitsQuantizer`` (RTN and HQQ, 4 and 2 bits, blocks of 32 and 128, RTN also with Gather/embeddings) and
+``quantize_dynamic`` int8. A method that fails on a model gets a row saying why, never a silent gap.
+
+Run: ``python bench/benchmarks.py`` (all models; ``--models minilm efficientnet``, ``--methods`` substrings to pick;
+about an hour on 2 cores, most of it SmolLM2). Writes ``BENCHMARKS.md``, ``bench/results/benchmarks.json`` and
+``bench/results/<model>-pareto.png``; merges into the existing JSON, so models can be run one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "models"), str(ROOT / "bench")]
+
+import jlcm_onnx  # noqa: E402
+
+import memory  # noqa: E402
+
+BUILD = ROOT / "build"
+RESULTS = ROOT / "bench" / "results" / "benchmarks.json"
+REPORT = ROOT / "BENCHMARKS.md"
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A column: ``extract`` reads it from the model script's ``evaluate`` result."""
+
+    label: str
+    extract: Callable[[dict[str, Any]], float]
+    higher_is_better: bool
+    fmt: str = "{:.4f}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmarked model: how to get its fp32 file, score a file, feed it for latency, and calibrate on it."""
+
+    name: str
+    title: str
+    file: str
+    export: Callable[[Path], None]
+    evaluate: Callable[[Path, Path], dict[str, Any]]
+    metrics: tuple[Metric, ...]  # the first is the headline (plots, summary)
+    batches: tuple[tuple[int, int], tuple[int, int]]  # (batch, seq) at batch 1 and at the larger batch
+    calibration: Callable[[], Any] | None = None
+    note: str = ""
+    runs: int = 20
+
+
+@dataclass(frozen=True)
+class Method:
+    """A way to make the smaller file: ``tool`` is ``jlcm``, ``ort-nbits`` or ``ort-dynamic``."""
+
+    label: str
+    tool: str
+    options: dict[str, Any] = field(default_factory=dict)
+    calibrated: bool = False
+
+
+METHODS: tuple[Method, ...] = (
+    Method("jlcm-onnx 4-bit", "jlcm", {"bits": 4}),
+    Method("jlcm-onnx 3-bit", "jlcm", {"bits": 3}),
+    Method("jlcm-onnx 2-bit", "jlcm", {"bits": 2}),
+    Method("jlcm-onnx 3-bit, per-tensor codebook", "jlcm", {"bits": 3, "groups": 1}),
+    Method("jlcm-onnx 3-bit, multi-scaling", "jlcm", {"bits": 3, "encoding": "multi-scaling"}),
+    Method("jlcm-onnx 4-bit, calibrated", "jlcm", {"bits": 4}, calibrated=True),
+    Method("jlcm-onnx 3-bit, calibrated", "jlcm", {"bits": 3}, calibrated=True),
+    Method("ORT RTN 4-bit, block 32", "ort-nbits", {"algorithm": "rtn", "bits": 4, "block": 32}),
+    Method("ORT RTN 4-bit, block 128", "ort-nbits", {"algorithm": "rtn", "bits": 4, "block": 128}),
+    Method("ORT RTN 4-bit, block 32, with Gather", "ort-nbits",
+           {"algorithm": "rtn", "bits": 4, "block": 32, "gather": True}),
+    Method("ORT HQQ 4-bit, block 32", "ort-nbits", {"algorithm": "hqq", "bits": 4, "block": 32}),
+    Method("ORT HQQ 4-bit, block 128", "ort-nbits", {"algorithm": "hqq", "bits": 4, "block": 128}),
+    Method("ORT RTN 2-bit, block 32", "ort-nbits", {"algorithm": "rtn", "bits": 2, "block": 32}),
+    Method("ORT HQQ 2-bit, block 32", "ort-nbits", {"algorithm": "hqq", "bits": 2, "block": 32}),
+    Method("ORT quantize_dynamic int8", "ort-dynamic"),
+)
+
+
+# ------------------------------------------------------------------------------------------------------ the models
+
+
+def _module(name: str) -> Any:
+    return importlib.import_module(name)
+
+
+def _minilm() -> ModelSpec:
+    minilm = _module("minilm")
+    return ModelSpec(
+        "minilm", "all-MiniLM-L6-v2 (22.7M parameters)", "minilm.onnx", minilm.export, minilm.evaluate,
+        (Metric("fidelity", lambda r: r["fidelity"], True),
+         Metric("retrieval top-1", lambda r: r["compressed"]["retrieval_top1"], True),
+         Metric("Lee r", lambda r: r["compressed"]["lee_pearson"], True, "{:.3f}"),
+         Metric("SimLex ρ", lambda r: r["compressed"]["simlex_spearman"], True, "{:.3f}"),
+         Metric("WordSim ρ", lambda r: r["compressed"]["wordsim_spearman"], True, "{:.3f}")),
+        ((1, 16), (8, 64)),
+        calibration=lambda: [minilm.tokenize([text]) for text in minilm.load_calibration_texts(128)],
+        note="calibration: 128 sentences of gensim's lee_background.cor (not evaluation texts)",
+    )
+
+
+def _smollm2() -> ModelSpec:
+    smollm2 = _module("smollm2")
+    return ModelSpec(
+        "smollm2", "SmolLM2-135M-Instruct (134.5M parameters, tied embedding)", "smollm2.onnx", smollm2.export,
+        smollm2.evaluate,
+        (Metric("perplexity", lambda r: r["compressed_perplexity"], False, "{:.2f}"),
+         Metric("ppl vs fp32", lambda r: r["perplexity_change"], False, "{:+.1%}"),
+         Metric("top-1 agreement", lambda r: r["top1_agreement"], True),
+         Metric("KL", lambda r: r["mean_kl"], False)),
+        ((1, 64), (4, 256)),
+        calibration=smollm2.calibration_feeds,
+        note="calibration: 64 windows of 128 tokens of the Wikipedia text after the evaluation slice",
+        runs=5,
+    )
+
+
+def _efficientnet() -> ModelSpec:
+    efficientnet = _module("efficientnet")
+    return ModelSpec(
+        "efficientnet", "EfficientNet-Lite0 (4.65M parameters)", "efficientnet.onnx", efficientnet.export,
+        efficientnet.evaluate,
+        (Metric("KL", lambda r: r["mean_kl"], False),
+         Metric("top-1 agreement", lambda r: r["top1_agreement"], True),
+         Metric("top-5 agreement", lambda r: r["top5_agreement"], True)),
+        ((1, 224), (8, 224)),
+        note="no calibrated rows: the only photos at hand are the evaluation set",
+    )
+
+
+def _ppocr() -> ModelSpec:
+    ppocr = _module("ppocr")
+    return ModelSpec(
+        "ppocr", "PP-OCRv6 text recognition (rapidocr, native ONNX)", "ppocr-rec.onnx", ppocr.export, ppocr.evaluate,
+        (Metric("char accuracy", lambda r: r["compressed"]["char_accuracy"], True),
+         Metric("line accuracy", lambda r: r["compressed"]["line_accuracy"], True),
+         Metric("agreement with fp32", lambda r: r["agreement"], True)),
+        ((1, 320), (8, 320)),
+        note="no calibrated rows: the rendered lines are the evaluation set",
+    )
+
+
+MODELS: dict[str, Callable[[], ModelSpec]] = {
+    "minilm": _minilm, "smollm2": _smollm2, "efficientnet": _efficientnet, "ppocr": _ppocr}
+
+
+# ----------------------------------------------------------------------------------------------------- the methods
+
+
+def make_file(method: Method, original: Path, output: Path, calibration: Any = None) -> None:
+    """Writes ``method``'s compressed version of ``original`` to ``output``."""
+    if method.tool == "jlcm":
+        config = jlcm_onnx.CompressionConfig(**method.options)
+        jlcm_onnx.compress(original, config, calibration=calibration).save(output)
+    elif method.tool == "ort-nbits":
+        _ort_nbits(original, output, **method.options)
+    elif method.tool == "ort-dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(original, output, weight_type=QuantType.QInt8)
+    else:
+        raise ValueError(f"unknown tool {method.tool!r}")
+
+
+def _ort_nbits(original: Path, output: Path, algorithm: str, bits: int, block: int, gather: bool = False) -> None:
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    kinds = ("MatMul", "Gather") if gather else ("MatMul",)
+    axes = (("MatMul", 0), ("Gather", 1)) if gather else (("MatMul", 0),)
+    if algorithm == "rtn":
+        config = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, bits=bits,
+                                                    op_types_to_quantize=kinds, quant_axes=axes)
+    else:
+        config = nbits.HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=kinds,
+                                                quant_axes=axes)
+    quantizer = nbits.MatMulNBitsQuantizer(onnx.load(original), bits=bits, block_size=block, is_symmetric=False,
+                                           op_types_to_quantize=kinds, quant_axes=axes, algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(output), use_external_data_format=False)
+    ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])  # a file that does not load is a failure
+
+
+# --------------------------------------------------------------------------------------------------------- the run
+
+
+def measure_row(spec: ModelSpec, label: str, original: Path, path: Path, seconds: float | None) -> dict[str, Any]:
+    """Task metrics and costs of one file."""
+    result = spec.evaluate(original, path)
+    costs = [memory.measure(path, runs=spec.runs, batch=batch, seq=seq) for batch, seq in spec.batches]
+    return {
+        "method": label, "bytes": path.stat().st_size, "ratio": original.stat().st_size / path.stat().st_size,
+        "compress_seconds": seconds, "metrics": {m.label: m.extract(result) for m in spec.metrics},
+        "load_peak_mb": costs[0]["load_peak_net"] / MB, "steady_mb": costs[0]["steady_net"] / MB,
+        "latency_ms": [cost["latency_ms_median"] for cost in costs], "evaluation": result,
+    }
+
+
+def run_model(spec: ModelSpec, methods: tuple[Method, ...], build: Path, workdir: Path,
+              log: Callable[[str], None]) -> dict[str, Any]:
+    """Every method on one model (fp32 row first, exported to ``build`` if missing); failures become rows with an
+    ``error``."""
+    original = build / spec.file
+    if not original.exists():
+        build.mkdir(parents=True, exist_ok=True)
+        spec.export(original)
+    rows = [measure_row(spec, "fp32 (original)", original, original, None)]
+    log(f"{spec.name}: fp32 {rows[0]['metrics']}")
+    calibration = None
+    for index, method in enumerate(methods):
+        if method.calibrated and spec.calibration is None:
+            continue
+        if method.calibrated and calibration is None:
+            calibration = spec.calibration()
+        output = workdir / f"{spec.name}-{index}.onnx"
+        started = time.perf_counter()
+        try:
+            make_file(method, original, output, calibration if method.calibrated else None)
+            seconds = time.perf_counter() - started
+            rows.append(measure_row(spec, method.label, original, output, seconds))
+        except Exception as error:  # noqa: BLE001 - a peer failing on a model is a result to report
+            message = " ".join(str(error).split())[:200] or type(error).__name__
+            rows.append({"method": method.label, "error": f"{type(error).__name__}: {message}"})
+        finally:
+            output.unlink(missing_ok=True)
+        log(f"{spec.name}: {method.label}: " + (rows[-1].get("error") or json.dumps(rows[-1]["metrics"])))
+    return {"title": spec.title, "note": spec.note, "batches": spec.batches, "rows": rows}
+
+
+def environment() -> dict[str, str]:
+    return {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+            "python": platform.python_version(), "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+            "jlcm_onnx": jlcm_onnx.__version__}
+
+
+# ---------------------------------------------------------------------------------------------------- the report
+
+
+def model_table(spec: ModelSpec, result: dict[str, Any]) -> list[str]:
+    """The markdown table of one model's rows."""
+    (small, _), (large, _) = result["batches"]
+    head = ["method", "MB", "ratio", *(m.label for m in spec.metrics), "compress s", "load peak MB",
+            "steady MB", f"ms @{small}", f"ms @{large}"]
+    lines = [f"### {result['title']}", "", *([result["note"], ""] if result["note"] else []),
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['method']} | failed: {row['error']} |" + " |" * (len(head) - 2))
+            continue
+        seconds = "" if row["compress_seconds"] is None else f"{row['compress_seconds']:.1f}"
+        cells = [row["method"], f"{row['bytes'] / MB:.2f}", f"{row['ratio']:.2f}x",
+                 *(m.fmt.format(row["metrics"][m.label]) for m in spec.metrics), seconds,
+                 f"{row['load_peak_mb']:.0f}", f"{row['steady_mb']:.0f}",
+                 *(f"{latency:.1f}" for latency in row["latency_ms"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def pareto(rows: list[dict[str, Any]], metric: Metric) -> list[dict[str, Any]]:
+    """Rows not beaten by another row that is both smaller and better on ``metric``."""
+    def better(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        value_a, value_b = a["metrics"][metric.label], b["metrics"][metric.label]
+        return value_a > value_b if metric.higher_is_better else value_a < value_b
+
+    good = [r for r in rows if "error" not in r]
+    return [r for r in good if not any(o["bytes"] <= r["bytes"] and better(o, r) for o in good if o is not r)]
+
+
+def verdicts(spec: ModelSpec, result: dict[str, Any]) -> list[str]:
+    """For each onnxruntime row: the best jlcm-onnx row at most its size, and who is better on the headline."""
+    metric = spec.metrics[0]
+    rows = [r for r in result["rows"] if "error" not in r]
+    ours = [r for r in rows if r["method"].startswith("jlcm")]
+    lines = []
+    for peer in (r for r in rows if r["method"].startswith("ORT")):
+        fits = [r for r in ours if r["bytes"] <= peer["bytes"]]
+        if not fits:
+            lines.append(f"- {peer['method']} ({peer['bytes'] / MB:.2f} MB): no jlcm-onnx row is this small.")
+            continue
+        best = (max if metric.higher_is_better else min)(fits, key=lambda r: r["metrics"][metric.label])
+        theirs, mine = peer["metrics"][metric.label], best["metrics"][metric.label]
+        wins = mine > theirs if metric.higher_is_better else mine < theirs
+        lines.append(f"- {peer['method']} ({peer['bytes'] / MB:.2f} MB, {metric.label} {metric.fmt.format(theirs)}): "
+                     f"jlcm-onnx **{'wins' if wins else 'loses'}**, best at most that size is {best['method']} "
+                     f"({best['bytes'] / MB:.2f} MB, {metric.fmt.format(mine)}).")
+    return lines
+
+
+def plot(spec: ModelSpec, result: dict[str, Any], path: Path) -> None:
+    """Size vs the headline metric, one point per method, the Pareto front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = spec.metrics[0]
+    rows = [r for r in result["rows"] if "error" not in r]
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for row in rows:
+        family = "jlcm-onnx" if row["method"].startswith("jlcm") else "fp32" if "fp32" in row["method"] else "ORT"
+        axes.scatter(row["bytes"] / MB, row["metrics"][metric.label], marker={"jlcm-onnx": "o", "ORT": "s"}.get(
+            family, "*"), color={"jlcm-onnx": "tab:blue", "ORT": "tab:orange"}.get(family, "black"))
+        axes.annotate(row["method"], (row["bytes"] / MB, row["metrics"][metric.label]), fontsize=6)
+    front = sorted(pareto(rows, metric), key=lambda r: r["bytes"])
+    axes.plot([r["bytes"] / MB for r in front], [r["metrics"][metric.label] for r in front], "--", color="gray")
+    axes.set_xscale("log")
+    axes.set_xlabel("file size (MB, log scale)")
+    axes.set_ylabel(f"{metric.label} ({'higher' if metric.higher_is_better else 'lower'} is better)")
+    axes.set_title(result["title"])
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(results: dict[str, Any], specs: dict[str, ModelSpec], report: Path, plots: Path) -> None:
+    env = results["environment"]
+    plots.mkdir(parents=True, exist_ok=True)
+    lines = ["# Benchmarks", "",
+             f"Generated by `python bench/benchmarks.py` on {env['date']}: {env['machine']}, 2 cores, python "
+             f"{env['python']}, onnx {env['onnx']}, onnxruntime {env['onnxruntime']}, jlcm-onnx {env['jlcm_onnx']}. "
+             "Sizes in MB (10^6 bytes); memory (net of the interpreter) and latency at default onnxruntime session "
+             "options, 2 threads, each file in a fresh process (`bench/memory.py`), median of repeated runs; "
+             "compression time is wall time on this machine.", ""]
+    for name, result in results["models"].items():
+        spec = specs[name]
+        lines += model_table(spec, result)
+        image = plots / f"{name}-pareto.png"
+        plot(spec, result, image)
+        headline = spec.metrics[0].label
+        front = ", ".join(r["method"] for r in pareto(result["rows"], spec.metrics[0]))
+        lines += ["", f"Pareto front on size vs {headline}: {front}.", "",
+                  f"Against each onnxruntime file, the best jlcm-onnx file of at most its size ({headline}):",
+                  "", *verdicts(spec, result), "",
+                  f"![{name}: size vs {headline}]({image.relative_to(report.parent).as_posix()})", ""]
+    report.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--methods", nargs="+", default=[], help="keep only methods whose label contains one of these")
+    args = parser.parse_args(argv)
+    methods = tuple(m for m in METHODS if not args.methods or any(s in m.label for s in args.methods))
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
+    results["environment"] = environment()
+    specs = {name: factory() for name, factory in MODELS.items() if name in args.models or name in results["models"]}
+    with tempfile.TemporaryDirectory(dir=BUILD if BUILD.exists() else None) as workdir:
+        for name in args.models:
+            results["models"][name] = run_model(specs[name], methods, BUILD, Path(workdir),
+                                                lambda text: print(text, flush=True))
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(results, indent=2, default=str))
+    write_report(results, specs, REPORT, RESULTS.parent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

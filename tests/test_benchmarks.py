@@ -1,0 +1,79 @@
+"""Smoke test of the benchmark harness (bench/benchmarks.py) on a tiny model: every stage runs, failures are rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = importlib.util.spec_from_file_location("benchmarks", ROOT / "bench" / "benchmarks.py")
+benchmarks = importlib.util.module_from_spec(SPEC)
+sys.modules["benchmarks"] = benchmarks
+SPEC.loader.exec_module(benchmarks)
+
+FEED = {"X": np.random.default_rng(1).standard_normal((16, 128)).astype(np.float32)}
+
+
+def export(path: Path) -> None:
+    """Y = relu(X @ W1) @ W2, W1 [128, 128], W2 [128, 64]."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) / 10, name)
+               for name, shape in (("W1", (128, 128)), ("W2", (128, 64)))]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W1"], ["H"]), helper.make_node("Relu", ["H"], ["R"]),
+         helper.make_node("MatMul", ["R", "W2"], ["Y"])],
+        "tiny", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 128])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 64])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def evaluate(original: Path, compressed: Path) -> dict[str, float]:
+    a, b = (ort.InferenceSession(str(p)).run(None, FEED)[0] for p in (original, compressed))
+    return {"cosine": float(np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b))}
+
+
+TINY = benchmarks.ModelSpec(
+    "tiny", "a tiny MLP", "tiny.onnx", export, evaluate,
+    (benchmarks.Metric("cosine", lambda r: r["cosine"], True),), ((1, 1), (4, 1)),
+    calibration=lambda: [FEED], runs=2)
+METHODS = (
+    benchmarks.Method("jlcm-onnx 4-bit", "jlcm", {"bits": 4, "min_elements": 64}),
+    benchmarks.Method("jlcm-onnx 2-bit, calibrated", "jlcm", {"bits": 2, "min_elements": 64}, calibrated=True),
+    benchmarks.Method("ORT RTN 4-bit, block 32", "ort-nbits", {"algorithm": "rtn", "bits": 4, "block": 32}),
+    benchmarks.Method("ORT broken", "no-such-tool"),
+)
+
+
+def test_the_harness_runs_end_to_end_and_reports_failures_as_rows(tmp_path):
+    result = benchmarks.run_model(TINY, METHODS, tmp_path / "build", tmp_path, lambda text: None)
+    rows = {row["method"]: row for row in result["rows"]}
+    assert list(rows) == ["fp32 (original)", *(m.label for m in METHODS)]
+    assert rows["fp32 (original)"]["metrics"]["cosine"] > 0.9999 and rows["fp32 (original)"]["ratio"] == 1.0
+    for label in ("jlcm-onnx 4-bit", "jlcm-onnx 2-bit, calibrated", "ORT RTN 4-bit, block 32"):
+        row = rows[label]
+        assert row["ratio"] > 2 and 0.5 < row["metrics"]["cosine"] < 1.0, row
+        assert row["compress_seconds"] > 0 and len(row["latency_ms"]) == 2 and row["load_peak_mb"] > 0
+    assert rows["ORT broken"]["error"].startswith("ValueError: unknown tool")
+    assert not list(tmp_path.glob("tiny-*.onnx"))  # compressed files are not left behind
+
+    results = {"environment": benchmarks.environment(), "models": {"tiny": json.loads(json.dumps(result))}}
+    report = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_report(results, {"tiny": TINY}, report, tmp_path / "plots")
+    text = report.read_text()
+    assert "| jlcm-onnx 4-bit |" in text and "| ORT broken | failed: ValueError" in text
+    assert "ORT RTN 4-bit, block 32 (" in text and ("**wins**" in text or "**loses**" in text)
+    assert (tmp_path / "plots" / "tiny-pareto.png").stat().st_size > 1000
+
+
+def test_pareto_keeps_rows_no_smaller_row_beats():
+    metric = benchmarks.Metric("q", lambda r: r["q"], True)
+    rows = [{"method": name, "bytes": size, "metrics": {"q": q}}
+            for name, size, q in (("a", 10, 0.9), ("b", 20, 0.95), ("c", 30, 0.93), ("d", 5, 0.5))]
+    assert [r["method"] for r in benchmarks.pareto(rows, metric)] == ["a", "b", "d"]
