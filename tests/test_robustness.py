@@ -182,6 +182,31 @@ def test_external_data_inside_a_subfolder_is_read(tmp_path):
     assert digest(path.parent) == before
 
 
+def test_model_past_the_protobuf_limit_round_trips_through_external_data(tmp_path, monkeypatch):
+    """Past 2 GB (the limit lowered to 4 KB here) the input is read with its external data, checked and run from a
+    temporary file, and the output is written as a model file plus one external-data file beside it."""
+    monkeypatch.setattr(model_io, "INLINE_LIMIT_BYTES", 4096)
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((256, 128)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["X", "W"], ["Y"], name="fc")], [value("X", FLOAT, ["N", 256])],
+                       [value("Y", FLOAT, ["N", 128])], [tensor("W", weight)])
+    folder = tmp_path / "big"
+    folder.mkdir()
+    onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    before = digest(folder)
+    result = jlcm_onnx.compress(folder / "model.onnx", CONFIG)
+    assert result.report.original_file_bytes > 128 * 1024 and result.model.ByteSize() > 4096
+    output = tmp_path / "out" / "small.onnx"
+    output.parent.mkdir()
+    written = result.save(output)
+    assert sorted(p.name for p in output.parent.iterdir()) == ["small.onnx", "small.onnx.data"]
+    assert written == sum(p.stat().st_size for p in output.parent.iterdir())
+    assert digest(folder) == before
+    feeds = {"X": rng.standard_normal((4, 256)).astype(np.float32)}
+    expected = run(result.model, feeds)[0]
+    np.testing.assert_allclose(ort.InferenceSession(str(output)).run(None, feeds)[0], expected, rtol=1e-6, atol=1e-6)
+
+
 def test_missing_external_data_file(tmp_path):
     path = external_model(tmp_path / "m", "gone.bin")
     assert_refused(path, tmp_path, ModelError, "cannot read external data")
