@@ -28,26 +28,15 @@ import onnx
 from onnx import helper, numpy_helper
 from tqdm.auto import tqdm
 
-from jlcm_onnx.calibration import CalibrationData
-from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.passes.base import Pass, PassResult
-from jlcm_onnx.passes.collect_statistics import BATCH_SIZE
+from jlcm_onnx.passes.base import PassResult
+from jlcm_onnx.passes.collect_statistics import BATCH_SIZE, CalibrationPass
 from jlcm_onnx.passes.site_encoding import encode_site
-from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites, iter_graphs
-from jlcm_onnx.plan import CompressionPlan
+from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites, names_read_in_bodies
 from jlcm_onnx.statistics import WeightActivations, activation_inputs, collect_statistics
 
 
-class CalibrateSequentially(Pass):
+class CalibrateSequentially(CalibrationPass):
     """Fills ``plan.statistics`` and ``plan.encodings`` level by level; leaves the model unchanged."""
-
-    def __init__(
-        self, config: CompressionConfig, plan: CompressionPlan, data: CalibrationData, progress: bool = False
-    ) -> None:
-        self.config = config
-        self.plan = plan
-        self.data = data
-        self.progress = progress
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         row_axes = {site.name: axis for site in find_weight_sites(model)
@@ -85,7 +74,7 @@ def weight_levels(graph: onnx.GraphProto, inputs: dict[str, WeightActivations]) 
     depth: dict[str, int] = {}
     levels: dict[str, int] = {}
     for node in graph.node:
-        used = set(node.input) | _body_inputs(node)
+        used = set(node.input) | names_read_in_bodies(node)
         weights = [name for name in used if name in reads]
         for weight in weights:
             levels[weight] = max(levels.get(weight, 0), *(depth.get(tensor, 0) for tensor in reads[weight]))
@@ -93,14 +82,3 @@ def weight_levels(graph: onnx.GraphProto, inputs: dict[str, WeightActivations]) 
         for output in node.output:
             depth[output] = out
     return levels
-
-
-def _body_inputs(node: onnx.NodeProto) -> set[str]:
-    """Every tensor name read by the nodes of ``node``'s subgraphs (outer-scope names among them)."""
-    names: set[str] = set()
-    for attribute in node.attribute:
-        bodies = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-        for body in bodies:
-            for graph in iter_graphs(body):
-                names.update(name for n in graph.node for name in n.input)
-    return names

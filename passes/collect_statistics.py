@@ -20,8 +20,8 @@ from jlcm_onnx.statistics import collect_statistics
 BATCH_SIZE = 16
 
 
-class CollectStatistics(Pass):
-    """Fills ``plan.statistics`` from one onnxruntime pass over the calibration data; leaves the model unchanged."""
+class CalibrationPass(Pass):
+    """A pass that reads calibration data into the shared plan."""
 
     def __init__(
         self, config: CompressionConfig, plan: CompressionPlan, data: CalibrationData, progress: bool = False
@@ -30,6 +30,10 @@ class CollectStatistics(Pass):
         self.plan = plan
         self.data = data
         self.progress = progress
+
+
+class CollectStatistics(CalibrationPass):
+    """Fills ``plan.statistics`` from one onnxruntime pass over the calibration data; leaves the model unchanged."""
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         sites = find_weight_sites(model)

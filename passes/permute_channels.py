@@ -33,7 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from jlcm_onnx.errors import ModelError
-from jlcm_onnx.passes.weight_sites import FLOAT_TYPES, find_weight_sites, iter_graphs, weight_row_axis
+from jlcm_onnx.passes.weight_sites import FLOAT_TYPES, find_weight_sites, names_read_in_bodies, weight_row_axis
 
 #: Ops that act elementwise (with broadcasting) on all their inputs, so every output carries the permutation.
 ELEMENTWISE = frozenset({
@@ -137,7 +137,7 @@ class _GraphIndex:
             for index, name in enumerate(node.input):
                 if name:
                     self.consumers.setdefault(name, []).append((position, index))
-            for name in _nested_names(node):
+            for name in names_read_in_bodies(node):
                 self.nested_readers.setdefault(name, []).append(position)
         self.shapes = _inferred_shapes(model)
         self.shapes.update({name: tuple(proto.dims) for name, proto in self.constants.items()})
@@ -428,18 +428,6 @@ def _stored_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
                 if attribute.name == "value" and attribute.type == onnx.AttributeProto.TENSOR:
                     tensors[node.output[0]] = attribute.t
     return tensors
-
-
-def _nested_names(node: onnx.NodeProto) -> set[str]:
-    """Names read anywhere inside ``node``'s subgraphs (a superset of the outer-scope names they capture)."""
-    names: set[str] = set()
-    for attribute in node.attribute:
-        subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-        for subgraph in subgraphs:
-            for graph in iter_graphs(subgraph):
-                names.update(name for inner in graph.node for name in inner.input if name)
-                names.update(value.name for value in graph.output)
-    return names
 
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, Shape]:

@@ -125,6 +125,16 @@ def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
             yield from iter_graphs(subgraph)
 
 
+def names_read_in_bodies(node: onnx.NodeProto) -> set[str]:
+    """Names read anywhere inside ``node``'s subgraphs (a superset of the outer-scope names they capture)."""
+    names: set[str] = set()
+    for subgraph in _subgraphs(node):
+        for graph in iter_graphs(subgraph):
+            names.update(name for inner in graph.node for name in inner.input if name)
+            names.update(value.name for value in graph.output)
+    return names
+
+
 def weight_row_axis(consumer: Consumer, rank: int) -> int | None:
     """The output-row axis of the weight read by ``consumer``, or None if it does not read it as a weight."""
     node = consumer.node
