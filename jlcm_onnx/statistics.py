@@ -94,6 +94,16 @@ class LayerStatistics:
             return None
         return np.diagonal(self.gram, axis1=-2, axis2=-1) / max(self.count, 1)
 
+    def importance(self, rows: int) -> np.ndarray | None:
+        """``diag(H) / N`` of each weight's input column, for every one of ``rows`` output rows ([rows, cols]; per conv
+        group block for a grouped Conv), floored at 1e-12 of the largest so no weight is ignored; None without a
+        Gram. The weights of the encoder's importance-weighted k-means."""
+        mean_square = self.mean_square
+        if mean_square is None:
+            return None
+        blocks = mean_square.reshape(-1, mean_square.shape[-1])
+        return np.repeat(blocks, rows // blocks.shape[0], axis=0) + 1e-12 * float(blocks.max(initial=1.0))
+
     @property
     def conv_groups(self) -> int:
         """Number of per-group Grams (1 unless the weight is a grouped Conv's)."""

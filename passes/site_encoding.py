@@ -19,7 +19,6 @@ from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.learning import learn_layer
 from jlcm_onnx.passes.weight_sites import WeightSite, is_lone_table_gather
 from jlcm_onnx.plan import CompressionPlan
-from jlcm_onnx.statistics import LayerStatistics
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 FLOAT16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
@@ -63,7 +62,7 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
     row_decoded = is_lone_table_gather(site, row_axis)
     encoded = encode(
         matrix, choice.bits, plan.group_sizes(site.name, *matrix.shape), codebook_dtype(config, site, matrix),
-        config.kmeans_iterations, importance=_importance(statistics, matrix.shape),
+        config.kmeans_iterations, importance=None if statistics is None else statistics.importance(matrix.shape[0]),
         outlier_fraction=0.0 if row_decoded else choice.outlier_fraction,
     )
     learned = gram is not None and not encoded.multi_scaling
@@ -82,13 +81,3 @@ def codebook_dtype(config: CompressionConfig, site: WeightSite, matrix: np.ndarr
     if config.codebook_dtype == "float16" and (magnitude > FLOAT16_MAX or 0.0 < magnitude < FLOAT16_MIN_NORMAL * 1024):
         return np.dtype(np.float32)
     return np.dtype(config.codebook_dtype)
-
-
-def _importance(statistics: LayerStatistics | None, shape: tuple[int, int]) -> np.ndarray | None:
-    """``diag(H)`` of each weight's input column ([rows, cols]; per conv group for a grouped Conv), or None."""
-    mean_square = None if statistics is None else statistics.mean_square
-    if mean_square is None:
-        return None
-    rows, cols = shape
-    blocks = mean_square.reshape(-1, cols)
-    return np.repeat(blocks, rows // blocks.shape[0], axis=0) + 1e-12 * float(blocks.max(initial=1.0))
