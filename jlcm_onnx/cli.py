@@ -88,7 +88,8 @@ def main() -> None:
 @click.option("--sequential/--no-sequential", default=None,
               help="With --calibration: calibrate each level of layers with the earlier ones compressed  "
                    "[default: --no-sequential]")
-@click.option("--learning-steps", type=int, help="With --calibration: optimiser steps per layer  [default: 50]")
+@click.option("--learning-steps", type=int,
+              help="With --calibration: optimiser steps per layer after the init  [default: 0]")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_reporting_errors
