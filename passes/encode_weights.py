@@ -125,7 +125,7 @@ class EncodeWeights(Pass):
             compressed_bytes=decoder.stored_bytes,
             bits=encoded.bits,
             groups=len(encoded.group_sizes),
-            encoding=self.config.encoding + (f", learned ({self.config.mapping})" if learned else ""),
+            encoding=self.config.encoding + (f", learned ({_learning(self.config)})" if learned else ""),
             row_order=grouping.note if grouping is not None else None,
             outliers=int(encoded.outlier_index.size),
             sqnr_db=sqnr_db(matrix, encoded.decode()),
@@ -133,6 +133,12 @@ class EncodeWeights(Pass):
         )
         replaces = spec.gather_indices is not None or replaces_matmul
         return _Insertion(site.graph, anchor, activation, decoder, site, replaces), record
+
+
+def _learning(config: CompressionConfig) -> str:
+    """How the codes were learned, for the report: ``error-feedback`` or ``kmeans, 50 proximal steps``."""
+    steps = config.learning_steps
+    return config.init + (f", {steps} {config.mapping} step{'s' if steps > 1 else ''}" if steps else "")
 
 
 def _is_lone_matmul_weight(site: WeightSite, row_axis: int) -> bool:

@@ -310,7 +310,7 @@ def test_calibration_lowers_the_layer_output_error() -> None:
     data_free = jlcm_onnx.compress(model, config)
     learned = jlcm_onnx.compress(model, config, calibration=calibration)
     assert learned.report.compressed[0].compressed_bytes == data_free.report.compressed[0].compressed_bytes
-    assert "learned (proximal)" in learned.report.compressed[0].encoding
+    assert "learned (error-feedback)" in learned.report.compressed[0].encoding
 
     def error(result: jlcm_onnx.CompressionResult) -> float:
         return float(np.square(run(result.model, held_out)[0] - expected).sum() / np.square(expected).sum())
