@@ -18,7 +18,8 @@ SKIPPED = "skipped"
 
 @dataclass(frozen=True)
 class TensorRecord:
-    """One float tensor of the model and what happened to it."""
+    """One float tensor of the model and what happened to it (``layer_error``: with calibration, the layer's relative
+    output error on the calibration inputs, ``tr(ΔW H ΔW^T) / tr(W H W^T)``, see :mod:`jlcm_onnx.learning`)."""
 
     name: str
     consumers: tuple[str, ...]
@@ -34,6 +35,7 @@ class TensorRecord:
     row_order: str | None = None
     outliers: int | None = None
     sqnr_db: float | None = None
+    layer_error: float | None = None
     decode_gate: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from jlcm_onnx.codebook import sqnr_db
 from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.learning import layer_objective
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.passes.dequant_graph import (
     ConstantPool,
@@ -84,11 +85,14 @@ class EncodeWeights(Pass):
                 records.append(_record(site, SKIPPED, reason))
             else:
                 todo.append((site, row_axis))
-        for site, row_axis in tqdm(todo, desc="encoding", unit="tensor", disable=not self.progress, leave=False):
+        bar = tqdm(todo, desc="encoding", unit="tensor", disable=not self.progress, leave=False)
+        for site, row_axis in bar:
             pool = pools.setdefault(id(site.graph), ConstantPool(names))
             insertion, record = self._encode(site, row_axis, names, pool, constants)
             insertions.append(insertion)
             records.append(record)
+            if record.layer_error is not None:
+                bar.set_postfix_str(f"{site.name}: layer error {record.layer_error:.4f}")
         _apply(model.graph, insertions, pools, names)
         return PassResult(model, modified=bool(insertions), records=records)
 
@@ -129,6 +133,7 @@ class EncodeWeights(Pass):
             row_order=grouping.note if grouping is not None else None,
             outliers=int(encoded.outlier_index.size),
             sqnr_db=sqnr_db(matrix, encoded.decode()),
+            layer_error=layer_objective(matrix, encoded, self.plan.statistics[site.name].gram) if learned else None,
             decode_gate=_gate_description(spec, activation, len(boundaries) - 1 if replaces_matmul else 1),
         )
         replaces = spec.gather_indices is not None or replaces_matmul

@@ -311,6 +311,7 @@ def test_calibration_lowers_the_layer_output_error() -> None:
     learned = jlcm_onnx.compress(model, config, calibration=calibration)
     assert learned.report.compressed[0].compressed_bytes == data_free.report.compressed[0].compressed_bytes
     assert "learned (error-feedback)" in learned.report.compressed[0].encoding
+    assert 0 < learned.report.compressed[0].layer_error < 0.05 and data_free.report.compressed[0].layer_error is None
 
     def error(result: jlcm_onnx.CompressionResult) -> float:
         return float(np.square(run(result.model, held_out)[0] - expected).sum() / np.square(expected).sum())
