@@ -429,6 +429,28 @@ def test_outer_scope_weight_read_inside_a_loop_body_is_compressed(rng: np.random
                        [Weight("W", weight, 1)])
 
 
+def test_weights_inside_a_scan_body_and_read_from_outside_it_are_compressed(rng: np.random.Generator) -> None:
+    """``Scan`` over the rows of X: each step computes ``tanh(x_t @ Wi + h @ Wo)``; Wi is an initializer of the body,
+    Wo a main-graph weight read from inside it."""
+    inner, outer = randn(rng, 16, 16) * np.float32(0.3), randn(rng, 16, 16) * np.float32(0.3)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_t", "Wi"], ["a"]), helper.make_node("MatMul", ["h_in", "Wo"], ["b"]),
+         helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Tanh", ["c"], ["h_out"]),
+         helper.make_node("Identity", ["h_out"], ["y_t"])],
+        "scan_body", [value("h_in", FLOAT, [1, 16]), value("x_t", FLOAT, [1, 16])],
+        [value("h_out", FLOAT, [1, 16]), value("y_t", FLOAT, [1, 16])], [tensor("Wi", inner)],
+    )
+    model = make_model(
+        [helper.make_node("Scan", ["H0", "X"], ["H", "Y"], body=body, num_scan_inputs=1)],
+        [value("H0", FLOAT, [1, 16]), value("X", FLOAT, [5, 1, 16])], [value("Y", FLOAT, [5, 1, 16])],
+        [tensor("Wo", outer)],
+    )
+    model.graph.output.insert(0, value("H", FLOAT, [1, 16]))
+    feeds = {"H0": randn(rng, 1, 16), "X": randn(rng, 5, 1, 16)}
+    compress_and_check(model, feeds, CompressionConfig(bits=3, min_elements=64),
+                       [Weight("Wi", inner, 1), Weight("Wo", outer, 1)])
+
+
 # ------------------------------------------------------------------------------------------------------------ fp16
 
 
