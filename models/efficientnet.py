@@ -96,7 +96,6 @@ def export(path: Path) -> None:
     one used for tracing; a ``RuntimeError`` is raised if the max abs
     difference exceeds ``VERIFY_TOLERANCE``.
     """
-    import onnx
     import torch
 
     path = Path(path)
@@ -107,26 +106,7 @@ def export(path: Path) -> None:
     example = torch.from_numpy(images[:EXPORT_BATCH])
     dynamic_shapes = {"inputs": {0: torch.export.Dim("batch")}}
 
-    with torch.no_grad():
-        program = torch.onnx.export(
-            model,
-            (example,),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=dynamic_shapes,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
-    program.save(str(path), external_data=False)
-
-    # Keep the weights inside the .onnx file and drop the exporter's per-node debug metadata (Python stack traces
-    # with local paths, FX node dumps), which a deployed model does not carry.
-    proto = onnx.load(str(path))
-    for node in proto.graph.node:
-        del node.metadata_props[:]
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path), save_as_external_data=False)
+    model_cli.export_dynamo(model, (example,), path, [INPUT_NAME], [OUTPUT_NAME], dynamic_shapes)
 
     # Verify on images the export never saw, with a different batch size (the flipped copies come last).
     _verify(model, path, images[-VERIFY_BATCH:])
@@ -338,12 +318,8 @@ def evaluate(original: Path, compressed: Path) -> dict[str, Any]:
     images = load_images()
     logits_original = predict(make_session(original), images)
     logits_compressed = predict(make_session(compressed), images)
-    original_bytes = original.stat().st_size
-    compressed_bytes = compressed.stat().st_size
     return {
-        "original_bytes": original_bytes,
-        "compressed_bytes": compressed_bytes,
-        "ratio": original_bytes / compressed_bytes,
+        **model_cli.file_sizes(original, compressed),
         "num_images": int(images.shape[0]),
         **compare_logits(logits_original, logits_compressed),
     }

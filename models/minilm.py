@@ -98,7 +98,6 @@ def export(path: Path) -> None:
     sequence length than the one used for tracing; a ``RuntimeError`` is raised
     if the max abs difference exceeds ``VERIFY_TOLERANCE``.
     """
-    import onnx
     import torch
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
@@ -141,26 +140,7 @@ def export(path: Path) -> None:
     seq = torch.export.Dim("seq", max=512)
     dynamic_shapes = {name: {0: batch, 1: seq} for name in INPUT_NAMES}
 
-    with torch.no_grad():
-        program = torch.onnx.export(
-            wrapper,
-            args,
-            input_names=list(INPUT_NAMES),
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=dynamic_shapes,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
-    program.save(str(path), external_data=False)
-
-    # Keep the weights inside the .onnx file and drop the exporter's per-node debug metadata (Python stack traces
-    # with local paths, FX node dumps: ~0.6 MB), which a deployed model does not carry.
-    proto = onnx.load(str(path))
-    for node in proto.graph.node:
-        del node.metadata_props[:]
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path), save_as_external_data=False)
+    model_cli.export_dynamo(wrapper, args, path, INPUT_NAMES, [OUTPUT_NAME], dynamic_shapes)
 
     _verify(wrapper, path, export_seq_len=args[0].shape[1])
 
@@ -398,12 +378,8 @@ def evaluate(original: Path, compressed: Path) -> dict[str, Any]:
     sessions = make_session(original), make_session(compressed)
     emb_original, emb_compressed = (embed(session, everything) for session in sessions)
     cosines = np.sum(emb_original * emb_compressed, axis=1)
-    original_bytes = original.stat().st_size
-    compressed_bytes = compressed.stat().st_size
     result = {
-        "original_bytes": original_bytes,
-        "compressed_bytes": compressed_bytes,
-        "ratio": original_bytes / compressed_bytes,
+        **model_cli.file_sizes(original, compressed),
         "num_texts": len(texts),
         "mean_cosine": float(np.mean(cosines[: len(texts)])),
         "min_cosine": float(np.min(cosines[: len(texts)])),
@@ -431,11 +407,8 @@ def _format_summary(result: dict[str, Any]) -> str:
         f"(ratio {result['ratio']:.2f}x)",
         f"cosine:      mean {result['mean_cosine']:.6f}, min {result['min_cosine']:.6f} "
         f"over {result['num_texts']} texts",
-        f"{'metric':<18}{'original':>10}{'compressed':>12}{'delta':>10}",
+        *model_cli.metric_delta_lines(result["original"], result["compressed"]),
     ]
-    for key in result["original"]:
-        before, after = result["original"][key], result["compressed"][key]
-        lines.append(f"{key:<18}{before:>10.4f}{after:>12.4f}{after - before:>+10.4f}")
     return "\n".join(lines)
 
 

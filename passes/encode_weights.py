@@ -40,6 +40,7 @@ from jlcm_onnx.passes.weight_sites import (
     anchor_index,
     compressible_row_axis,
     find_weight_sites,
+    is_lone_matrix_input,
     is_lone_table_gather,
     iter_graphs,
 )
@@ -148,11 +149,7 @@ def _learning(config: CompressionConfig) -> str:
 
 def _is_lone_matmul_weight(site: WeightSite, row_axis: int) -> bool:
     """True when the weight is the [in, out] B of a single MatMul and nothing else reads it."""
-    if len(site.consumers) != 1 or len(site.shape) != 2 or row_axis != 1:
-        return False
-    consumer = site.consumers[0]
-    return (consumer.graph is site.graph and consumer.node.op_type == "MatMul" and consumer.input_index == 1
-            and consumer.node.input[0] != site.name)
+    return row_axis == 1 and is_lone_matrix_input(site, row_axis, "MatMul", 1)
 
 
 def _gate_description(spec: DecodeSpec, activation: str | None, blocks: int) -> str:

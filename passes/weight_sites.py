@@ -186,10 +186,16 @@ def anchor_index(site: WeightSite) -> int:
     return min(positions)
 
 
-def is_lone_table_gather(site: WeightSite, row_axis: int) -> bool:
-    """True when the weight is a [rows, cols] table read only by one Gather along its rows."""
-    if len(site.consumers) != 1 or len(site.shape) != 2 or row_axis != 0:
+def is_lone_matrix_input(site: WeightSite, row_axis: int, op_type: str, input_index: int) -> bool:
+    """True when the [rows, cols] weight has one reader, an ``op_type`` node of its own graph that reads it as input
+    ``input_index`` only and finds its rows along ``row_axis`` (the axis ``row_axis`` is checked against)."""
+    if len(site.consumers) != 1 or len(site.shape) != 2:
         return False
     consumer = site.consumers[0]
-    return (consumer.graph is site.graph and consumer.node.op_type == "Gather" and consumer.input_index == 0
-            and consumer.node.input[1] != site.name)
+    return (consumer.graph is site.graph and consumer.node.op_type == op_type and consumer.input_index == input_index
+            and list(consumer.node.input).count(site.name) == 1 and weight_row_axis(consumer, 2) == row_axis)
+
+
+def is_lone_table_gather(site: WeightSite, row_axis: int) -> bool:
+    """True when the weight is a [rows, cols] table read only by one Gather along its rows."""
+    return row_axis == 0 and is_lone_matrix_input(site, row_axis, "Gather", 0)
