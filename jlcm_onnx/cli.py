@@ -20,9 +20,10 @@ from jlcm_onnx.calibration import DEFAULT_SAMPLES, load_calibration
 from jlcm_onnx.compress import compress, save
 from jlcm_onnx.config import CODEBOOK_DTYPES, ENCODINGS, INITS, MAPPINGS, CompressionConfig
 from jlcm_onnx.describe import describe_model
+from jlcm_onnx.devices import DEVICES, execution_providers
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.model_io import check_destination
-from jlcm_onnx.verify import DEVICES, execution_providers, verify
+from jlcm_onnx.verify import verify
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 
@@ -90,11 +91,13 @@ def main() -> None:
                    "[default: --no-sequential]")
 @click.option("--learning-steps", type=int,
               help="With --calibration: optimiser steps per layer after the init  [default: 0]")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+              help="With --calibration: where onnxruntime collects statistics and torch learns.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_reporting_errors
 def compress_command(model: Path, output: Path, config_file: Path | None, calibration: Path | None,
-                     calibration_samples: int, as_json: bool, quiet: bool, **overrides: Any) -> None:
+                     calibration_samples: int, device: str, as_json: bool, quiet: bool, **overrides: Any) -> None:
     """Compress MODEL and write the result to OUTPUT."""
     check_destination(output, protect=model)
     config = CompressionConfig.from_file(config_file) if config_file else CompressionConfig()
@@ -103,7 +106,7 @@ def compress_command(model: Path, output: Path, config_file: Path | None, calibr
     data = None
     if calibration is not None:
         data = load_calibration(calibration, model, samples=calibration_samples, seed=config.seed)
-    result = compress(model, config, calibration=data, progress=not quiet)
+    result = compress(model, config, calibration=data, progress=not quiet, device=device)
     save(result, output)
     if as_json:
         click.echo(result.report.to_json())

@@ -18,8 +18,9 @@ import onnx
 
 from jlcm_onnx.calibration import DEFAULT_SAMPLES, CalibrationData, load_calibration
 from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.devices import DEVICES, execution_providers, torch_device
 from jlcm_onnx.distortion import estimate_errors
-from jlcm_onnx.errors import JlcmError
+from jlcm_onnx.errors import ConfigError, JlcmError
 from jlcm_onnx.model_io import (
     check_input,
     check_output,
@@ -80,6 +81,7 @@ def compress(
     calibration: Any = None,
     *,
     progress: bool = False,
+    device: str = "cpu",
 ) -> CompressionResult:
     """Compresses the float weights of an ONNX model into codebooks and bit-packed indices.
 
@@ -90,6 +92,8 @@ def compress(
             are used, drawn with the config's seed): codebooks and mappings are then learned per layer to minimise the
             layer's output error. None compresses data-free.
         progress: show a progress bar on stderr.
+        device: ``"cpu"`` or ``"cuda"``: where calibration runs in onnxruntime and the learning in torch (checked
+            first: asking for CUDA without it is a :class:`JlcmError`).
 
     Returns:
         The compressed model (valid ONNX, loads in stock onnxruntime) and its report.
@@ -103,6 +107,11 @@ def compress(
     config = config or CompressionConfig()
     if not isinstance(config, CompressionConfig):
         raise JlcmError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    if device not in DEVICES:
+        raise ConfigError("device", device, f"one of {', '.join(DEVICES)}")
+    if calibration is not None:  # fail before any work when the device cannot run
+        execution_providers(device)
+        torch_device(device)
     started = time.perf_counter()
     source, original_bytes = load_model(model)
     check_input(source, config)
@@ -113,10 +122,10 @@ def compress(
         data = load_calibration(calibration, source, samples=samples, seed=config.seed)
     notes = [note for note in (quantization_note(source),) if note]
     if config.target is None:
-        plan = CompressionPlan(config)
+        plan = CompressionPlan(config, device=device)
         working, records = _run(source, config, plan, progress, data)
     else:
-        working, records, plan, note = _run_to_target(source, original_bytes, config, progress, data)
+        working, records, plan, note = _run_to_target(source, original_bytes, config, progress, data, device)
         notes.append(note)
     if data is not None:
         mode = "sequential" if config.sequential else "on the float model"
@@ -160,6 +169,7 @@ def _run_to_target(
     config: CompressionConfig,
     progress: bool,
     data: CalibrationData | None = None,
+    device: str = "cpu",
 ) -> tuple[onnx.ModelProto, list[TensorRecord], CompressionPlan, str]:
     """Compresses with per-tensor bits and groups chosen to meet the config's size target within 1%.
 
@@ -183,7 +193,7 @@ def _run_to_target(
     errors = estimate_errors(source, config, progress)
     choices = plan_for_budget(shapes, int(aim - fixed), config, errors)
     for attempt in range(MAX_TARGET_RUNS):
-        plan = CompressionPlan(config, choices=choices)
+        plan = CompressionPlan(config, choices=choices, device=device)
         working, records = _run(source, config, plan, progress, data)
         achieved = sum(r.compressed_bytes or 0 for r in records) if fixed == 0 else working.ByteSize()
         if 0.99 * goal <= achieved <= goal:

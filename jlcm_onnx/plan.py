@@ -41,7 +41,8 @@ class RowGrouping:
 class CompressionPlan:
     """Per-tensor choices (absent: the config's bits and groups), row groupings (absent: equal contiguous groups),
     calibration statistics (absent: data-free, k-means codebooks only), the encodings already made by sequential
-    calibration (absent: the encoder makes them) and how many onnxruntime passes the calibration ran."""
+    calibration (absent: the encoder makes them), how many onnxruntime passes the calibration ran, and the device
+(``"cpu"`` or ``"cuda"``) of the calibration runs and the learning."""
 
     config: CompressionConfig
     choices: dict[str, TensorChoice] = field(default_factory=dict)
@@ -49,6 +50,7 @@ class CompressionPlan:
     statistics: dict[str, LayerStatistics] = field(default_factory=dict)
     encodings: dict[str, EncodedMatrix] = field(default_factory=dict)
     calibration_passes: int = 0
+    device: str = "cpu"
 
     def choice(self, weight: str) -> TensorChoice:
         choice = self.choices.get(weight, TensorChoice(self.config.bits, self.config.groups))

@@ -37,11 +37,10 @@ import onnx
 import onnxruntime as ort
 
 from jlcm_onnx.calibration import CalibrationData, CalibrationSource, load_calibration, model_inputs, read_graph
-from jlcm_onnx.errors import ConfigError, JlcmError, ModelError
+from jlcm_onnx.errors import ConfigError, ModelError
 from jlcm_onnx.report import align_columns, format_bytes
 from jlcm_onnx.runtime import inference_session
 
-DEVICES = ("cpu", "cuda")
 SYMBOLIC_BATCH, SYMBOLIC_OTHER = 1, 16
 TOKEN_IDS = 100
 
@@ -129,19 +128,6 @@ class VerifyReport:
                      f"({slower:.2f}x; median of {self.repeats}, {self.threads} threads, {', '.join(self.providers)})")
         lines.append(f"inputs: {self.samples} samples ({self.data})")
         return "\n".join(lines)
-
-
-def execution_providers(device: str) -> list[str]:
-    """onnxruntime providers for ``device`` ("cpu" or "cuda"); raises :class:`JlcmError` when CUDA is not installed."""
-    if device not in DEVICES:
-        raise ConfigError("device", device, f"one of {', '.join(DEVICES)}")
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" not in available:
-        raise JlcmError(f"device cuda: this onnxruntime has no CUDAExecutionProvider (it has {', '.join(available)}); "
-                        "install onnxruntime-gpu")
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def verify(

@@ -28,6 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 from tqdm.auto import tqdm
 
+from jlcm_onnx.devices import execution_providers
 from jlcm_onnx.passes.base import PassResult
 from jlcm_onnx.passes.collect_statistics import BATCH_SIZE, CalibrationPass
 from jlcm_onnx.passes.site_encoding import encode_site
@@ -54,7 +55,8 @@ class CalibrateSequentially(CalibrationPass):
                           leave=False):
             names = by_level[level]
             self.plan.statistics.update(
-                collect_statistics(working, names, self.data.batches(BATCH_SIZE), inputs=measured))
+                collect_statistics(working, names, self.data.batches(BATCH_SIZE), inputs=measured,
+                                   providers=execution_providers(self.plan.device)))
             self.plan.calibration_passes += 1
             for name in names:
                 site, row_axis = sites[name], row_axes[name]

@@ -11,6 +11,7 @@ import onnx
 
 from jlcm_onnx.calibration import CalibrationData
 from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.devices import execution_providers
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
 from jlcm_onnx.plan import CompressionPlan
@@ -39,6 +40,7 @@ class CollectStatistics(CalibrationPass):
         sites = find_weight_sites(model)
         names = [site.name for site in sites if compressible_row_axis(site, self.config)[0] is not None]
         self.plan.statistics.update(
-            collect_statistics(model, names, self.data.batches(BATCH_SIZE), progress=self.progress))
+            collect_statistics(model, names, self.data.batches(BATCH_SIZE), progress=self.progress,
+                               providers=execution_providers(self.plan.device)))
         self.plan.calibration_passes += 1
         return PassResult(model, modified=False)

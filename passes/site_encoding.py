@@ -68,7 +68,7 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
     learned = gram is not None and not encoded.multi_scaling
     if learned:
         encoded = learn_layer(matrix, encoded, gram, mapping=config.mapping, init=config.init,
-                              steps=config.learning_steps, seed=config.seed).encoded
+                              steps=config.learning_steps, seed=config.seed, device=plan.device).encoded
     return SiteEncoding(matrix, encoded, restore, learned)
 
 

@@ -373,3 +373,11 @@ def test_fold_at_load_gives_same_outputs(tmp_path: Path) -> None:
     for keep in (True, False):
         session = jlcm_onnx.inference_session(path, keep_compressed=keep)
         np.testing.assert_allclose(session.run(None, FEEDS)[0], run(result.model, FEEDS)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_device_is_checked_before_any_work(monkeypatch) -> None:
+    with pytest.raises(jlcm_onnx.ConfigError, match="device"):
+        jlcm_onnx.compress(two_layer_model(), CONFIG, device="gpu")
+    monkeypatch.setattr("onnxruntime.get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(JlcmError, match="CUDAExecutionProvider"):
+        jlcm_onnx.compress(two_layer_model(), CONFIG, calibration=[FEEDS], device="cuda")
