@@ -50,6 +50,8 @@ BUILD = ROOT / "build"
 RESULTS = ROOT / "bench" / "results" / "benchmarks.json"
 REPORT = ROOT / "BENCHMARKS.md"
 MB = 1e6
+#: A file less than this many times smaller than fp32 counts as "left as it is" in the win/lose lines.
+UNCOMPRESSED_RATIO = 1.05
 
 
 @dataclass(frozen=True)
@@ -303,6 +305,10 @@ def verdicts(spec: ModelSpec, result: dict[str, Any]) -> list[str]:
     ours = [r for r in rows if r["method"].startswith("jlcm")]
     lines = []
     for peer in (r for r in rows if r["method"].startswith("ORT")):
+        if peer["ratio"] < UNCOMPRESSED_RATIO:
+            lines.append(f"- {peer['method']}: leaves this model (almost) as it is ({peer['ratio']:.2f}x): it finds "
+                         "next to nothing it can quantize.")
+            continue
         fits = [r for r in ours if r["bytes"] <= peer["bytes"]]
         if not fits:
             lines.append(f"- {peer['method']} ({peer['bytes'] / MB:.2f} MB): no jlcm-onnx row is this small.")
