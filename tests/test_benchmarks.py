@@ -70,6 +70,9 @@ def test_the_harness_runs_end_to_end_and_reports_failures_as_rows(tmp_path):
     assert "| jlcm-onnx 4-bit |" in text and "| ORT broken | failed: ValueError" in text
     assert "ORT RTN 4-bit, block 32 (" in text and ("**wins**" in text or "**loses**" in text)
     assert (tmp_path / "plots" / "tiny-pareto.png").stat().st_size > 1000
+    table = benchmarks.headline_table(results, {"tiny": TINY})
+    assert "| tiny | jlcm-onnx 4-bit |" in table and "| tiny | ORT RTN 4-bit, block 32 |" in table
+    assert "calibrated" not in table  # not a headline row
 
 
 def test_pareto_keeps_rows_no_smaller_row_beats():
