@@ -16,7 +16,8 @@ calibrated where the model has calibration data apart from its evaluation data),
 ``MatMulNBitsQuantizer`` (RTN and HQQ, 4 and 2 bits, blocks of 32 and 128, RTN also with Gather/embeddings) and
 ``quantize_dynamic`` int8. A method that fails on a model gets a row saying why, never a silent gap.
 
-Run: ``python bench/benchmarks.py`` (all models; ``--models minilm efficientnet``, ``--methods`` substrings to pick;
+Run: ``python bench/benchmarks.py`` (all models; ``--models minilm efficientnet``, ``--methods`` substrings to pick,
+``--report-only`` to rewrite the reports from the JSON;
 about an hour on 2 cores, most of it SmolLM2). Writes ``BENCHMARKS.md``, ``bench/results/benchmarks.json`` and
 ``bench/results/<model>-pareto.png``; merges into the existing JSON, so models can be run one at a time.
 """
@@ -394,13 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=[], help="keep only methods whose label contains one of these")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the reports from the JSON, run nothing")
     args = parser.parse_args(argv)
+    models = [] if args.report_only else args.models
     methods = tuple(m for m in METHODS if not args.methods or any(s in m.label for s in args.methods))
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
-    results["environment"] = environment()
-    specs = {name: factory() for name, factory in MODELS.items() if name in args.models or name in results["models"]}
+    results["environment"] = results.get("environment") if args.report_only else environment()
+    specs = {name: factory() for name, factory in MODELS.items() if name in models or name in results["models"]}
     with tempfile.TemporaryDirectory(dir=BUILD if BUILD.exists() else None) as workdir:
-        for name in args.models:
+        for name in models:
             results["models"][name] = run_model(specs[name], methods, BUILD, Path(workdir),
                                                 lambda text: print(text, flush=True))
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
