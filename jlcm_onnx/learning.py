@@ -2,8 +2,9 @@
 
 A weight ``W`` [rows, cols] (rows = output neurons) is approximated by ``W^[r, j] = C[g(r), I[r, j]]`` (codebooks
 ``C`` [G, K] of contiguous row groups, codes ``I``), except for the dense-and-sparse outliers, kept exactly. With the
-Gram ``H = X X^T`` of the layer's input activations (damped as GPTQ does, ``H + 1e-2 * mean(diag H) * Id``, so the
-problem stays well posed; ``H = Id`` without data, i.e. plain weight MSE) the objective is the relative output error::
+Gram ``H = X X^T`` of the layer's input activations (damped, ``H + 0.3 * mean(diag H) * Id``: well posed, and pulled
+towards plain weight MSE so it generalises beyond the calibration data, see ``DAMPING``; ``H = Id`` without data) the
+objective is the relative output error::
 
     L(C, I) = tr(ΔW H ΔW^T) / tr(W H W^T),     ΔW = W - W^   (ΔW = 0 at outliers up to their storage rounding)
 
@@ -63,8 +64,10 @@ import torch
 from jlcm_onnx.codebook import EncodedMatrix
 from jlcm_onnx.kmeans import nearest_codes
 
-#: GPTQ's damping: ``H + DAMPING * mean(diag H) * Id``.
-DAMPING = 1e-2
+#: Damping ``H + DAMPING * mean(diag H) * Id``: 30x GPTQ's 1e-2, a pull towards plain weight MSE that generalises
+#: beyond the calibration texts. all-MiniLM-L6-v2, 128 calibration sentences, fidelity over 1,555 texts: 3 bits 0.916
+#: (1e-2), 0.922 (0.1), 0.922 (0.3), 0.919 (1.0); with the size planner at the same file size 0.942, 0.947, 0.949.
+DAMPING = 0.3
 #: Ridge of the closed-form codebook solve, relative to the mean diagonal of the normal matrix.
 RIDGE = 1e-6
 #: One-hot blocks of the closed-form solve hold at most this many float64 elements (64 MB).
