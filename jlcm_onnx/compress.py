@@ -18,9 +18,9 @@ import onnx
 
 from jlcm_onnx.calibration import DEFAULT_SAMPLES, CalibrationData, load_calibration
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.devices import DEVICES, execution_providers, torch_device
+from jlcm_onnx.devices import check_device, execution_providers, torch_device
 from jlcm_onnx.distortion import estimate_errors
-from jlcm_onnx.errors import ConfigError, JlcmError
+from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.model_io import (
     check_input,
     check_output,
@@ -107,8 +107,7 @@ def compress(
     config = config or CompressionConfig()
     if not isinstance(config, CompressionConfig):
         raise JlcmError(f"config must be a CompressionConfig, got {type(config).__name__}")
-    if device not in DEVICES:
-        raise ConfigError("device", device, f"one of {', '.join(DEVICES)}")
+    check_device(device)
     if calibration is not None:  # fail before any work when the device cannot run
         execution_providers(device)
         torch_device(device)

@@ -12,7 +12,7 @@ DEVICES = ("cpu", "cuda")
 
 def execution_providers(device: str) -> list[str]:
     """onnxruntime providers for ``device``; raises :class:`JlcmError` when CUDA is not installed."""
-    _check(device)
+    check_device(device)
     if device == "cpu":
         return ["CPUExecutionProvider"]
     available = ort.get_available_providers()
@@ -24,7 +24,7 @@ def execution_providers(device: str) -> list[str]:
 
 def torch_device(device: str) -> str:
     """The torch device for ``device``; raises :class:`JlcmError` when torch has no CUDA."""
-    _check(device)
+    check_device(device)
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -32,6 +32,7 @@ def torch_device(device: str) -> str:
     return device
 
 
-def _check(device: str) -> None:
+def check_device(device: str) -> None:
+    """Raises :class:`ConfigError` unless ``device`` is one of :data:`DEVICES`."""
     if device not in DEVICES:
         raise ConfigError("device", device, f"one of {', '.join(DEVICES)}")

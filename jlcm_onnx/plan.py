@@ -41,14 +41,15 @@ class RowGrouping:
 class CompressionPlan:
     """Per-tensor choices (absent: the config's bits and groups), row groupings (absent: equal contiguous groups),
     calibration statistics (absent: data-free, k-means codebooks only), the encodings already made by sequential
-    calibration (absent: the encoder makes them), how many onnxruntime passes the calibration ran, and the device
-(``"cpu"`` or ``"cuda"``) of the calibration runs and the learning."""
+    calibration (absent: the encoder makes them) with the layer errors their learning reached, how many onnxruntime
+    passes the calibration ran, and the device (``"cpu"`` or ``"cuda"``) of the calibration runs and the learning."""
 
     config: CompressionConfig
     choices: dict[str, TensorChoice] = field(default_factory=dict)
     groupings: dict[str, RowGrouping] = field(default_factory=dict)
     statistics: dict[str, LayerStatistics] = field(default_factory=dict)
     encodings: dict[str, EncodedMatrix] = field(default_factory=dict)
+    layer_errors: dict[str, float] = field(default_factory=dict)
     calibration_passes: int = 0
     device: str = "cpu"
 

@@ -48,6 +48,7 @@ class CalibrateSequentially(CalibrationPass):
         working = onnx.ModelProto()
         working.CopyFrom(model)
         sites = {site.name: site for site in find_weight_sites(working)}
+        providers = execution_providers(self.plan.device)
         by_level = defaultdict(list)
         for name, level in weight_levels(working.graph, measured).items():
             by_level[level].append(name)
@@ -55,13 +56,14 @@ class CalibrateSequentially(CalibrationPass):
                           leave=False):
             names = by_level[level]
             self.plan.statistics.update(
-                collect_statistics(working, names, self.data.batches(BATCH_SIZE), inputs=measured,
-                                   providers=execution_providers(self.plan.device)))
+                collect_statistics(working, names, self.data.batches(BATCH_SIZE), inputs=measured, providers=providers))
             self.plan.calibration_passes += 1
             for name in names:
                 site, row_axis = sites[name], row_axes[name]
                 encoding = encode_site(site, row_axis, self.config, self.plan)
                 self.plan.encodings[name] = encoding.encoded
+                if encoding.layer_error is not None:
+                    self.plan.layer_errors[name] = encoding.layer_error
                 decoded = encoding.decoded_weight(site.shape, row_axis)
                 dtype = helper.tensor_dtype_to_np_dtype(site.tensor.data_type)
                 site.tensor.CopyFrom(numpy_helper.from_array(decoded.astype(dtype), site.tensor.name))

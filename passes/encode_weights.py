@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from jlcm_onnx.codebook import sqnr_db
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.learning import layer_objective
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.passes.dequant_graph import (
     ConstantPool,
@@ -101,8 +100,7 @@ class EncodeWeights(Pass):
         self, site: WeightSite, row_axis: int, names: NameAllocator, pool: ConstantPool, constants: set[str]
     ) -> tuple[_Insertion, TensorRecord]:
         site_encoding = encode_site(site, row_axis, self.config, self.plan)
-        matrix, encoded, restore, learned = (site_encoding.matrix, site_encoding.encoded, site_encoding.restore,
-                                             site_encoding.learned)
+        matrix, encoded, restore = site_encoding.matrix, site_encoding.encoded, site_encoding.restore
         row_decoded = is_lone_table_gather(site, row_axis)
         grouping = self.plan.groupings.get(site.name)
         anchor = anchor_index(site)
@@ -130,11 +128,11 @@ class EncodeWeights(Pass):
             compressed_bytes=decoder.stored_bytes,
             bits=encoded.bits,
             groups=len(encoded.group_sizes),
-            encoding=self.config.encoding + (f", learned ({_learning(self.config)})" if learned else ""),
+            encoding=self.config.encoding + (f", learned ({_learning(self.config)})" if site_encoding.learned else ""),
             row_order=grouping.note if grouping is not None else None,
             outliers=int(encoded.outlier_index.size),
             sqnr_db=sqnr_db(matrix, encoded.decode()),
-            layer_error=layer_objective(matrix, encoded, self.plan.statistics[site.name].gram) if learned else None,
+            layer_error=site_encoding.layer_error,
             decode_gate=_gate_description(spec, activation, len(boundaries) - 1 if replaces_matmul else 1),
         )
         replaces = spec.gather_indices is not None or replaces_matmul

@@ -27,12 +27,14 @@ FLOAT16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
 @dataclass(frozen=True)
 class SiteEncoding:
     """``matrix`` (float32, rows in stored order), its ``encoded`` form, ``restore`` (the permutation back to the
-    original row order, ``None`` when rows are stored in order) and whether the codes were ``learned`` from data."""
+    original row order, ``None`` when rows are stored in order), whether the codes were ``learned`` from data and then
+    the ``layer_error``, the layer objective reached (see :mod:`jlcm_onnx.learning`)."""
 
     matrix: np.ndarray
     encoded: EncodedMatrix
     restore: np.ndarray | None
     learned: bool
+    layer_error: float | None = None
 
     def decoded_weight(self, shape: tuple[int, ...], row_axis: int) -> np.ndarray:
         """The decoded weight in the layout of the original tensor (float32)."""
@@ -57,7 +59,8 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
     restore = None if stored_order is None else np.argsort(stored_order)
     encoded = plan.encodings.get(site.name)
     if encoded is not None:  # encoded (and learned) earlier in this run, by the sequential calibration
-        return SiteEncoding(matrix, encoded, restore, gram is not None and not encoded.multi_scaling)
+        error = plan.layer_errors.get(site.name)
+        return SiteEncoding(matrix, encoded, restore, error is not None, error)
     encode = encode_scaled_matrix if config.encoding == "multi-scaling" else encode_matrix
     row_decoded = is_lone_table_gather(site, row_axis)
     encoded = encode(
@@ -65,11 +68,11 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
         config.kmeans_iterations, importance=None if statistics is None else statistics.importance(matrix.shape[0]),
         outlier_fraction=0.0 if row_decoded else choice.outlier_fraction,
     )
-    learned = gram is not None and not encoded.multi_scaling
-    if learned:
-        encoded = learn_layer(matrix, encoded, gram, mapping=config.mapping, init=config.init,
-                              steps=config.learning_steps, seed=config.seed, device=plan.device).encoded
-    return SiteEncoding(matrix, encoded, restore, learned)
+    if gram is None or encoded.multi_scaling:
+        return SiteEncoding(matrix, encoded, restore, False)
+    result = learn_layer(matrix, encoded, gram, mapping=config.mapping, init=config.init, steps=config.learning_steps,
+                         seed=config.seed, device=plan.device)
+    return SiteEncoding(matrix, result.encoded, restore, True, result.final_objective)
 
 
 def codebook_dtype(config: CompressionConfig, site: WeightSite, matrix: np.ndarray) -> np.dtype:
