@@ -80,3 +80,12 @@ def test_pareto_keeps_rows_no_smaller_row_beats():
     rows = [{"method": name, "bytes": size, "metrics": {"q": q}}
             for name, size, q in (("a", 10, 0.9), ("b", 20, 0.95), ("c", 30, 0.93), ("d", 5, 0.5))]
     assert [r["method"] for r in benchmarks.pareto(rows, metric)] == ["a", "b", "d"]
+
+
+def test_a_partial_rerun_replaces_only_its_own_rows_in_method_order():
+    first, second = (m.label for m in benchmarks.METHODS[:2])
+    previous = [{"method": "fp32 (original)", "bytes": 1}, {"method": second, "bytes": 2},
+                {"method": "a method since removed", "bytes": 3}]
+    fresh = [{"method": "fp32 (original)", "bytes": 10}, {"method": first, "bytes": 20}]
+    merged = benchmarks.merge_rows(previous, fresh)
+    assert [(row["method"], row["bytes"]) for row in merged] == [("fp32 (original)", 10), (first, 20), (second, 2)]
