@@ -65,6 +65,8 @@ def main() -> None:
 @click.option("--groups", type=int, help="Codebooks per tensor over contiguous output rows  [default: one per row]")
 @click.option("--encoding", type=click.Choice(ENCODINGS),
               help="One codebook per group, or one shared codebook and a scale per group  [default: multi-codebook]")
+@click.option("--block-size", type=int,
+              help="Also a scale and an offset per block of this many inputs (+32/B bits per weight)  [default: none]")
 @click.option("--reorder/--no-reorder", default=None,
               help="With --groups: cluster rows by distribution into contiguous groups  [default: --reorder]")
 @click.option("--min-elements", type=int, help="Leave smaller weights as they are  [default: 1024]")

@@ -11,6 +11,21 @@ weight keeps a b-bit index ``I[r, j]``. Memory cost in bits (METHOD.md section 2
 the k-means, so a few huge weights no longer drag the outermost codewords away from the bulk of the row.
 
 Groups of equal size are solved together by the batched Lloyd k-means of :mod:`jlcm_onnx.kmeans`.
+
+*Input blocks* (``block_size = B``): every row is also cut into blocks of B consecutive inputs, and each block gets a
+scale and an offset (codebook dtype) on top of its row group's codebook, which then holds normalised values::
+
+    W^[r, j] = s[r, j // B] * C[g(r), I[r, j]] + m[r, j // B]        + 2 * bits(codebook dtype) * rows * ceil(cols / B)
+
+Blocks start at their min/max (``m = min``, ``s = max - min``, so normalised weights lie in [0, 1] and the codebook
+starts at the uniform levels ``k / (K - 1)``: round-to-nearest on a grid per block), then alternate ``refinements``
+times: Lloyd k-means of the normalised weights ``(w - m) / s`` with importance ``h * s^2`` (the error in weight space),
+and the weighted least-squares ``(s, m)`` of each block given its codewords ``c = C[I]``::
+
+    [sum h c^2, sum h c; sum h c, sum h] [s; m] = [sum h c w; sum h w]
+
+Weights that came from blocks of uniform levels (GGUF Q4_1 and the like) are reproduced exactly at those bits, which
+per-row codebooks alone cannot do when the scale changes every B inputs.
 """
 
 from __future__ import annotations
@@ -36,6 +51,22 @@ class EncodedMatrix:
     outlier_values: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float16))
     scales: np.ndarray | None = None
     shared_codebook: np.ndarray | None = None
+    block_size: int | None = None
+    block_scales: np.ndarray | None = None
+    block_offsets: np.ndarray | None = None
+
+    @property
+    def blocked(self) -> bool:
+        """True when input blocks carry a scale and an offset (``block_scales`` and ``block_offsets`` [rows,
+        ceil(cols / block_size)], codebook dtype)."""
+        return self.block_size is not None
+
+    def block_affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and offset of every weight [rows, cols] (float64; ones and zeros without input blocks)."""
+        if self.block_size is None:
+            return np.ones(self.codes.shape), np.zeros(self.codes.shape)
+        return tuple(expand_blocks(a.astype(np.float64), self.codes.shape[1], self.block_size)
+                     for a in (self.block_scales, self.block_offsets))
 
     @property
     def multi_scaling(self) -> bool:
@@ -58,9 +89,12 @@ class EncodedMatrix:
             raise ValueError(f"rows [{start}, {stop}) do not start and end at group boundaries")
         cols = self.codes.shape[1]
         keep = (self.outlier_index >= start * cols) & (self.outlier_index < stop * cols)
+        blocks = {} if self.block_size is None else dict(
+            block_size=self.block_size, block_scales=self.block_scales[start:stop],
+            block_offsets=self.block_offsets[start:stop])
         return EncodedMatrix(self.codebooks[first:last], self.codes[start:stop], self.group_sizes[first:last],
                              self.outlier_index[keep] - start * cols, self.outlier_values[keep],
-                             None if self.scales is None else self.scales[first:last], self.shared_codebook)
+                             None if self.scales is None else self.scales[first:last], self.shared_codebook, **blocks)
 
     def block_boundaries(self, max_weights: int) -> list[int]:
         """Group-aligned row boundaries cutting the matrix into blocks of about ``max_weights`` weights or fewer."""
@@ -74,8 +108,16 @@ class EncodedMatrix:
     def decode(self) -> np.ndarray:
         """``W^`` [rows, cols] in float32."""
         decoded = np.take_along_axis(self.row_codebooks().astype(np.float32), self.codes.astype(np.intp), axis=1)
+        if self.block_size is not None:
+            scale, offset = self.block_affine()
+            decoded = (decoded * scale.astype(np.float32) + offset.astype(np.float32)).astype(np.float32)
         decoded.reshape(-1)[self.outlier_index] = self.outlier_values
         return decoded
+
+
+def expand_blocks(per_block: np.ndarray, cols: int, block_size: int) -> np.ndarray:
+    """A per-block array [rows, ceil(cols / B)] repeated over the columns of each block: [rows, cols]."""
+    return np.repeat(per_block, block_size, axis=1)[:, :cols]
 
 
 def equal_group_sizes(rows: int, groups: int | None) -> tuple[int, ...]:
@@ -93,9 +135,12 @@ def encode_matrix(
     max_iterations: int = 100,
     importance: np.ndarray | None = None,
     outlier_fraction: float = 0.0,
+    block_size: int | None = None,
+    refinements: int = 3,
 ) -> EncodedMatrix:
     """k-means codebooks of ``2**bits`` values for each contiguous row group of ``matrix`` [rows, cols], keeping the
-    ``outlier_fraction`` of weights farthest from their row mean aside (see the module docstring)."""
+    ``outlier_fraction`` of weights farthest from their row mean aside, and with ``block_size`` a scale and an offset
+    per block of inputs fitted ``refinements`` times (see the module docstring)."""
     rows, cols = matrix.shape
     if sum(group_sizes) != rows:
         raise ValueError(f"group sizes {group_sizes} do not cover {rows} rows")
@@ -103,6 +148,34 @@ def encode_matrix(
     if outliers.size:
         importance = np.ones(matrix.shape) if importance is None else importance.copy()
         importance.reshape(-1)[outliers] = 0.0
+    sizes = tuple(int(s) for s in group_sizes)
+    kept = dict(outlier_index=outliers, outlier_values=matrix.reshape(-1)[outliers].astype(codebook_dtype))
+    if block_size is None:
+        codebooks, codes = _fit_groups(matrix, importance, sizes, bits, codebook_dtype, max_iterations)
+        return EncodedMatrix(codebooks=codebooks, codes=codes, group_sizes=sizes, **kept)
+    weights = np.ones(matrix.shape) if importance is None else importance.astype(np.float64)
+    values = matrix.astype(np.float64)
+    scales, offsets = _min_max_blocks(values, weights, block_size, codebook_dtype)
+    codebooks = np.tile(np.linspace(0.0, 1.0, 1 << bits), (len(sizes), 1))
+    for refinement in range(refinements + 1):
+        scale, offset = (expand_blocks(a.astype(np.float64), cols, block_size) for a in (scales, offsets))
+        normalized = (values - offset) / np.where(scale > 0, scale, 1.0)
+        codebooks, codes = _fit_groups(normalized, weights * scale**2, sizes, bits, codebook_dtype, max_iterations,
+                                       start=codebooks.astype(np.float64))
+        if refinement < refinements:
+            picked = np.repeat(codebooks.astype(np.float64), sizes, axis=0)[np.arange(rows)[:, None], codes]
+            scales, offsets = _least_squares_blocks(values, weights, picked, block_size, scales, offsets,
+                                                    codebook_dtype)
+    return EncodedMatrix(codebooks=codebooks, codes=codes, group_sizes=sizes, block_size=block_size,
+                         block_scales=scales, block_offsets=offsets, **kept)
+
+
+def _fit_groups(
+    values: np.ndarray, importance: np.ndarray | None, group_sizes: tuple[int, ...], bits: int,
+    codebook_dtype: np.dtype, max_iterations: int, start: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Codebooks [G, 2**bits] and uint8 codes [rows, cols] of every contiguous row group of ``values``."""
+    rows, cols = values.shape
     codebooks = np.zeros((len(group_sizes), 1 << bits), dtype=codebook_dtype)
     codes = np.zeros(rows * cols, dtype=np.uint8)
     sizes = np.asarray(group_sizes)
@@ -110,15 +183,54 @@ def encode_matrix(
     flat_importance = None if importance is None else importance.reshape(-1)
     for members in _size_buckets(sizes):
         element = np.concatenate([np.arange(starts[g] * cols, (starts[g] + sizes[g]) * cols) for g in members])
-        values, weights, slots = _padded_groups(matrix.reshape(-1)[element],
+        padded, weights, slots = _padded_groups(values.reshape(-1)[element],
                                                 None if flat_importance is None else flat_importance[element],
                                                 sizes[members] * cols)
-        fitted = fit_codebooks(values, bits, codebook_dtype, weights, max_iterations)
+        fitted = fit_codebooks(padded, bits, codebook_dtype, weights, max_iterations,
+                               None if start is None else start[members])
         codebooks[members] = fitted.values
         codes[element] = fitted.codes.reshape(-1)[slots]
-    return EncodedMatrix(codebooks=codebooks, codes=codes.reshape(rows, cols),
-                         group_sizes=tuple(int(s) for s in group_sizes),
-                         outlier_index=outliers, outlier_values=matrix.reshape(-1)[outliers].astype(codebook_dtype))
+    return codebooks, codes.reshape(rows, cols)
+
+
+def _blocks(values: np.ndarray, block_size: int, fill: float) -> np.ndarray:
+    """[rows, cols] -> [rows, ceil(cols / B), B], the last block padded with ``fill``."""
+    rows, cols = values.shape
+    count = -(-cols // block_size)
+    padded = np.full((rows, count * block_size), fill, dtype=np.float64)
+    padded[:, :cols] = values
+    return padded.reshape(rows, count, block_size)
+
+
+def _min_max_blocks(
+    values: np.ndarray, weights: np.ndarray, block_size: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(s, m) = (max - min, min)`` of every block over its weights of non-zero importance (0 and 0 when none)."""
+    counted = weights > 0
+    low = _blocks(np.where(counted, values, np.inf), block_size, np.inf).min(axis=2)
+    high = _blocks(np.where(counted, values, -np.inf), block_size, -np.inf).max(axis=2)
+    empty = ~np.isfinite(low)
+    offsets = np.where(empty, 0.0, low).astype(dtype)
+    scales = np.where(empty, 0.0, high - offsets.astype(np.float64)).astype(dtype)
+    return scales, offsets
+
+
+def _least_squares_blocks(
+    values: np.ndarray, weights: np.ndarray, picked: np.ndarray, block_size: int,
+    scales: np.ndarray, offsets: np.ndarray, dtype: np.dtype,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The weighted least-squares ``(s, m)`` of every block for its codewords ``picked`` (see the module docstring);
+    a block whose system is singular, or whose scale would turn negative, keeps its current pair."""
+    h, c, w = (_blocks(a, block_size, 0.0) for a in (weights, picked, values))
+    shc, sh, shcc = (h * c).sum(2), h.sum(2), (h * c * c).sum(2)
+    shcw, shw = (h * c * w).sum(2), (h * w).sum(2)
+    determinant = shcc * sh - shc**2
+    usable = determinant > 1e-12 * np.maximum(shcc * sh, 1e-300)
+    safe = np.where(usable, determinant, 1.0)
+    fit_scale = (sh * shcw - shc * shw) / safe
+    fit_offset = (shcc * shw - shc * shcw) / safe
+    usable &= fit_scale >= 0
+    return (np.where(usable, fit_scale, scales).astype(dtype), np.where(usable, fit_offset, offsets).astype(dtype))
 
 
 def _size_buckets(sizes: np.ndarray) -> list[np.ndarray]:

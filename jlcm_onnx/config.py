@@ -36,6 +36,11 @@ class CompressionConfig:
             every output row its own (the default, and the most accurate).
         encoding: ``"multi-codebook"`` (a codebook of ``2**bits`` values per group) or ``"multi-scaling"`` (one
             codebook shared by all groups of a tensor, and a scale per group: cheaper when groups are small).
+        block_size: when set, every row is also cut into blocks of this many consecutive inputs and each block gets
+            a scale and an offset (codebook dtype) on top of its row group's codebook, which then holds normalised
+            values: ``32 / block_size`` more bits per weight (fp16), for weights whose scale changes along the
+            input axis (a model dequantised from GGUF blocks, say). With it, ``groups=1`` (one normalised codebook
+            per tensor) is usually the best use of the bytes. Multi-codebook encoding only.
         reorder: with ``groups`` set, cluster output rows by distribution and re-order them so each cluster is a
             contiguous group, folding the permutation into the next layer (outputs unchanged).
         min_elements: weights with fewer elements are left as they are.
@@ -79,6 +84,7 @@ class CompressionConfig:
     bits: int = 4
     groups: int | None = None
     encoding: str = "multi-codebook"
+    block_size: int | None = None
     reorder: bool = True
     min_elements: int = 1024
     op_types: tuple[str, ...] = tuple(WEIGHT_SLOTS)
@@ -100,6 +106,8 @@ class CompressionConfig:
         _check_int(self, "bits", 1, MAX_BITS)
         if self.groups is not None:
             _check_int(self, "groups", 1, None)
+        if self.block_size is not None:
+            _check_int(self, "block_size", 2, None)
         _check_int(self, "min_elements", 1, None)
         _check_int(self, "kmeans_iterations", 1, None)
         _check_int(self, "seed", 0, None)
@@ -121,6 +129,9 @@ class CompressionConfig:
             raise ConfigError("op_types", list(self.op_types), f"a non-empty subset of {list(WEIGHT_SLOTS)}")
         if self.encoding not in ENCODINGS:
             raise ConfigError("encoding", self.encoding, f"one of {list(ENCODINGS)}")
+        if self.block_size is not None and self.encoding == "multi-scaling":
+            raise ConfigError("block_size", self.block_size, "unset with encoding 'multi-scaling' (input blocks "
+                              "scale per-group codebooks)")
         for name in ("reorder", "sequential"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "true or false")

@@ -61,15 +61,17 @@ def lloyd(
     num_codes: int,
     importance: torch.Tensor | None = None,
     max_iterations: int = 100,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sorted k-means codebooks [G, K] (float64) of each row of ``values`` [G, m], weighted by ``importance`` [G, m]."""
+    """Sorted k-means codebooks [G, K] (float64) of each row of ``values`` [G, m], weighted by ``importance`` [G, m],
+    from the quantile start or from the sorted codebooks ``start`` [G, K]."""
     values = values.to(torch.float64)
     sorted_values, order = values.sort(dim=1)
     weights = torch.ones_like(values) if importance is None else importance.to(torch.float64).gather(1, order)
     zero = torch.zeros(values.shape[0], 1, dtype=torch.float64)
     mass_prefix = torch.cat([zero, weights.cumsum(dim=1)], dim=1)
     moment_prefix = torch.cat([zero, (weights * sorted_values).cumsum(dim=1)], dim=1)
-    codebooks = _quantile_init(sorted_values, mass_prefix, num_codes)
+    codebooks = _quantile_init(sorted_values, mass_prefix, num_codes) if start is None else start.to(torch.float64)
     edges = None
     for _ in range(max_iterations):
         new_edges = _cell_edges(sorted_values, codebooks)
@@ -99,15 +101,18 @@ def fit_codebooks(
     codebook_dtype: np.dtype,
     importance: np.ndarray | None = None,
     max_iterations: int = 100,
+    start: np.ndarray | None = None,
 ) -> Codebooks:
-    """Codebooks of 2**bits values in ``codebook_dtype`` for each row of ``values`` [G, m], with the nearest codes.
+    """Codebooks of 2**bits values in ``codebook_dtype`` for each row of ``values`` [G, m], with the nearest codes
+    (Lloyd from the quantiles, or from the sorted codebooks ``start`` [G, 2**bits]).
 
     Codes are assigned against the codebook *after* rounding to ``codebook_dtype``, so they are optimal for what the
     decoder will read.
     """
     tensor = torch.from_numpy(np.asarray(values, dtype=np.float64))
     weights = None if importance is None else torch.from_numpy(np.asarray(importance, dtype=np.float64))
-    codebooks = lloyd(tensor, 1 << bits, weights, max_iterations)
+    first = None if start is None else torch.from_numpy(np.asarray(start, dtype=np.float64))
+    codebooks = lloyd(tensor, 1 << bits, weights, max_iterations, first)
     rounded = torch.from_numpy(codebooks.numpy().astype(codebook_dtype).astype(np.float64))
     rounded = rounded.sort(dim=1).values
     codes = nearest_codes(tensor, rounded)

@@ -47,6 +47,12 @@ Each run does ``steps`` Adam steps with a cosine schedule and refits the codeboo
 worse than its starting point. ``init="error-feedback"`` starts from GPTQ codes (:func:`error_feedback_codes`,
 column by column, error propagated with the Cholesky factor of ``H^-1``) followed by a closed-form codebook refit.
 
+**Input blocks.** With a scale and an offset per block of inputs (``W^ = S ⊙ C[I] + M``, S and M the per-block values
+repeated over their block) the scales and offsets stay as the data-free fit set them, and everything above runs in
+the codebook's normalised space: the one-hot matrix ``E_r`` carries ``S_r`` (the codebook step solves for ``c_g`` in
+``W_r - M_r = diag(S_r) E_r c_g``), latents live next to the normalised codewords and get the straight-through
+gradient times ``S``, and the error-feedback codes quantise ``(w - m) / s`` column by column.
+
 Multi-scaling encodings (``scales`` set) are not supported: :func:`learn_layer` raises ``NotImplementedError``.
 Deterministic on CPU: no random draws are made (``seed`` seeds torch for future stochastic options), and the same
 inputs give the same bytes.
@@ -115,8 +121,11 @@ class _Layer:
         self.learnable = torch.ones(self.rows * self.cols, dtype=torch.bool, device=self.device)
         self.learnable[self.outlier_index] = False
         self.learnable = self.learnable.view(self.rows, self.cols)
-        # W - o: the target of the codebook part (outlier positions carry W minus the stored value, ~0).
-        self.target = self.weight.clone()
+        scale, offset = encoded.block_affine()
+        self.scale = torch.as_tensor(scale, device=self.device)
+        self.offset = torch.as_tensor(offset, device=self.device)
+        # W - M - o: the target of the codebook part (outlier positions carry W minus the stored value, ~0).
+        self.target = self.weight - self.offset
         self.target.view(-1)[self.outlier_index] -= self.outlier_values
         self.norm = float(sum((self._block(self.weight, q) @ self.grams[q] * self._block(self.weight, q)).sum()
                               for q in range(self.grams.shape[0])))
@@ -125,8 +134,12 @@ class _Layer:
     def _block(self, tensor: torch.Tensor, q: int) -> torch.Tensor:
         return tensor[q * self.per_block:(q + 1) * self.per_block]
 
+    def codewords(self, books: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """``C[g(r), I[r, j]]``: the codewords picked, in the codebook's (normalised, with input blocks) space."""
+        return books[self.group_of_row].gather(1, codes)
+
     def decode(self, books: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        decoded = books[self.group_of_row].gather(1, codes)
+        decoded = self.codewords(books, codes) * self.scale + self.offset
         decoded.view(-1)[self.outlier_index] = self.outlier_values
         return decoded
 
@@ -146,7 +159,7 @@ class _Layer:
             for start in range(q * self.per_block, (q + 1) * self.per_block, step):
                 stop = min(start + step, (q + 1) * self.per_block)
                 onehot = torch.zeros(stop - start, num_codes, self.cols, dtype=torch.float64, device=self.device)
-                onehot.scatter_(1, codes[start:stop, None, :], self.learnable[start:stop, None, :].to(torch.float64))
+                onehot.scatter_(1, codes[start:stop, None, :], (self.learnable * self.scale)[start:stop, None, :])
                 weighted = (onehot.reshape(-1, self.cols) @ self.grams[q]).view_as(onehot)
                 rows_normal = torch.bmm(weighted, onehot.transpose(1, 2))
                 rows_rhs = torch.bmm(weighted, self.target[start:stop, :, None])[..., 0]
@@ -227,6 +240,7 @@ def error_feedback_codes(
     *,
     outlier_index: np.ndarray | None = None,
     outlier_values: np.ndarray | None = None,
+    block_affine: tuple[np.ndarray, np.ndarray] | None = None,
     block: int = 128,
 ) -> np.ndarray:
     """GPTQ-style codes (uint8 [rows, cols]) for fixed ``codebooks`` [G, K] (indices into them as given).
@@ -234,7 +248,8 @@ def error_feedback_codes(
     Columns are quantised in order, each weight to the nearest codeword of its row's codebook, and the error of column
     j, divided by ``U[j, j]``, is propagated to the later columns through row j of ``U``, the upper Cholesky factor of
     ``H^-1`` (damped H); columns are processed in blocks of ``block`` with a lazy update of the rest. Outliers are
-    "quantised" to their stored values and their error propagated too.
+    "quantised" to their stored values and their error propagated too. With ``block_affine`` (the scale and offset of
+    every weight, [rows, cols] each) a weight is quantised to ``s * C[k] + m``.
     """
     rows, cols = matrix.shape
     grams = damped_gram(gram, cols)
@@ -252,6 +267,9 @@ def error_feedback_codes(
         exact[index] = True
         stored[index] = torch.as_tensor(np.asarray(outlier_values, dtype=np.float64))
     exact, stored = exact.view(rows, cols), stored.view(rows, cols)
+    scale, offset = (torch.ones(rows, cols, dtype=torch.float64), torch.zeros(rows, cols, dtype=torch.float64)) \
+        if block_affine is None else (torch.as_tensor(a, dtype=torch.float64) for a in block_affine)
+    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.zeros(rows, cols, dtype=torch.int64)
     for q in range(grams.shape[0]):
         upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(grams[q])), upper=True)
@@ -262,9 +280,10 @@ def error_feedback_codes(
             chunk = work[:, start:stop].clone()
             errors = torch.zeros_like(chunk)
             for j in range(stop - start):
-                column = chunk[:, j]
-                index = nearest_codes(column[:, None].contiguous(), part_books)[:, 0]
-                quantized = part_books.gather(1, index[:, None])[:, 0]
+                column, at = chunk[:, j], start + j
+                normalized = (column - offset[part, at]) / divisor[part, at]
+                index = nearest_codes(normalized[:, None].contiguous(), part_books)[:, 0]
+                quantized = part_books.gather(1, index[:, None])[:, 0] * scale[part, at] + offset[part, at]
                 quantized = torch.where(exact[part, start + j], stored[part, start + j], quantized)
                 codes[part, start + j] = index
                 error = (column - quantized) / upper[start + j, start + j]
@@ -318,10 +337,11 @@ def learn_layer(
     initial_objective = layer.objective(layer.decode(books, codes))[0]
     if init == "error-feedback":
         ef = error_feedback_codes(matrix, books.cpu().numpy(), initial.group_sizes, gram,
-                                  outlier_index=initial.outlier_index, outlier_values=initial.outlier_values)
+                                  outlier_index=initial.outlier_index, outlier_values=initial.outlier_values,
+                                  block_affine=initial.block_affine() if initial.blocked else None)
         codes = torch.as_tensor(ef.astype(np.int64), device=layer.device)
         books, codes = layer.refit(books, codes, dtype)
-    latent = layer.decode(books, codes)
+    latent = layer.codewords(books, codes)
     num_codes = books.shape[1]
     gap = ((books[:, -1] - books[:, 0]) / max(num_codes - 1, 1))[layer.group_of_row][:, None]
     gap = torch.where(gap > 0, gap, torch.full_like(gap, 1e-8))
@@ -343,11 +363,11 @@ def learn_layer(
         if mapping != "frozen":
             row_books = books[layer.group_of_row]
             if mapping == "proximal":
-                parameter.grad = gradient * gap
+                parameter.grad = gradient * layer.scale * gap
             else:
                 upper = row_books.gather(1, (codes + 1).clamp(max=num_codes - 1))
                 lower = row_books.gather(1, (codes + 1).clamp(max=num_codes - 1) - 1)
-                parameter.grad = gradient * (upper - lower)
+                parameter.grad = gradient * layer.scale * (upper - lower)
             optimizer.step()
             schedule.step()
             with torch.no_grad():
@@ -356,14 +376,14 @@ def learn_layer(
                 else:
                     codes = parameter.round().clamp(0, num_codes - 1).to(torch.int64)
         if (step + 1) % refit_every == 0 or step + 1 == steps:
-            old_values = layer.decode(books, codes)
+            old_values = layer.codewords(books, codes)
             old = codes
             books, codes = layer.refit(books, codes, dtype)
             with torch.no_grad():
                 if mapping == "naive":
                     parameter += (codes - old).to(torch.float64)
                 elif mapping == "proximal":  # each latent moves with its codeword, so the refit changes no code
-                    latent = latent + (layer.decode(books, codes) - old_values)
+                    latent = latent + (layer.codewords(books, codes) - old_values)
     final_objective, books, codes = best
     return LearnedLayer(encoded=_encoded(initial, books, codes), trace=trace,
                         initial_objective=initial_objective, final_objective=final_objective)

@@ -2,8 +2,9 @@
 
 The stored bytes of a tensor of n weights in ``rows`` output rows, at b bits with G groups, are (METHOD.md section 2)::
 
-    cost(b, G) = packed(n, b) + codebook(b, G) + maps(G) + outliers + decoder(b)
+    cost(b, G) = packed(n, b) + codebook(b, G) + maps(G) + outliers + blocks + decoder(b)
     codebook   = c * G * 2^b   (multi-codebook)      or   c * (2^b + G)   (multi-scaling)      c = codebook bytes
+    blocks     = 2 * c * rows * ceil(cols / B)   with input blocks of B (a scale and an offset each), else 0
     maps       = row-to-group and stored-order maps when 1 < G < rows and rows are re-ordered (an upper bound)
     decoder    = the serialized decoder nodes, which depend on b through the number of byte planes (measured)
 
@@ -33,6 +34,8 @@ MAX_OUTLIER_FRACTION = 0.02
 
 #: Serialized bytes of one weight's decoder nodes by bits (measured on a MatMul weight; L = 8/gcd(b, 8) code planes).
 DECODER_BYTES = {1: 2900, 2: 1900, 3: 4400, 4: 1400, 5: 5100, 6: 3100, 7: 5800, 8: 1000}
+#: Serialized bytes of the input-block scale-and-offset nodes of one decoder (measured).
+BLOCK_DECODER_BYTES = 600
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,11 @@ def tensor_cost(shape: WeightShape, choice: TensorChoice, config: CompressionCon
     maps = shape.rows * (3 if groups <= 256 else 4) if 1 < groups < shape.rows and config.reorder else 0
     fraction = config.outlier_fraction if choice.outlier_fraction is None else choice.outlier_fraction
     outliers = 0 if shape.row_decoded else round(fraction * shape.size) * (4 + shape.codebook_bytes)
-    return packed + codebooks + maps + outliers + DECODER_BYTES[choice.bits] + 3 * len(shape.name)
+    blocks = 0
+    if config.block_size is not None:
+        blocks = 2 * shape.codebook_bytes * shape.rows * -(-(shape.size // shape.rows) // config.block_size)
+        blocks += BLOCK_DECODER_BYTES
+    return packed + codebooks + maps + outliers + blocks + DECODER_BYTES[choice.bits] + 3 * len(shape.name)
 
 
 def total_cost(shapes: list[WeightShape], choices: dict[str, TensorChoice], config: CompressionConfig) -> int:

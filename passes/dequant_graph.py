@@ -9,6 +9,10 @@ Stored per weight: ``packed``, uint8 byte planes of the codes at exactly b bits 
     C_rows = C[g(r)]                                              [rows, K]   (C itself, Expand, or Gather)
     W^     = GatherElements(C_rows, codes, axis=1)                [rows, cols] -> Reshape/Transpose to W's layout
 
+With input blocks of B, ``W^`` is then padded to whole blocks, viewed as [rows, cols / B, B], multiplied by the block
+scales [rows, cols / B, 1] and shifted by the offsets (broadcast), and viewed back (Pad/Slice only when B does not
+divide cols).
+
 When the output rows are W's last axis (MatMul's B [in, out]) codes are stored in W's own order [cols, rows] and
 ``W^ = GatherElements(C_rows^T, codes, axis=0)``, which needs no transpose of the decoded weight.
 
@@ -204,11 +208,12 @@ def _weight_decoder(b: _Builder, spec: DecodeSpec, gate: str | None) -> None:
     if spec.rows_last:
         codes = b.op("Reshape", [codes, b.shape(stored.shape)])
         table = b.op("Transpose", [row_codebooks], perm=[1, 0])
-        decoded = _with_outliers(b, spec, b.op("GatherElements", [table, codes], axis=0))
-        _finish(b, _restored(b, decoded, axis=1), spec.shape, perm=None)
+        decoded = _block_affine(b, spec, b.op("GatherElements", [table, codes], axis=0))
+        _finish(b, _restored(b, _with_outliers(b, spec, decoded), axis=1), spec.shape, perm=None)
         return
     codes = b.op("Reshape", [codes, b.shape(stored.shape)])
-    decoded = _with_outliers(b, spec, b.op("GatherElements", [row_codebooks, codes], axis=1))
+    decoded = _block_affine(b, spec, b.op("GatherElements", [row_codebooks, codes], axis=1))
+    decoded = _with_outliers(b, spec, decoded)
     decoded = _restored(b, decoded, axis=0)
     others = [i for i in range(len(spec.shape)) if i != spec.row_axis]
     moved_shape = tuple(spec.shape[i] for i in [spec.row_axis, *others])
@@ -219,6 +224,33 @@ def _weight_decoder(b: _Builder, spec: DecodeSpec, gate: str | None) -> None:
 def _restored(b: _Builder, decoded: str, axis: int) -> str:
     """Puts re-ordered rows back in their original order (a no-op without ``spec.restore``)."""
     return decoded if b.spec.restore is None else b.op("Gather", [decoded, b.restore_index()], axis=axis)
+
+
+def _block_affine(b: _Builder, spec: DecodeSpec, decoded: str, ids: str | None = None) -> str:
+    """``s * C[I] + m`` per block of inputs (a no-op without input blocks); the decoded matrix is [rows, cols], or
+    [cols, rows] when rows are W's last axis, or the rows picked by ``ids`` (the row decoder)."""
+    encoded = spec.encoded
+    if not encoded.blocked:
+        return decoded
+    rows, cols = encoded.codes.shape
+    size = encoded.block_size
+    count = -(-cols // size)
+    if spec.rows_last:
+        axis, blocked, flat, stored_shape = 0, [count, size, rows], [count * size, rows], (count, 1, rows)
+    else:
+        axis, blocked, flat, stored_shape = 1, [-1, count, size], [-1, count * size], (rows, count, 1)
+    per_block = [b.stored(part, (array.T if spec.rows_last else array).reshape(stored_shape))
+                 for part, array in (("block_scales", encoded.block_scales), ("block_offsets", encoded.block_offsets))]
+    if ids is not None:
+        per_block = [b.op("Gather", [name, ids], axis=0) for name in per_block]
+    if helper.np_dtype_to_tensor_dtype(encoded.block_scales.dtype) != spec.dtype:
+        per_block = [b.op("Cast", [name], to=spec.dtype) for name in per_block]
+    pad = count * size - cols
+    if pad:
+        decoded = b.op("Pad", [decoded, b.shape([0, 0, pad, 0] if axis == 0 else [0, 0, 0, pad])])
+    scaled = b.op("Add", [b.op("Mul", [b.op("Reshape", [decoded, b.shape(blocked)]), per_block[0]]), per_block[1]])
+    scaled = b.op("Reshape", [scaled, b.shape(flat)])
+    return b.op("Slice", [scaled, b.shape([0]), b.shape([cols]), b.shape([axis])]) if pad else scaled
 
 
 def _with_outliers(b: _Builder, spec: DecodeSpec, decoded: str) -> str:
@@ -263,7 +295,7 @@ def _row_decoder(b: _Builder, spec: DecodeSpec) -> None:
     picked = b.op("Gather", [packed, flat_ids], axis=0)
     codes = _unpack(b, picked, layout, cols, rows=True)
     row_codebooks = b.op("Gather", [_row_codebooks(b, spec), flat_ids], axis=0)
-    decoded = b.op("GatherElements", [row_codebooks, codes], axis=1)
+    decoded = _block_affine(b, spec, b.op("GatherElements", [row_codebooks, codes], axis=1), flat_ids)
     out_shape = b.op("Concat", [b.op("Shape", [ids]), b.shape([cols])], axis=0)
     b.op("Reshape", [decoded, out_shape], spec.output)
 

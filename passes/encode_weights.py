@@ -128,7 +128,8 @@ class EncodeWeights(Pass):
             compressed_bytes=decoder.stored_bytes,
             bits=encoded.bits,
             groups=len(encoded.group_sizes),
-            encoding=self.config.encoding + (f", learned ({_learning(self.config)})" if site_encoding.learned else ""),
+            encoding=self.config.encoding + (f", input blocks of {encoded.block_size}" if encoded.blocked else "")
+            + (f", learned ({_learning(self.config)})" if site_encoding.learned else ""),
             row_order=grouping.note if grouping is not None else None,
             outliers=int(encoded.outlier_index.size),
             sqnr_db=sqnr_db(matrix, encoded.decode()),

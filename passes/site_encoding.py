@@ -67,6 +67,7 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
         matrix, choice.bits, plan.group_sizes(site.name, *matrix.shape), codebook_dtype(config, site, matrix),
         config.kmeans_iterations, importance=None if statistics is None else statistics.importance(matrix.shape[0]),
         outlier_fraction=0.0 if row_decoded else choice.outlier_fraction,
+        **({} if config.block_size is None else {"block_size": config.block_size}),
     )
     if gram is None or encoded.multi_scaling:
         return SiteEncoding(matrix, encoded, restore, False)

@@ -62,6 +62,14 @@ def matmul_model(weight: np.ndarray, batch: int | str = "N", name: str = "W") ->
     )
 
 
+def correlated_inputs(samples: int, cols: int, seed: int) -> np.ndarray:
+    """Inputs that mostly live in a few directions, as real activations do: far from what weight MSE assumes."""
+    directions = np.random.default_rng(0)
+    mixing = directions.standard_normal((8, cols)) * 3 + directions.standard_normal((1, cols))
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((samples, 8)) @ mixing + 0.1 * rng.standard_normal((samples, cols))).astype(np.float32)
+
+
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -15,7 +15,7 @@ from onnx import helper
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig, JlcmError, ModelError, OutputError
 
-from conftest import FLOAT, make_model, matmul_model, model_hash, run, tensor, value
+from conftest import FLOAT, correlated_inputs, make_model, matmul_model, model_hash, run, tensor, value
 
 CONFIG = CompressionConfig(bits=3, min_elements=64)
 
@@ -288,14 +288,6 @@ def test_empty_graph_raises_model_error() -> None:
     model = helper.make_model(helper.make_graph([], "empty", [], []), opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(ModelError):
         jlcm_onnx.compress(model, CONFIG)
-
-
-def correlated_inputs(samples: int, cols: int, seed: int) -> np.ndarray:
-    """Inputs that mostly live in a few directions, as real activations do: far from what weight MSE assumes."""
-    directions = np.random.default_rng(0)
-    mixing = directions.standard_normal((8, cols)) * 3 + directions.standard_normal((1, cols))
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((samples, 8)) @ mixing + 0.1 * rng.standard_normal((samples, cols))).astype(np.float32)
 
 
 def test_calibration_lowers_the_layer_output_error() -> None:

@@ -62,6 +62,7 @@ def test_config_file_and_flag_override(model_path: Path, tmp_path: Path) -> None
     [
         (["--bits", "9"], "config field 'bits' = 9"),
         (["--groups", "0"], "config field 'groups' = 0"),
+        (["--block-size", "1"], "config field 'block_size' = 1"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(model_path: Path, tmp_path: Path, args: list[str], message: str) -> None:
