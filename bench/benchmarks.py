@@ -12,7 +12,9 @@ Every method turns the same fp32 ONNX file into a smaller one; every file is the
   latency at batch 1 and at a larger batch.
 
 Methods: jlcm-onnx at 4, 3 and 2 bits (one codebook per output row; 3 bits also per tensor and multi-scaling;
-calibrated where the model has calibration data apart from its evaluation data), onnxruntime's
+calibrated where the model has calibration data apart from its evaluation data; one codebook per tensor with a scale
+and an offset per block of 32 inputs; the size planner choosing bits and groups per tensor for a 4x and a 6x smaller
+file), onnxruntime's
 ``MatMulNBitsQuantizer`` (RTN and HQQ, 4 and 2 bits, blocks of 32 and 128, RTN also with Gather/embeddings) and
 ``quantize_dynamic`` int8. A method that fails on a model gets a row saying why, never a silent gap.
 
@@ -103,6 +105,12 @@ METHODS: tuple[Method, ...] = (
     Method("jlcm-onnx 3-bit, multi-scaling", "jlcm", {"bits": 3, "encoding": "multi-scaling"}),
     Method("jlcm-onnx 4-bit, calibrated", "jlcm", {"bits": 4}, calibrated=True),
     Method("jlcm-onnx 3-bit, calibrated", "jlcm", {"bits": 3}, calibrated=True),
+    Method("jlcm-onnx 4-bit, input blocks of 32", "jlcm", {"bits": 4, "groups": 1, "block_size": 32}),
+    Method("jlcm-onnx 3-bit, input blocks of 32", "jlcm", {"bits": 3, "groups": 1, "block_size": 32}),
+    Method("jlcm-onnx 3-bit, input blocks of 32, calibrated", "jlcm", {"bits": 3, "groups": 1, "block_size": 32},
+           calibrated=True),
+    Method("jlcm-onnx, size planner at 4x", "jlcm", {"target_ratio": 4.0}),
+    Method("jlcm-onnx, size planner at 6x", "jlcm", {"target_ratio": 6.0}),
     Method("ORT RTN 4-bit, block 32", "ort-nbits", {"algorithm": "rtn", "bits": 4, "block": 32}),
     Method("ORT RTN 4-bit, block 128", "ort-nbits", {"algorithm": "rtn", "bits": 4, "block": 128}),
     Method("ORT RTN 4-bit, block 32, with Gather", "ort-nbits",
@@ -366,6 +374,8 @@ def plot(spec: ModelSpec, result: dict[str, Any], path: Path) -> None:
 
 #: The rows quoted in README.md, per model.
 HEADLINE = ("fp32 (original)", "jlcm-onnx 4-bit", "jlcm-onnx 3-bit", "jlcm-onnx 3-bit, calibrated",
+            "jlcm-onnx 4-bit, input blocks of 32", "jlcm-onnx 3-bit, input blocks of 32, calibrated",
+            "jlcm-onnx, size planner at 4x", "jlcm-onnx, size planner at 6x",
             "ORT RTN 4-bit, block 32", "ORT HQQ 4-bit, block 32", "ORT quantize_dynamic int8")
 
 

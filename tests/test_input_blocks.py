@@ -96,3 +96,16 @@ def test_learning_with_blocks_lowers_the_layer_objective() -> None:
 def test_bad_block_settings(changes: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         CompressionConfig(**changes)
+
+
+def test_column_blocked_matmul_slices_the_block_scales_with_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large MatMul decoded one block of output columns at a time gives each block its own rows' scales."""
+    monkeypatch.setattr("jlcm_onnx.passes.encode_weights.BLOCK_WEIGHTS", 1024)
+    matrix = np.random.default_rng(6).standard_normal((96, 64)).astype(np.float32)  # [out, in]
+    config = CompressionConfig(bits=3, min_elements=64, block_size=16, outlier_fraction=0.01, reorder=False)
+    result = jlcm_onnx.compress(matmul_model(matrix.T.copy()), config)
+    assert sum(node.op_type == "MatMul" for node in result.model.graph.node) > 1
+    (decoded,) = run(result.model, {"X": np.eye(64, dtype=np.float32)})
+    expected = encode_matrix(matrix, 3, equal_group_sizes(96, None), F16, outlier_fraction=0.01,
+                             block_size=16).decode()
+    np.testing.assert_allclose(decoded.T, expected, rtol=1e-6, atol=1e-6)
