@@ -53,7 +53,9 @@ the codebook's normalised space: the one-hot matrix ``E_r`` carries ``S_r`` (the
 ``W_r - M_r = diag(S_r) E_r c_g``), latents live next to the normalised codewords and get the straight-through
 gradient times ``S``, and the error-feedback codes quantise ``(w - m) / s`` column by column.
 
-Multi-scaling encodings (``scales`` set) are not supported: :func:`learn_layer` raises ``NotImplementedError``.
+**Multi-scaling** (``C[g] = s_g c``, one shared codebook ``c``) is learned as one group of all rows whose single
+"input block" per row has scale ``s_g(r)`` and offset 0: the codebook step solves for the shared ``c`` with the group
+scales fixed, and the result is stored back as the shared codebook and its scales.
 Deterministic on CPU: no random draws are made (``seed`` seeds torch for future stochastic options), and the same
 inputs give the same bytes.
 """
@@ -205,6 +207,7 @@ def _sorted_books(encoded: EncodedMatrix, device: torch.device) -> tuple[torch.T
 
 def layer_objective(matrix: np.ndarray, encoded: EncodedMatrix, gram: np.ndarray | None) -> float:
     """The relative output error ``tr(ΔW H ΔW^T) / tr(W H W^T)`` of ``encoded`` (damped H, see the module)."""
+    encoded = _as_shared_codebook(encoded)
     layer = _Layer(matrix, encoded, gram, "cpu")
     books, codes = _sorted_books(encoded, layer.device)
     return layer.objective(layer.decode(books, codes))[0]
@@ -212,11 +215,12 @@ def layer_objective(matrix: np.ndarray, encoded: EncodedMatrix, gram: np.ndarray
 
 def refit_codebooks(matrix: np.ndarray, encoded: EncodedMatrix, gram: np.ndarray | None) -> EncodedMatrix:
     """The closed-form least-squares codebooks for ``encoded``'s codes (codes permuted if the order changes)."""
-    _reject_scales(encoded)
-    layer = _Layer(matrix, encoded, gram, "cpu")
-    books, codes = _sorted_books(encoded, layer.device)
-    books, codes = layer.refit(books, codes, encoded.codebooks.dtype)
-    return _encoded(encoded, books, codes)
+    _check_codebook_size(encoded)
+    view = _as_shared_codebook(encoded)
+    layer = _Layer(matrix, view, gram, "cpu")
+    books, codes = _sorted_books(view, layer.device)
+    books, codes = layer.refit(books, codes, view.codebooks.dtype)
+    return _from_shared_codebook(encoded, _encoded(view, books, codes))
 
 
 def _encoded(template: EncodedMatrix, books: torch.Tensor, codes: torch.Tensor) -> EncodedMatrix:
@@ -224,10 +228,28 @@ def _encoded(template: EncodedMatrix, books: torch.Tensor, codes: torch.Tensor) 
                    codes=codes.cpu().numpy().astype(np.uint8))
 
 
-def _reject_scales(encoded: EncodedMatrix) -> None:
-    if encoded.scales is not None:
-        raise NotImplementedError("joint learning of multi-scaling encodings (shared codebook + group scales) is not "
-                                  "implemented; learn per-group codebooks instead")
+def _as_shared_codebook(encoded: EncodedMatrix) -> EncodedMatrix:
+    """A multi-scaling encoding seen as what the learner handles: its shared codebook as the one group of all rows,
+    and each row's group scale as the scale of one input block spanning the row (offset 0). Others unchanged."""
+    if not encoded.multi_scaling:
+        return encoded
+    rows, cols = encoded.codes.shape
+    row_scales = np.repeat(encoded.scales, encoded.group_sizes)[:, None]
+    return replace(encoded, codebooks=encoded.shared_codebook[None, :], group_sizes=(rows,), scales=None,
+                   shared_codebook=None, block_size=cols, block_scales=row_scales,
+                   block_offsets=np.zeros_like(row_scales))
+
+
+def _from_shared_codebook(template: EncodedMatrix, learned: EncodedMatrix) -> EncodedMatrix:
+    """The learned view of :func:`_as_shared_codebook` stored back in ``template``'s multi-scaling form."""
+    if not template.multi_scaling:
+        return learned
+    shared = learned.codebooks[0]
+    books = template.scales.astype(np.float32)[:, None] * shared.astype(np.float32)[None, :]
+    return replace(template, codebooks=books, codes=learned.codes, shared_codebook=shared)
+
+
+def _check_codebook_size(encoded: EncodedMatrix) -> None:
     if encoded.codebooks.shape[1] > 256:
         raise ValueError(f"codebooks of {encoded.codebooks.shape[1]} values do not fit uint8 codes")
 
@@ -322,10 +344,9 @@ def learn_layer(
         seed: torch seed (the learner itself draws nothing at random).
         device: torch device.
 
-    Raises:
-        NotImplementedError: for multi-scaling encodings (``initial.scales`` set).
     """
-    _reject_scales(initial)
+    _check_codebook_size(initial)
+    template, initial = initial, _as_shared_codebook(initial)
     if mapping not in ("proximal", "naive", "frozen"):
         raise ValueError(f"mapping must be 'proximal', 'naive' or 'frozen', not {mapping!r}")
     if init not in ("kmeans", "error-feedback"):
@@ -385,5 +406,5 @@ def learn_layer(
                 elif mapping == "proximal":  # each latent moves with its codeword, so the refit changes no code
                     latent = latent + (layer.codewords(books, codes) - old_values)
     final_objective, books, codes = best
-    return LearnedLayer(encoded=_encoded(initial, books, codes), trace=trace,
+    return LearnedLayer(encoded=_from_shared_codebook(template, _encoded(initial, books, codes)), trace=trace,
                         initial_objective=initial_objective, final_objective=final_objective)

@@ -69,7 +69,7 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
         outlier_fraction=0.0 if row_decoded else choice.outlier_fraction,
         **({} if config.block_size is None else {"block_size": config.block_size}),
     )
-    if gram is None or encoded.multi_scaling:
+    if gram is None:
         return SiteEncoding(matrix, encoded, restore, False)
     result = learn_layer(matrix, encoded, gram, mapping=config.mapping, init=config.init, steps=config.learning_steps,
                          seed=config.seed, device=plan.device)

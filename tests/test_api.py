@@ -290,12 +290,13 @@ def test_empty_graph_raises_model_error() -> None:
         jlcm_onnx.compress(model, CONFIG)
 
 
-def test_calibration_lowers_the_layer_output_error() -> None:
+@pytest.mark.parametrize("encoding", [{}, {"encoding": "multi-scaling"}, {"block_size": 32}])
+def test_calibration_lowers_the_layer_output_error(encoding: dict) -> None:
     """With calibration data the codebooks and codes are learned for the layer's inputs: on held-out inputs of the
-    same distribution the output error is lower than data-free k-means at the same size."""
+    same distribution the output error is lower than data-free k-means at the same size, for every encoding."""
     weight = np.random.default_rng(1).standard_normal((96, 64)).astype(np.float32)
     model = matmul_model(weight)
-    config = CompressionConfig(bits=3, groups=4, outlier_fraction=0.0, min_elements=1)
+    config = CompressionConfig(bits=3, groups=4, outlier_fraction=0.0, min_elements=1, **encoding)
     calibration = [{"X": row[None, :]} for row in correlated_inputs(256, 96, seed=2)]
     held_out = {"X": correlated_inputs(512, 96, seed=3)}
     expected = held_out["X"] @ weight

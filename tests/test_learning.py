@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, equal_group_sizes
+from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, equal_group_sizes
 from jlcm_onnx.learning import error_feedback_codes, layer_objective, learn_layer, refit_codebooks
 
 ROWS, COLS, BITS, GROUPS = 64, 48, 3, 4
@@ -160,10 +160,20 @@ def test_grouped_conv_grams_and_plain_mse():
     assert plain.final_objective <= plain.initial_objective
 
 
-def test_multi_scaling_and_bad_options_are_refused():
+def test_multi_scaling_learns_the_shared_codebook_with_the_group_scales_fixed():
+    weight, _, gram, _ = correlated_layer(0)
+    initial = encode_scaled_matrix(weight, 3, equal_group_sizes(weight.shape[0], GROUPS), np.dtype(np.float16))
+    learned = learn_layer(weight, initial, gram, steps=20)
+    encoded = learned.encoded
+    assert encoded.multi_scaling and np.array_equal(encoded.scales, initial.scales)
+    assert not np.array_equal(encoded.shared_codebook, initial.shared_codebook)
+    np.testing.assert_allclose(encoded.codebooks, encoded.scales.astype(np.float32)[:, None]
+                               * encoded.shared_codebook.astype(np.float32)[None, :])
+    assert learned.final_objective == pytest.approx(layer_objective(weight, encoded, gram), rel=1e-4)
+    assert learned.final_objective < 0.7 * learned.initial_objective
+
+
+def test_bad_options_are_refused():
     weight, _, gram, initial = correlated_layer(0)
-    scaled = dataclasses.replace(initial, scales=np.ones(GROUPS, np.float16), shared_codebook=initial.codebooks[0])
-    with pytest.raises(NotImplementedError, match="multi-scaling"):
-        learn_layer(weight, scaled, gram)
     with pytest.raises(ValueError, match="mapping"):
         learn_layer(weight, initial, gram, mapping="greedy")
