@@ -34,12 +34,13 @@ def mlp(widths: tuple[int, ...] = (256, 512, 384, 512, 256, 384, 128)) -> onnx.M
     return make_model(nodes, [value("X", FLOAT, ["N", widths[0]])], [value(current, FLOAT, ["N", widths[-1]])], inits)
 
 
-@pytest.mark.parametrize("encoding", ["multi-codebook", "multi-scaling"])
+@pytest.mark.parametrize("encoding", [{"encoding": "multi-codebook"}, {"encoding": "multi-scaling"},
+                                      {"block_size": 32}])
 @pytest.mark.parametrize("fraction", [0.08, 0.12, 0.2])
-def test_target_size_is_met_within_one_percent(encoding: str, fraction: float) -> None:
+def test_target_size_is_met_within_one_percent(encoding: dict, fraction: float) -> None:
     model = mlp()
     goal = int(fraction * model.ByteSize())
-    result = jlcm_onnx.compress(model, CompressionConfig(target_size=goal, encoding=encoding))
+    result = jlcm_onnx.compress(model, CompressionConfig(target_size=goal, **encoding))
     check_full(result.model)
     assert 0.99 * goal <= result.model.ByteSize() <= goal
     assert any("target_size" in note for note in result.report.notes)
