@@ -36,6 +36,7 @@ from jlcm_onnx.passes.encode_weights import EncodeWeights
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
 from jlcm_onnx.plan import CompressionPlan
 from jlcm_onnx.report import CompressionReport, TensorRecord
+from jlcm_onnx.sensitivity import output_sensitivities, weight_errors
 from jlcm_onnx.size_target import (
     adjust_fine,
     largest_cost,
@@ -190,6 +191,9 @@ def _run_to_target(
         )
     aim = 0.995 * goal
     errors = estimate_errors(source, config, progress)
+    if data is not None:  # weigh each tensor's error by what it does to the outputs
+        errors = weight_errors(errors, output_sensitivities(source, config, data, execution_providers(device),
+                                                            progress))
     choices = plan_for_budget(shapes, int(aim - fixed), config, errors)
     for attempt in range(MAX_TARGET_RUNS):
         plan = CompressionPlan(config, choices=choices, device=device)

@@ -12,7 +12,8 @@ clustered and stored re-ordered, and a Gather restores their order after decodin
 one copy of the decoded weight, of a blocked MatMul's output, or of an embedding's looked-up ids); the reason is
 recorded. Measured on all-MiniLM-L6-v2 linear weights at 3 bits and 8 or 32 groups, clustering raises weight SQNR by
 0.4-0.8 dB over the same number of contiguous groups in the original order. A weight whose rows were already permuted
-as the sibling of another (the gate of a gated FFN shares the up projection's permutation) reuses that weight's groups.
+as the sibling of another (the gate of a gated FFN shares the up projection's permutation) reuses that weight's groups
+when it was planned with as many, and otherwise gets its own count as contiguous groups of the permuted rows.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.grouping import cluster_rows
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.passes.permute_channels import apply_permutation, find_channel_path
-from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
+from jlcm_onnx.passes.weight_sites import WeightSite, compressible_row_axis, find_weight_sites
 from jlcm_onnx.plan import CompressionPlan, RowGrouping
 
 
@@ -41,6 +42,7 @@ class ReorderNeurons(Pass):
             return PassResult(model, modified=False)
         modified = False
         sites = find_weight_sites(model)
+        by_name = {site.name: site for site in sites}
         row_axes = {site.name: (compressible_row_axis(site, self.config)[0], len(site.shape)) for site in sites}
         for site in sites:
             row_axis = row_axes[site.name][0]
@@ -53,10 +55,21 @@ class ReorderNeurons(Pass):
             grouping, permuted_with = self._group(model, site.name, site.array(), row_axis, groups, row_axes)
             self.plan.groupings[site.name] = grouping
             for sibling in permuted_with:
-                self.plan.groupings[sibling] = RowGrouping(sibling, grouping.sizes, True,
+                self.plan.groupings[sibling] = RowGrouping(sibling, self._sibling_sizes(by_name[sibling], grouping,
+                                                                                          groups, row_axes), True,
                                                            f"rows permuted with {site.name}")
             modified |= grouping.reordered
         return PassResult(model, modified=modified, records=list(self.plan.groupings.values()))
+
+    def _sibling_sizes(
+        self, sibling: WeightSite, grouping: RowGrouping, groups: int, row_axes: dict[str, tuple[int | None, int]]
+    ) -> tuple[int, ...]:
+        """The groups of a weight whose rows follow another's permutation: that weight's clusters when both were
+        planned with the same group count, else the sibling's own count as contiguous groups of the permuted rows (so
+        its codebooks cost what the size planner budgeted for it)."""
+        rows = sibling.shape[row_axes[sibling.name][0]]
+        own = self.plan.groups(sibling.name, rows, sibling.num_elements // rows)
+        return grouping.sizes if own == groups else equal_group_sizes(rows, own)
 
     def _group(
         self,

@@ -13,7 +13,7 @@ from jlcm_onnx import CompressionConfig
 from jlcm_onnx.codebook import encode_matrix, encode_scaled_matrix, equal_group_sizes, sqnr_db
 from jlcm_onnx.grouping import cluster_rows
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
-from jlcm_onnx.plan import CompressionPlan
+from jlcm_onnx.plan import CompressionPlan, TensorChoice
 
 from conftest import FLOAT, check_full, make_model, run, tensor, value
 
@@ -147,3 +147,23 @@ def test_multi_scaling_rows_below_float16_range(rng: np.random.Generator) -> Non
     encoded = encode_scaled_matrix(matrix, 2, equal_group_sizes(8, None), np.dtype(np.float16), outlier_fraction=0.01)
     assert np.all(np.isfinite(encoded.decode()))
     assert sqnr_db(matrix, encoded.decode()) > 5.0
+
+
+@pytest.mark.parametrize(("gate_groups", "expected"), [(4, None), (2, (32, 32)), (None, (1,) * 64)])
+def test_a_sibling_keeps_the_group_count_planned_for_it(rng: np.random.Generator, gate_groups, expected) -> None:
+    """The gate of a gated FFN follows the up projection's permutation; it shares the up projection's clusters only
+    when planned with as many groups, else its own count is kept (what the size planner budgeted for)."""
+    nodes = [helper.make_node("MatMul", ["X", "Wu"], ["U"]), helper.make_node("MatMul", ["X", "Wg"], ["G"]),
+             helper.make_node("Sigmoid", ["G"], ["S"]), helper.make_node("Mul", ["G", "S"], ["Si"]),
+             helper.make_node("Mul", ["U", "Si"], ["H"]), helper.make_node("MatMul", ["H", "Wd"], ["Y"])]
+    weights = {"Wu": mixed_scale_rows(rng, 64, 32).T, "Wg": mixed_scale_rows(rng, 64, 32).T,
+               "Wd": rng.standard_normal((64, 32))}
+    model = make_model(nodes, [value("X", FLOAT, ["N", 32])], [value("Y", FLOAT, ["N", 32])],
+                       [tensor(name, np.ascontiguousarray(w, dtype=np.float32)) for name, w in weights.items()])
+    plan = CompressionPlan(CompressionConfig(min_elements=64),
+                           choices={"Wu": TensorChoice(3, 4), "Wg": TensorChoice(3, gate_groups),
+                                    "Wd": TensorChoice(3, None)})
+    ReorderNeurons(CompressionConfig(min_elements=64), plan)(model)
+    up, gate = plan.groupings["Wu"], plan.groupings["Wg"]
+    assert gate.note == "rows permuted with Wu" and len(up.sizes) == 4
+    assert gate.sizes == (up.sizes if expected is None else expected)

@@ -14,12 +14,14 @@ from onnx import helper
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig, ConfigError, JlcmError
 from jlcm_onnx.cli import main
+from jlcm_onnx.calibration import load_calibration
 from jlcm_onnx.config import parse_size
 from jlcm_onnx.distortion import ErrorTable, estimate_errors, tensor_options
 from jlcm_onnx.plan import TensorChoice
+from jlcm_onnx.sensitivity import output_sensitivities
 from jlcm_onnx.size_target import WeightShape, plan_for_budget, smallest_cost, tensor_cost, total_cost
 
-from conftest import FLOAT, check_full, make_model, tensor, value
+from conftest import FLOAT, check_full, make_model, run, tensor, value
 
 
 def mlp(widths: tuple[int, ...] = (256, 512, 384, 512, 256, 384, 128)) -> onnx.ModelProto:
@@ -123,3 +125,29 @@ def test_cli_target_size(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["compress", str(source), "-o", str(out), "--target-size", f"{goal}B", "--quiet"])
     assert result.exit_code == 0, result.stderr
     assert 0.99 * goal <= out.stat().st_size <= goal
+
+
+def test_with_calibration_the_planner_gives_bits_to_the_tensors_the_outputs_feel() -> None:
+    """``Y = 100 * (X @ A) + X @ B`` with A and B alike: an error in A moves the output 10^4 times more (in squared
+    terms), so with calibration data A gets more bits than B, and the output error drops at the same size."""
+    rng = np.random.default_rng(3)
+    a, b = (rng.standard_normal((128, 128)).astype(np.float32) for _ in range(2))
+    model = make_model(
+        [helper.make_node("MatMul", ["X", "A"], ["ya"]), helper.make_node("MatMul", ["X", "B"], ["yb"]),
+         helper.make_node("Mul", ["ya", "gain"], ["big"]), helper.make_node("Add", ["big", "yb"], ["Y"])],
+        [value("X", FLOAT, ["N", 128])], [value("Y", FLOAT, ["N", 128])],
+        [tensor("A", a), tensor("B", b), tensor("gain", np.array(100.0, np.float32))])
+    config = CompressionConfig(target_bits_per_weight=4.0)
+    samples = [{"X": rng.standard_normal((4, 128)).astype(np.float32)} for _ in range(8)]
+    coefficients = output_sensitivities(model, config, load_calibration(samples, model), ["CPUExecutionProvider"])
+    assert coefficients["A"] > 1000 * coefficients["B"]
+    calibrated = jlcm_onnx.compress(model, config, calibration=samples)
+    bits = {r.name: r.bits for r in calibrated.report.compressed}
+    assert bits["A"] > bits["B"]
+    held_out = {"X": rng.standard_normal((64, 128)).astype(np.float32)}
+    (expected,) = run(model, held_out)
+
+    def output_error(result: jlcm_onnx.CompressionResult) -> float:
+        return float(np.sum((run(result.model, held_out)[0] - expected) ** 2) / np.sum(expected**2))
+
+    assert output_error(calibrated) < 0.5 * output_error(jlcm_onnx.compress(model, config))
