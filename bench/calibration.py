@@ -3,7 +3,8 @@
 Calibration: 128 sentences of gensim's ``lee_background.cor`` (never the evaluation texts), each its own sample.
 Every row is 3 bits with one codebook per output row and the default outliers, so every file has the same size up
 to a few bytes of metadata, except the size-target rows, which let the planner spread the same bytes over the
-tensors (``target_size`` = the data-free file's size). Ablation: initial codes (k-means vs GPTQ-style error feedback
+tensors (``target_size`` = the data-free file's size; with calibration data the planner weighs each tensor's error by
+its measured output sensitivity, :mod:`jlcm_onnx.sensitivity`). Ablation: initial codes (k-means vs GPTQ-style error feedback
 with a least-squares codebook refit), 50 steps of the mapping update (proximal, the paper's; naive, the one it
 rejects; frozen codes, codebooks only), sequential or one-pass statistics.
 
@@ -47,7 +48,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "k-means init, 50 steps, frozen codes": ({"init": "kmeans", "mapping": "frozen", "learning_steps": 50}, True),
     "error-feedback init, sequential": ({"sequential": True}, True),
     "size target, data-free": ({"target_size": SAME_SIZE}, False),
-    "size target, error-feedback init": ({"target_size": SAME_SIZE}, True),
+    "size target weighted by output sensitivity, error-feedback init": ({"target_size": SAME_SIZE}, True),
 }
 
 
