@@ -13,8 +13,8 @@ from onnx import helper
 
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig, ConfigError, JlcmError
-from jlcm_onnx.cli import main
 from jlcm_onnx.calibration import load_calibration
+from jlcm_onnx.cli import main
 from jlcm_onnx.config import parse_size
 from jlcm_onnx.distortion import ErrorTable, estimate_errors, tensor_options
 from jlcm_onnx.plan import TensorChoice
