@@ -55,7 +55,8 @@ class CompressionConfig:
             applied to embedding tables read by a lone Gather, which are decoded row by row.
         target_size: file size to hit, in bytes or as text (``"40MB"``, ``"1.5 GiB"``); with any target, bits and
             groups are chosen per tensor (the ``bits`` and ``groups`` fields are ignored) and the written file meets
-            the target within 1%.
+            the target within 1%; with calibration data each tensor's error counts by its measured effect on the
+            outputs (:mod:`jlcm_onnx.sensitivity`).
         target_ratio: the file must be this many times smaller than the input file.
         target_bits_per_weight: average stored bits per compressed weight (codebooks, maps and outliers included).
         mapping: with calibration data, how codes move while codebooks are learned: ``"proximal"`` (the paper's
