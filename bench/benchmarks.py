@@ -340,8 +340,9 @@ def verdicts(spec: ModelSpec, result: dict[str, Any]) -> list[str]:
         best = (max if metric.higher_is_better else min)(fits, key=lambda r: r["metrics"][metric.label])
         theirs, mine = peer["metrics"][metric.label], best["metrics"][metric.label]
         wins = mine > theirs if metric.higher_is_better else mine < theirs
+        verdict = "ties" if metric.fmt.format(mine) == metric.fmt.format(theirs) else "wins" if wins else "loses"
         lines.append(f"- {peer['method']} ({peer['bytes'] / MB:.2f} MB, {metric.label} {metric.fmt.format(theirs)}): "
-                     f"jlcm-onnx **{'wins' if wins else 'loses'}**, best at most that size is {best['method']} "
+                     f"jlcm-onnx **{verdict}**, best at most that size is {best['method']} "
                      f"({best['bytes'] / MB:.2f} MB, {metric.fmt.format(mine)}).")
     return lines
 

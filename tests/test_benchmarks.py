@@ -89,3 +89,14 @@ def test_a_partial_rerun_replaces_only_its_own_rows_in_method_order():
     fresh = [{"method": "fp32 (original)", "bytes": 10}, {"method": first, "bytes": 20}]
     merged = benchmarks.merge_rows(previous, fresh)
     assert [(row["method"], row["bytes"]) for row in merged] == [("fp32 (original)", 10), (first, 20), (second, 2)]
+
+
+def test_verdicts_say_wins_ties_and_loses_against_each_peer():
+    def row(method: str, size: int, cosine: float) -> dict:
+        return {"method": method, "bytes": size, "ratio": 100 / size, "metrics": {"cosine": cosine}}
+
+    result = {"rows": [row("jlcm-onnx a", 10, 0.95), row("ORT smaller", 5, 0.9), row("ORT tie", 20, 0.95),
+                       row("ORT better", 30, 0.99), row("ORT worse", 40, 0.5)]}
+    lines = benchmarks.verdicts(TINY, result)
+    assert [line.split("**")[1] for line in lines[1:]] == ["ties", "loses", "wins"]
+    assert "no jlcm-onnx row is this small" in lines[0]
