@@ -80,7 +80,9 @@ def _weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelPro
     moved = [tensor for tensor in graph.initializer if tensor.name in names]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved)
+    listed = {value.name for value in graph.input}  # IR < 4 models may list initializers as inputs already
+    graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved
+                       if t.name not in listed)
     return copy
 
 
