@@ -22,6 +22,8 @@ of each input column, a cheap per-column sensitivity. What ``x`` is, per consume
   one group gets a plain [cols, cols] Gram.
 - ``Gather(W, indices)`` (embedding tables): no product, so ``token_counts[r]`` counts how often row ``r`` (along the
   gather axis, W's row axis) was looked up; weigh each row's error by it (or use plain weight MSE).
+- ``MatMul(A, Transpose(W))`` (a language-model head tied to the embedding table): ``A @ W^T`` reads W with its rows
+  (axis 0) as outputs, like ``Gemm`` with ``transB=1``; ``x`` is a row of ``A``.
 - ``ConvTranspose``, batched MatMul weights, and weights read inside ``If``/``Loop``/``Scan`` bodies: no statistics
   (``None``, with the reason in ``note``). Body activations are not graph outputs that onnxruntime can return.
 
@@ -236,22 +238,41 @@ def _weight_activations(site: WeightSite | None, main: onnx.GraphProto) -> Weigh
         return WeightActivations((), "not a float weight of this model")
     if site.graph is not main or any(c.graph is not main for c in site.consumers):
         return WeightActivations((), "read inside an If/Loop/Scan body: its activations are not graph outputs")
-    roles = [(c, weight_row_axis(c, len(site.shape))) for c in site.consumers]
-    roles = [(c, axis) for c, axis in roles if axis is not None]
+    roles = [(c, weight_row_axis(c, len(site.shape)), site.shape) for c in site.consumers]
+    roles = [(c, axis, shape) for c, axis, shape in roles if axis is not None]
     if not roles:
         return WeightActivations((), "no MatMul/Gemm/Conv/ConvTranspose/Gather reads it as a weight")
     row_axis = roles[0][1]
+    if len(site.shape) == 2:
+        roles += [(matmul, 0, site.shape[::-1]) for matmul in filter(None, map(_transposed_matmul, site.consumers))]
     inputs, notes = [], []
-    for consumer, axis in roles:
+    for consumer, axis, shape in roles:
         if axis != row_axis:
             notes.append(f"{consumer.describe()} reads it along axis {axis}, not {row_axis}: left out")
             continue
-        entry = _activation_input(consumer, site.shape)
+        entry = _activation_input(consumer, shape)
         if isinstance(entry, str):
             notes.append(f"{consumer.describe()}: {entry}")
         else:
             inputs.append(entry)
     return WeightActivations(tuple(inputs), "; ".join(notes))
+
+
+def _transposed_matmul(consumer: Consumer) -> Consumer | None:
+    """The MatMul that reads ``Transpose(W)`` (a [rows, cols] W, perm [1, 0], its only reader) as its B, computing
+    ``A @ W^T`` (a tied language-model head): W's rows are that layer's outputs too. None for any other consumer."""
+    node = consumer.node
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or perm != [1, 0]:
+        return None
+    readers = [(position, reader) for position, reader in enumerate(consumer.graph.node)
+               if node.output[0] in reader.input]
+    if len(readers) != 1:
+        return None
+    position, reader = readers[0]
+    if reader.op_type != "MatMul" or list(reader.input).index(node.output[0]) != 1:
+        return None
+    return Consumer(consumer.graph, reader, position, 1)
 
 
 def _activation_input(consumer: Consumer, shape: tuple[int, ...]) -> ActivationInput | str:

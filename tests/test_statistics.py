@@ -136,6 +136,41 @@ def test_gather_token_counts():
     assert stats.count == 8
 
 
+def tied_head_model(table: np.ndarray) -> object:
+    """A language model's two ends: embedding lookup ``E[ids]``, then logits ``H @ E^T`` through a Transpose."""
+    rows, cols = table.shape
+    return make_model(
+        [helper.make_node("Gather", ["E", "ids"], ["emb"]), helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+         helper.make_node("Add", ["emb", "H"], ["hidden"]), helper.make_node("MatMul", ["hidden", "Et"], ["logits"])],
+        [value("ids", INT64, ["B", "S"]), value("H", FLOAT, ["B", "S", cols])],
+        [value("logits", FLOAT, ["B", "S", rows])],
+        [tensor("E", table)],
+    )
+
+
+def test_tied_head_gets_the_gram_of_its_input_and_the_token_counts(rng):
+    """``MatMul(h, Transpose(E))`` reads E with its rows as outputs: E gets the Gram of h beside the lookup counts."""
+    table = rng.standard_normal((10, 4)).astype(np.float32)
+    ids = np.array([[1, 2, 2]])
+    h = rng.standard_normal((1, 3, 4)).astype(np.float32)
+    stats = collect_statistics(tied_head_model(table), ["E"], [{"ids": ids, "H": h}])["E"]
+    np.testing.assert_allclose(stats.gram, gram((table[ids] + h).reshape(-1, 4)), rtol=1e-6)
+    np.testing.assert_array_equal(stats.token_counts, [0, 1, 2] + [0] * 7)
+
+
+def test_transposed_table_read_as_the_left_factor_is_not_a_head(rng):
+    table = rng.standard_normal((10, 4)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("Gather", ["E", "ids"], ["emb"]), helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+         helper.make_node("MatMul", ["Et", "X"], ["Y"])],
+        [value("ids", INT64, ["S"]), value("X", FLOAT, [10, 2])],
+        [value("emb", FLOAT, ["S", 4]), value("Y", FLOAT, [4, 2])],
+        [tensor("E", table)],
+    )
+    stats = collect_statistics(model, ["E"], [{"ids": np.array([1]), "X": np.ones((10, 2), np.float32)}])["E"]
+    assert stats.gram is None
+
+
 def shared_input_model(rng) -> object:
     return make_model(
         [
