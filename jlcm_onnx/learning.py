@@ -85,7 +85,8 @@ from jlcm_onnx.kmeans import nearest_codes
 #: beyond the calibration texts. all-MiniLM-L6-v2, 128 calibration sentences, fidelity over 1,555 texts: 3 bits 0.916
 #: (1e-2), 0.922 (0.1), 0.922 (0.3), 0.919 (1.0); with the size planner at the same file size 0.942, 0.947, 0.949.
 DAMPING = 0.3
-#: Alternations of the closed-form block scales and offsets with the closed-form codebooks at every refit.
+#: Alternations of the closed-form block scales and offsets with the closed-form codebooks at every refit (SmolLM2
+#: 3 bits, blocks of 32, calibrated: perplexity +29.4% with 1, +29.2% with 2).
 BLOCK_ROUNDS = 1
 #: Ridge of the closed-form codebook solve, relative to the mean diagonal of the normal matrix.
 RIDGE = 1e-6
