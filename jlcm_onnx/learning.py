@@ -169,21 +169,20 @@ class _Layer:
         rhs = torch.zeros(self.rows, 2 * count, dtype=torch.float64, device=self.device)
         step = max(1, CHUNK_ELEMENTS // (2 * count * padded))
         for q in range(self.grams.shape[0]):
-            gram = torch.nn.functional.pad(self.grams[q], (0, pad, 0, pad)).view(padded, count, self.block_size)
+            gram = torch.nn.functional.pad(self.grams[q], (0, pad, 0, pad))  # zero rows and columns for the padding
             for start in range(q * self.per_block, (q + 1) * self.per_block, step):
                 stop = min(start + step, (q + 1) * self.per_block)
-                picked = (self.codewords(books, codes[start:stop]) * self.learnable[start:stop])
+                n = stop - start
+                picked = self.codewords(books, codes[start:stop]) * self.learnable[start:stop]
                 design = torch.stack([picked, self.learnable[start:stop].to(torch.float64)], dim=1)  # [n, 2, cols]
-                design = torch.nn.functional.pad(design, (0, pad)).view(stop - start, 2, count, self.block_size)
-                # (H D)[n, i, (kind, block)]: H times each block's column of the design, then D^T H D block-summed.
-                weighted = torch.einsum("ick,nxck->nixc", gram, design).reshape(stop - start, count,
-                                                                                 self.block_size, 2, count)
-                normal[start:stop] = torch.einsum("nxbk,nbkyc->nxbyc", design, weighted).reshape(-1, 2 * count,
-                                                                                                 2 * count)
-                target = torch.nn.functional.pad(self.unstored[start:stop], (0, pad))
+                design = torch.nn.functional.pad(design, (0, pad)).view(n, 2, count, self.block_size)
+                # H times each (kind, block) column of D: [n, i, kind, block]; then D^T (H D), summed block by block
+                weighted = torch.einsum("ick,nxck->nixc", gram.view(padded, count, self.block_size), design)
+                weighted = weighted.reshape(n, count, self.block_size, 2, count)
+                normal[start:stop] = torch.einsum("nxbk,nbkyc->nxbyc", design, weighted).reshape(n, 2 * count, -1)
+                target = torch.nn.functional.pad(self.unstored[start:stop], (0, pad)) @ gram
                 rhs[start:stop] = torch.einsum("nxbk,nbk->nxb", design,
-                                               (target @ torch.nn.functional.pad(self.grams[q], (0, pad, 0, pad)))
-                                               .view(stop - start, count, self.block_size)).reshape(-1, 2 * count)
+                                               target.view(n, count, self.block_size)).reshape(n, 2 * count)
         current = torch.cat([self.block_scales, self.block_offsets], dim=1)
         ridge = RIDGE * torch.diagonal(normal, dim1=1, dim2=2).mean(dim=1).clamp(min=1e-30)
         eye = torch.eye(2 * count, dtype=torch.float64, device=self.device)
