@@ -190,6 +190,17 @@ class _Layer:
         solved = _round(solved, dtype)
         self.set_blocks(solved[:, :count], solved[:, count:])
 
+    def refit_all(self, books: torch.Tensor, codes: torch.Tensor,
+                  dtype: np.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The closed-form codebooks; with learned input blocks, ``BLOCK_ROUNDS`` alternations of the closed-form
+        block scales and offsets and the closed-form codebooks."""
+        if not self.learns_blocks:
+            return self.refit(books, codes, dtype)
+        for _ in range(BLOCK_ROUNDS):
+            self.refit_blocks(books, codes, dtype)
+            books, codes = self.refit(books, codes, dtype)
+        return books, codes
+
     def _block(self, tensor: torch.Tensor, q: int) -> torch.Tensor:
         return tensor[q * self.per_block:(q + 1) * self.per_block]
 
@@ -233,15 +244,6 @@ class _Layer:
         return rounded.gather(1, order), rank[self.group_of_row].gather(1, codes)
 
 
-def _refit_blocks_and_books(layer: _Layer, books: torch.Tensor, codes: torch.Tensor,
-                            dtype: np.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``BLOCK_ROUNDS`` alternations of the closed-form block scales and offsets and the closed-form codebooks."""
-    for _ in range(BLOCK_ROUNDS):
-        layer.refit_blocks(books, codes, dtype)
-        books, codes = layer.refit(books, codes, dtype)
-    return books, codes
-
-
 def damped_gram(gram: np.ndarray | None, cols: int) -> torch.Tensor:
     """``H + DAMPING * mean(diag H) * Id`` as float64 [Q, cols, cols] (Q = 1 unless per conv group); Id without data."""
     eye = torch.eye(cols, dtype=torch.float64)
@@ -273,8 +275,9 @@ def _sorted_books(encoded: EncodedMatrix, device: torch.device) -> tuple[torch.T
 
 def layer_objective(matrix: np.ndarray, encoded: EncodedMatrix, gram: np.ndarray | None) -> float:
     """The relative output error ``tr(ΔW H ΔW^T) / tr(W H W^T)`` of ``encoded`` (damped H, see the module)."""
-    layer = _Layer(matrix, _as_shared_codebook(encoded), gram, "cpu", shared_scales=encoded.multi_scaling)
-    books, codes = _sorted_books(_as_shared_codebook(encoded), layer.device)
+    view = _as_shared_codebook(encoded)
+    layer = _Layer(matrix, view, gram, "cpu", shared_scales=encoded.multi_scaling)
+    books, codes = _sorted_books(view, layer.device)
     return layer.objective(layer.decode(books, codes))[0]
 
 
@@ -433,7 +436,7 @@ def learn_layer(
         codes = torch.as_tensor(ef.astype(np.int64), device=layer.device)
         books, codes = layer.refit(books, codes, dtype)
         if layer.learns_blocks:
-            books, codes = _refit_blocks_and_books(layer, books, codes, dtype)
+            books, codes = layer.refit_all(books, codes, dtype)
     latent = layer.codewords(books, codes)
     num_codes = books.shape[1]
     gap = ((books[:, -1] - books[:, 0]) / max(num_codes - 1, 1))[layer.group_of_row][:, None]
@@ -471,8 +474,7 @@ def learn_layer(
         if (step + 1) % refit_every == 0 or step + 1 == steps:
             old_values = layer.codewords(books, codes)
             old = codes
-            books, codes = _refit_blocks_and_books(layer, books, codes, dtype) if layer.learns_blocks \
-                else layer.refit(books, codes, dtype)
+            books, codes = layer.refit_all(books, codes, dtype)
             with torch.no_grad():
                 if mapping == "naive":
                     parameter += (codes - old).to(torch.float64)
