@@ -366,25 +366,33 @@ def error_feedback_codes(
         if block_affine is None else (torch.as_tensor(a, dtype=torch.float64) for a in block_affine)
     divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.zeros(rows, cols, dtype=torch.int64)
+    midpoints = (row_books[:, 1:] + row_books[:, :-1]) / 2
     for q in range(grams.shape[0]):
         upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(grams[q])), upper=True)
         part = slice(q * per_block, (q + 1) * per_block)
-        work, part_books = weight[part], row_books[part]
+        work, part_books, part_midpoints = weight[part], row_books[part], midpoints[part].contiguous()
         for start in range(0, cols, block):
             stop = min(start + block, cols)
-            chunk = work[:, start:stop].clone()
-            errors = torch.zeros_like(chunk)
+            columns = slice(start, stop)
+            # the block's columns as contiguous rows: [stop - start, rows]
+            chunk, block_offset = work[:, columns].T.contiguous(), offset[part, columns].T.contiguous()
+            block_divisor, block_scale = divisor[part, columns].T.contiguous(), scale[part, columns].T.contiguous()
+            block_exact, block_stored = exact[part, columns].T.contiguous(), stored[part, columns].T.contiguous()
+            has_outliers = bool(block_exact.any())
+            errors, indices = torch.zeros_like(chunk), torch.zeros(chunk.shape, dtype=torch.int64)
             for j in range(stop - start):
-                column, at = chunk[:, j], start + j
-                normalized = (column - offset[part, at]) / divisor[part, at]
-                index = nearest_codes(normalized[:, None].contiguous(), part_books)[:, 0]
-                quantized = part_books.gather(1, index[:, None])[:, 0] * scale[part, at] + offset[part, at]
-                quantized = torch.where(exact[part, start + j], stored[part, start + j], quantized)
-                codes[part, start + j] = index
+                column = chunk[j]
+                normalized = (column - block_offset[j]) / block_divisor[j]
+                index = torch.searchsorted(part_midpoints, normalized[:, None])
+                quantized = part_books.gather(1, index)[:, 0] * block_scale[j] + block_offset[j]
+                if has_outliers:
+                    quantized = torch.where(block_exact[j], block_stored[j], quantized)
+                indices[j] = index[:, 0]
                 error = (column - quantized) / upper[start + j, start + j]
-                chunk[:, j + 1:] -= error[:, None] * upper[start + j, start + j + 1:stop][None, :]
-                errors[:, j] = error
-            work[:, stop:] -= errors @ upper[start:stop, stop:]
+                chunk[j + 1:].addr_(upper[start + j, start + j + 1:stop], error, alpha=-1.0)
+                errors[j] = error
+            codes[part, columns] = indices.T
+            work[:, stop:] -= errors.T @ upper[start:stop, stop:]
     return row_order.gather(1, codes).numpy().astype(np.uint8)
 
 
@@ -443,9 +451,11 @@ def learn_layer(
     gap = torch.where(gap > 0, gap, torch.full_like(gap, 1e-8))
     parameter = torch.zeros_like(layer.weight) if mapping != "naive" else codes.to(torch.float64)
     parameter.requires_grad_(True)
-    optimizer = torch.optim.Adam([parameter], lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1))))
+    moves_codes = steps > 0 and mapping != "frozen"
+    if moves_codes:  # only then: the first torch optimizer made in a process costs seconds of imports
+        optimizer = torch.optim.Adam([parameter], lr=learning_rate)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1))))
 
     best = (math.inf, books, codes, None)
     trace: list[float] = []
@@ -456,7 +466,7 @@ def learn_layer(
             best = (value, books, codes, (layer.block_scales, layer.block_offsets) if layer.learns_blocks else None)
         if step == steps:
             break
-        if mapping != "frozen":
+        if moves_codes:
             row_books = books[layer.group_of_row]
             if mapping == "proximal":
                 parameter.grad = gradient * layer.scale * gap
