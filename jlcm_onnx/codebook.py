@@ -308,9 +308,14 @@ def torch_nearest(values: np.ndarray, row_codebooks: np.ndarray) -> np.ndarray:
     return nearest_codes(torch.from_numpy(values.astype(np.float64)), books).numpy().astype(np.uint8)
 
 
+def outlier_count(size: int, fraction: float) -> int:
+    """How many of ``size`` weights are kept as outliers at ``fraction``: ``round(fraction * size)``."""
+    return int(round(fraction * size))
+
+
 def select_outliers(matrix: np.ndarray, fraction: float) -> np.ndarray:
-    """Sorted flat indices of the ``round(fraction * n)`` weights with the largest ``|w - mean(row)| / std(row)``."""
-    count = int(round(fraction * matrix.size))
+    """Sorted flat indices of the :func:`outlier_count` weights with the largest ``|w - mean(row)| / std(row)``."""
+    count = outlier_count(matrix.size, fraction)
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     values = matrix.astype(np.float64)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix
+from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, outlier_count
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.learning import learn_layer
 from jlcm_onnx.passes.weight_sites import WeightSite, is_lone_table_gather
@@ -74,6 +74,33 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
     result = learn_layer(matrix, encoded, gram, mapping=config.mapping, init=config.init, steps=config.learning_steps,
                          seed=config.seed, device=plan.device)
     return SiteEncoding(matrix, result.encoded, restore, True, result.final_objective)
+
+
+def placeholder_encoding(site: WeightSite, row_axis: int, config: CompressionConfig,
+                         plan: CompressionPlan) -> EncodedMatrix:
+    """An all-zero encoding of ``site`` with every array :func:`encode_site` would make, in its shape and dtype (the
+    same bits, groups, outlier count, input blocks and codebook dtype), so its decoder and stored bytes are those of
+    the real encoding; nothing is fitted. The outliers are spread evenly, so each column block of a blocked MatMul
+    gets its share (and its outlier nodes), as real outliers almost always do."""
+    weight = site.array()
+    rows = weight.shape[row_axis]
+    cols = weight.size // rows
+    choice = plan.choice(site.name)
+    sizes = plan.group_sizes(site.name, rows, cols)
+    dtype = codebook_dtype(config, site, weight)
+    entries = 1 << choice.bits
+    fraction = 0.0 if is_lone_table_gather(site, row_axis) else choice.outlier_fraction
+    outliers = outlier_count(weight.size, fraction)
+    spread = np.arange(outliers, dtype=np.int64) * weight.size // max(outliers, 1)
+    fields: dict = dict(codebooks=np.zeros((len(sizes), entries), dtype), codes=np.zeros((rows, cols), np.uint8),
+                        group_sizes=sizes, outlier_index=spread, outlier_values=np.zeros(outliers, dtype))
+    if config.encoding == "multi-scaling":
+        fields.update(codebooks=np.zeros((len(sizes), entries), np.float32), scales=np.zeros(len(sizes), dtype),
+                      shared_codebook=np.zeros(entries, dtype))
+    elif config.block_size is not None:
+        blocks = np.zeros((rows, -(-cols // config.block_size)), dtype)
+        fields.update(block_size=config.block_size, block_scales=blocks, block_offsets=blocks)
+    return EncodedMatrix(**fields)
 
 
 def codebook_dtype(config: CompressionConfig, site: WeightSite, matrix: np.ndarray) -> np.dtype:

@@ -15,13 +15,14 @@ import jlcm_onnx
 from jlcm_onnx import CompressionConfig, ConfigError, JlcmError
 from jlcm_onnx.calibration import load_calibration
 from jlcm_onnx.cli import main
+from jlcm_onnx.compress import build_pipeline
 from jlcm_onnx.config import parse_size
 from jlcm_onnx.distortion import ErrorTable, estimate_errors, tensor_options
-from jlcm_onnx.plan import TensorChoice
+from jlcm_onnx.plan import CompressionPlan, TensorChoice
 from jlcm_onnx.sensitivity import output_sensitivities
 from jlcm_onnx.size_target import WeightShape, plan_for_budget, smallest_cost, tensor_cost, total_cost
 
-from conftest import FLOAT, check_full, make_model, run, tensor, value
+from conftest import FLOAT, INT64, check_full, make_model, run, tensor, value
 
 
 def mlp(widths: tuple[int, ...] = (256, 512, 384, 512, 256, 384, 128)) -> onnx.ModelProto:
@@ -46,6 +47,41 @@ def test_target_size_is_met_within_one_percent(encoding: dict, fraction: float) 
     check_full(result.model)
     assert 0.99 * goal <= result.model.ByteSize() <= goal
     assert any("target_size" in note for note in result.report.notes)
+
+
+def blocked_mlp_with_embedding() -> onnx.ModelProto:
+    """A MatMul large enough to be decoded in column blocks (outliers split between them), a second MatMul whose
+    rows can be re-ordered, and an embedding table read by a Gather (decoded row by row)."""
+    rng = np.random.default_rng(1)
+    return make_model(
+        [helper.make_node("MatMul", ["X", "w0"], ["h"]), helper.make_node("Relu", ["h"], ["a"]),
+         helper.make_node("MatMul", ["a", "w1"], ["Y"]), helper.make_node("Gather", ["E", "ids"], ["Z"])],
+        [value("X", FLOAT, ["N", 256]), value("ids", INT64, ["N"])],
+        [value("Y", FLOAT, ["N", 96]), value("Z", FLOAT, ["N", 64])],
+        [tensor("w0", rng.standard_normal((256, 1100)).astype(np.float32)),
+         tensor("w1", rng.standard_normal((1100, 96)).astype(np.float32)),
+         tensor("E", rng.standard_normal((500, 64)).astype(np.float32))])
+
+
+@pytest.mark.parametrize("fields", [{}, {"encoding": "multi-scaling"}, {"block_size": 32},
+                                    {"codebook_dtype": "float32", "outlier_fraction": 0.0}])
+def test_a_rehearsal_measures_the_bytes_of_the_real_run(fields: dict) -> None:
+    """The size planner rehearses its choices on stand-in encodings: the model they give must have exactly the bytes
+    of the real run's, for mixed bits, groups (re-ordered) and outlier fractions."""
+    model = blocked_mlp_with_embedding()
+    config = CompressionConfig(**fields)
+    choices = {"w0": TensorChoice(3, None, 0.004), "w1": TensorChoice(5, 7), "E": TensorChoice(2, 16)}
+
+    def pipeline_bytes(rehearsal: bool) -> int:
+        plan = CompressionPlan(config, choices=choices)
+        working = onnx.ModelProto()
+        working.CopyFrom(model)
+        for graph_pass in build_pipeline(config, plan, False, rehearsal=rehearsal):
+            working = graph_pass(working).model
+        assert len(plan.encodings) == (3 if rehearsal else 0)
+        return working.ByteSize()
+
+    assert pipeline_bytes(rehearsal=True) == pipeline_bytes(rehearsal=False)
 
 
 def test_ratio_and_bits_per_weight_targets() -> None:
