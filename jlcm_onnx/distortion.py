@@ -14,20 +14,20 @@ each option the rows are grouped as the passes would group them (clustered on th
 when the re-ordering is on, else contiguous), ``SAMPLE_ROWS`` rows are taken evenly through that order, so every group
 keeps its share, and the sample is encoded with the configured encoding, codebook dtype and outliers. The group count
 of the sample is the full count scaled by the sampling fraction, so each sampled group holds about as many weights per
-codeword as a full one.
+codeword as a full one. Tensors are measured in parallel, one per CPU core.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from tqdm import tqdm
 
 from jlcm_onnx.codebook import encode_matrix, encode_scaled_matrix, equal_group_sizes
 from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.devices import map_on_cores
 from jlcm_onnx.grouping import cluster_descriptors, row_descriptors
 from jlcm_onnx.packing import MAX_BITS
-from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
+from jlcm_onnx.passes.weight_sites import WeightSite, compressible_row_axis, find_weight_sites
 from jlcm_onnx.plan import CompressionPlan, TensorChoice
 
 #: Group counts the planner chooses from, besides ``None`` (one codebook per row); fine steps come later.
@@ -50,14 +50,17 @@ def estimate_errors(model: onnx.ModelProto, config: CompressionConfig, progress:
     """``D_t`` of every option (:func:`tensor_options`) of every compressible tensor of ``model``."""
     sites = [(site, compressible_row_axis(site, config)[0]) for site in find_weight_sites(model)]
     sites = [(site, axis) for site, axis in sites if axis is not None]
-    table: ErrorTable = {}
-    for site, row_axis in tqdm(sites, desc="measuring options", unit="tensor", disable=not progress):
+
+    def measure(site_and_axis: tuple[WeightSite, int]) -> dict[TensorChoice, float]:
+        site, row_axis = site_and_axis
         weight = site.array()
         rows = weight.shape[row_axis]
         matrix = np.moveaxis(weight, row_axis, 0).reshape(rows, -1).astype(np.float32)
         fp16 = site.tensor.data_type == onnx.TensorProto.FLOAT16 or config.codebook_dtype == "float16"
-        table[site.name] = _tensor_errors(site.name, matrix, config, np.dtype(np.float16 if fp16 else np.float32))
-    return table
+        return _tensor_errors(site.name, matrix, config, np.dtype(np.float16 if fp16 else np.float32))
+
+    errors = map_on_cores(measure, sites, description="measuring options", unit="tensor", progress=progress)
+    return {site.name: options for (site, _), options in zip(sites, errors, strict=True)}
 
 
 def _tensor_errors(
