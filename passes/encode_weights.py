@@ -8,7 +8,8 @@ is decoded at a time: a lone embedding ``Gather`` (a row decoder decodes only th
 ``MatMul`` of a large weight (split into column blocks decoded one after the other). A weight read by several nodes
 (tied embeddings) is stored and decoded once. Weights inside ``If``/``Loop``/``Scan`` bodies are handled in their own
 body; a weight defined outside a body and read inside it (an outer-scope reference) is decoded in its own graph, right
-before the node that holds the body, and the body reads the decoded tensor by the same name.
+before the node that holds the body, and the body reads the decoded tensor by the same name. The weights are
+encoded in parallel, one per CPU core; their decoders are then built and inserted in model order.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from dataclasses import dataclass
 
 import onnx
 from onnx import helper
-from tqdm.auto import tqdm
 
 from jlcm_onnx.codebook import sqnr_db
 from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.devices import map_on_cores
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.passes.dequant_graph import (
     ConstantPool,
@@ -33,7 +34,7 @@ from jlcm_onnx.passes.dequant_graph import (
     build_decoder,
     build_gate,
 )
-from jlcm_onnx.passes.site_encoding import encode_site
+from jlcm_onnx.passes.site_encoding import SiteEncoding, encode_site
 from jlcm_onnx.passes.weight_sites import (
     WeightSite,
     anchor_index,
@@ -85,21 +86,20 @@ class EncodeWeights(Pass):
                 records.append(_record(site, SKIPPED, reason))
             else:
                 todo.append((site, row_axis))
-        bar = tqdm(todo, desc="encoding", unit="tensor", disable=not self.progress, leave=False)
-        for site, row_axis in bar:
+        encodings = map_on_cores(lambda item: encode_site(*item, self.config, self.plan), todo, description="encoding",
+                                 unit="tensor", progress=self.progress, postfix=_describe)
+        for (site, row_axis), site_encoding in zip(todo, encodings, strict=True):
             pool = pools.setdefault(id(site.graph), ConstantPool(names))
-            insertion, record = self._encode(site, row_axis, names, pool, constants)
+            insertion, record = self._encode(site, row_axis, site_encoding, names, pool, constants)
             insertions.append(insertion)
             records.append(record)
-            if record.layer_error is not None:
-                bar.set_postfix_str(f"{site.name}: layer error {record.layer_error:.4f}")
         _apply(model.graph, insertions, pools, names)
         return PassResult(model, modified=bool(insertions), records=records)
 
     def _encode(
-        self, site: WeightSite, row_axis: int, names: NameAllocator, pool: ConstantPool, constants: set[str]
+        self, site: WeightSite, row_axis: int, site_encoding: SiteEncoding, names: NameAllocator, pool: ConstantPool,
+        constants: set[str],
     ) -> tuple[_Insertion, TensorRecord]:
-        site_encoding = encode_site(site, row_axis, self.config, self.plan)
         matrix, encoded, restore = site_encoding.matrix, site_encoding.encoded, site_encoding.restore
         row_decoded = is_lone_table_gather(site, row_axis)
         grouping = self.plan.groupings.get(site.name)
@@ -138,6 +138,12 @@ class EncodeWeights(Pass):
         )
         replaces = spec.gather_indices is not None or replaces_matmul
         return _Insertion(site.graph, anchor, activation, decoder, site, replaces), record
+
+
+def _describe(site_encoding: SiteEncoding) -> str:
+    """The progress bar's note on an encoded weight: the layer error its learning reached."""
+    error = site_encoding.layer_error
+    return "" if error is None else f"layer error {error:.4f}"
 
 
 def _learning(config: CompressionConfig) -> str:
