@@ -173,6 +173,13 @@ def _run(
     return working, records
 
 
+def _reordered(source: onnx.ModelProto, config: CompressionConfig, plan: CompressionPlan) -> onnx.ModelProto:
+    """A copy of ``source`` with the rows of the plan's grouped weights re-ordered (fills ``plan.groupings``)."""
+    working = onnx.ModelProto()
+    working.CopyFrom(source)
+    return ReorderNeurons(config, plan)(working).model
+
+
 def _run_to_target(
     source: onnx.ModelProto,
     original_bytes: int,
@@ -207,17 +214,22 @@ def _run_to_target(
         errors = weight_errors(errors, output_sensitivities(source, config, data, execution_providers(device),
                                                             progress))
     choices = plan_for_budget(shapes, int(aim - fixed), config, errors)
-    rehearsals = 0
+    rehearsals, landed = 0, None
     for attempt in range(MAX_REHEARSALS + MAX_TARGET_RUNS):
         rehearsal = rehearsals < MAX_REHEARSALS
         plan = CompressionPlan(config, choices=choices, device=device)
-        working, records = _run(source, config, plan, progress and not rehearsal, data, rehearsal)
+        start = source
+        if rehearsal:  # re-ordered first, so a rehearsal that lands hands its re-ordering to the real run
+            start = _reordered(source, config, plan)
+        elif landed is not None:  # the re-ordering pass then finds every group made and leaves the model as it is
+            (start, plan.groupings), landed = landed, None
+        working, records = _run(start, config, plan, progress and not rehearsal, data, rehearsal)
         achieved = sum(r.compressed_bytes or 0 for r in records) if fixed == 0 else working.ByteSize()
         rehearsals = rehearsals + 1 if rehearsal else rehearsals
         if 0.99 * goal <= achieved <= goal:
             if not rehearsal:
                 break
-            rehearsals = MAX_REHEARSALS  # landed: the real run next, with the same choices
+            rehearsals, landed = MAX_REHEARSALS, (start, plan.groupings)  # the real run next, same choices
             continue
         # fine: change group counts only, so the decoders (and their bytes) stay as measured; else coarse: re-plan
         # with the bytes the planner did not see (graph, uncompressed tensors, its own estimates)
