@@ -214,9 +214,10 @@ def _run_to_target(
         errors = weight_errors(errors, output_sensitivities(source, config, data, execution_providers(device),
                                                             progress))
     choices = plan_for_budget(shapes, int(aim - fixed), config, errors)
-    rehearsals, landed = 0, None
+    rehearsed = runs = 0
+    landed = None  # the landed rehearsal's re-ordered model and groups
     for attempt in range(MAX_REHEARSALS + MAX_TARGET_RUNS):
-        rehearsal = rehearsals < MAX_REHEARSALS
+        rehearsal = runs == 0 and landed is None and rehearsed < MAX_REHEARSALS
         plan = CompressionPlan(config, choices=choices, device=device)
         start = source
         if rehearsal:  # re-ordered first, so a rehearsal that lands hands its re-ordering to the real run
@@ -225,11 +226,11 @@ def _run_to_target(
             (start, plan.groupings), landed = landed, None
         working, records = _run(start, config, plan, progress and not rehearsal, data, rehearsal)
         achieved = sum(r.compressed_bytes or 0 for r in records) if fixed == 0 else working.ByteSize()
-        rehearsals = rehearsals + 1 if rehearsal else rehearsals
+        rehearsed, runs = rehearsed + rehearsal, runs + (not rehearsal)
         if 0.99 * goal <= achieved <= goal:
             if not rehearsal:
                 break
-            rehearsals, landed = MAX_REHEARSALS, (start, plan.groupings)  # the real run next, same choices
+            landed = (start, plan.groupings)  # the real run next, with the same choices
             continue
         # fine: change group counts only, so the decoders (and their bytes) stay as measured; else coarse: re-plan
         # with the bytes the planner did not see (graph, uncompressed tensors, its own estimates)
@@ -241,7 +242,8 @@ def _run_to_target(
             choices = plan_for_budget(shapes, spent, config, errors)
     else:
         raise JlcmError(f"could not meet {kind}={value}: {achieved:,.0f} bytes for a goal of {goal:,.0f}")
-    note = f"{kind}={value}: goal {goal:,.0f} bytes, achieved {achieved:,} ({achieved / goal - 1:+.2%})"
+    note = (f"{kind}={value}: goal {goal:,.0f} bytes, achieved {achieved:,} ({achieved / goal - 1:+.2%}) after "
+            f"{rehearsed} rehearsal{'s' if rehearsed != 1 else ''} and {runs} run{'s' if runs != 1 else ''}")
     return working, records, plan, note
 
 
