@@ -62,11 +62,10 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
         error = plan.layer_errors.get(site.name)
         return SiteEncoding(matrix, encoded, restore, error is not None, error)
     encode = encode_scaled_matrix if config.encoding == "multi-scaling" else encode_matrix
-    row_decoded = is_lone_table_gather(site, row_axis)
     encoded = encode(
         matrix, choice.bits, plan.group_sizes(site.name, *matrix.shape), codebook_dtype(config, site, matrix),
         config.kmeans_iterations, importance=None if statistics is None else statistics.importance(matrix.shape[0]),
-        outlier_fraction=0.0 if row_decoded else choice.outlier_fraction,
+        outlier_fraction=_outlier_fraction(site, row_axis, plan),
         **({} if config.block_size is None else {"block_size": config.block_size}),
     )
     if gram is None:
@@ -89,8 +88,7 @@ def placeholder_encoding(site: WeightSite, row_axis: int, config: CompressionCon
     sizes = plan.group_sizes(site.name, rows, cols)
     dtype = codebook_dtype(config, site, weight)
     entries = 1 << choice.bits
-    fraction = 0.0 if is_lone_table_gather(site, row_axis) else choice.outlier_fraction
-    outliers = outlier_count(weight.size, fraction)
+    outliers = outlier_count(weight.size, _outlier_fraction(site, row_axis, plan))
     spread = np.arange(outliers, dtype=np.int64) * weight.size // max(outliers, 1)
     fields: dict = dict(codebooks=np.zeros((len(sizes), entries), dtype), codes=np.zeros((rows, cols), np.uint8),
                         group_sizes=sizes, outlier_index=spread, outlier_values=np.zeros(outliers, dtype))
@@ -101,6 +99,11 @@ def placeholder_encoding(site: WeightSite, row_axis: int, config: CompressionCon
         blocks = np.zeros((rows, -(-cols // config.block_size)), dtype)
         fields.update(block_size=config.block_size, block_scales=blocks, block_offsets=blocks)
     return EncodedMatrix(**fields)
+
+
+def _outlier_fraction(site: WeightSite, row_axis: int, plan: CompressionPlan) -> float:
+    """The plan's outlier fraction, except none for a table decoded row by row (its decoder reads no outliers)."""
+    return 0.0 if is_lone_table_gather(site, row_axis) else plan.choice(site.name).outlier_fraction
 
 
 def codebook_dtype(config: CompressionConfig, site: WeightSite, matrix: np.ndarray) -> np.dtype:
