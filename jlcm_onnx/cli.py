@@ -18,7 +18,7 @@ import click
 
 from jlcm_onnx.calibration import DEFAULT_SAMPLES, load_calibration
 from jlcm_onnx.compress import compress, save
-from jlcm_onnx.config import CODEBOOK_DTYPES, ENCODINGS, INITS, MAPPINGS, CompressionConfig
+from jlcm_onnx.config import CODEBOOK_DTYPES, ENCODINGS, INITS, MAPPINGS, SPEEDS, CompressionConfig
 from jlcm_onnx.describe import describe_model
 from jlcm_onnx.devices import DEVICES, execution_providers
 from jlcm_onnx.errors import JlcmError
@@ -61,6 +61,10 @@ def main() -> None:
               help="Where to write the compressed model (never the input file).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON file of config fields; the flags below override it.")
+@click.option("--speed", type=click.Choice(SPEEDS),
+              help="small: codebooks, the smallest file for its accuracy, slower than dense at run time; fast: "
+                   "affine blocks that onnxruntime runs in its fused MatMulNBits kernel (bits 2, 4 or 8)  "
+                   "[default: small]")
 @click.option("--bits", type=int, help="Bits per weight index, 1..8  [default: 4]")
 @click.option("--groups", type=int, help="Codebooks per tensor over contiguous output rows  [default: one per row]")
 @click.option("--encoding", type=click.Choice(ENCODINGS),

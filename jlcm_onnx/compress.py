@@ -24,6 +24,7 @@ from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.model_io import (
     check_input,
     check_output,
+    default_opset,
     load_model,
     quantization_note,
     reference_for,
@@ -32,9 +33,11 @@ from jlcm_onnx.model_io import (
 from jlcm_onnx.passes.base import Pass
 from jlcm_onnx.passes.calibrate_sequentially import CalibrateSequentially
 from jlcm_onnx.passes.collect_statistics import CollectStatistics
+from jlcm_onnx.passes.dequantize_linear import required_ir_version, required_opset
 from jlcm_onnx.passes.encode_weights import EncodeWeights
 from jlcm_onnx.passes.placeholder_encodings import PlaceholderEncodings
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
+from jlcm_onnx.passes.upgrade_opset import UpgradeOpset
 from jlcm_onnx.plan import CompressionPlan
 from jlcm_onnx.report import CompressionReport, TensorRecord
 from jlcm_onnx.sensitivity import output_sensitivities, weight_errors
@@ -76,13 +79,17 @@ def build_pipeline(
 ) -> list[Pass]:
     """The passes of a compression run, in order; the re-ordering pass hands its group sizes to the encoder, and with
     calibration data the statistics of the re-ordered model's layers go to the encoder's joint learning. A
-    ``rehearsal`` encodes stand-ins instead (no data used): the same file layout and bytes, nothing fitted."""
+    ``rehearsal`` encodes stand-ins instead (no data used): the same file layout and bytes, nothing fitted. With
+    ``speed="fast"`` the model's opset is first raised to what DequantizeLinear with blocks needs."""
+    upgrade: list[Pass] = []
+    if config.speed == "fast":
+        upgrade = [UpgradeOpset(required_opset(config.bits), required_ir_version(config.bits))]
     if rehearsal:
         middle: list[Pass] = [PlaceholderEncodings(config, plan)]
     else:
         calibration = CalibrateSequentially if config.sequential else CollectStatistics
         middle = [] if data is None else [calibration(config, plan, data, progress)]
-    return [ReorderNeurons(config, plan), *middle, EncodeWeights(config, plan, progress=progress)]
+    return [*upgrade, ReorderNeurons(config, plan), *middle, EncodeWeights(config, plan, progress=progress)]
 
 
 def compress(
@@ -136,6 +143,9 @@ def compress(
     else:
         working, records, plan, note = _run_to_target(source, original_bytes, config, progress, data, device)
         notes.append(note)
+    if default_opset(working) != default_opset(source):
+        notes.append(f"ai.onnx opset {default_opset(source)} -> {default_opset(working)} (onnx.version_converter), "
+                     f"IR version {working.ir_version}: what DequantizeLinear with blocks needs")
     if data is not None:
         mode = "sequential" if config.sequential else "on the float model"
         notes.append(f"calibration: {len(data)} samples, onnxruntime passes: {plan.calibration_passes} ({mode})")

@@ -24,6 +24,10 @@ ENCODINGS = ("multi-codebook", "multi-scaling")
 MAPPINGS = ("proximal", "naive", "frozen")
 INITS = ("error-feedback", "kmeans")
 TARGETS = ("target_size", "target_ratio", "target_bits_per_weight")
+SPEEDS = ("small", "fast")
+#: Bits and block sizes of the affine-blocks format that onnxruntime's fused MatMulNBits kernel runs.
+FAST_BITS = (2, 4, 8)
+FAST_MIN_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,13 @@ class CompressionConfig:
             (one onnxruntime pass per level of the network) so it learns to correct their error; otherwise one pass
             on the float model.
         seed: seed of every random choice, so equal inputs give byte-identical outputs.
+        speed: ``"small"`` (codebooks everywhere: the smallest file for its accuracy, every weight decoded by generic
+            ops on each run, several times slower than the dense model) or ``"fast"`` (every weight but a lone
+            embedding table in affine blocks, :mod:`jlcm_onnx.encodings.affine_blocks`: uniform ``bits``-bit levels
+            with a scale and a zero point per ``block_size`` inputs (default 32), written as standard
+            ``DequantizeLinear``, which onnxruntime fuses with MatMul/Gemm into its ``MatMulNBits`` kernel; the
+            embedding table keeps its codebook row decoder). ``"fast"`` takes bits 2, 4 or 8 and raises the model's
+            ai.onnx opset to 21 (25 for 2 bits).
 
     Example:
         >>> CompressionConfig(bits=3).bits
@@ -102,6 +113,7 @@ class CompressionConfig:
     learning_steps: int = 0
     sequential: bool = False
     seed: int = 0
+    speed: str = "small"
 
     def __post_init__(self) -> None:
         _check_int(self, "bits", 1, MAX_BITS)
@@ -143,8 +155,24 @@ class CompressionConfig:
         targets = [name for name in TARGETS if getattr(self, name) is not None]
         if len(targets) > 1:
             raise ConfigError(targets[1], getattr(self, targets[1]), f"no second target besides {targets[0]}")
+        self._check_speed()
         if self.codebook_dtype not in CODEBOOK_DTYPES:
             raise ConfigError("codebook_dtype", self.codebook_dtype, f"one of {list(CODEBOOK_DTYPES)}")
+
+    def _check_speed(self) -> None:
+        if self.speed not in SPEEDS:
+            raise ConfigError("speed", self.speed, f"one of {list(SPEEDS)}")
+        if self.speed != "fast":
+            return
+        if self.bits not in FAST_BITS:
+            raise ConfigError("bits", self.bits, "2, 4 or 8 with speed 'fast' (the bits of onnxruntime's fused "
+                              "MatMulNBits kernel)")
+        block = self.block_size
+        if block is not None and (block < FAST_MIN_BLOCK or block & (block - 1)):
+            raise ConfigError("block_size", block, f"a power of 2 >= {FAST_MIN_BLOCK} with speed 'fast'")
+        if self.target is not None:
+            raise ConfigError(self.target[0], self.target[1], "unset with speed 'fast' (size targets choose among "
+                              "codebook formats only, for now)")
 
     @property
     def target(self) -> tuple[str, float] | None:

@@ -104,7 +104,12 @@ class DecodeGraph:
 
     @property
     def stored_bytes(self) -> int:
-        return sum(numpy_helper.to_array(t).nbytes for t in self.initializers)
+        return sum(tensor_bytes(t) for t in self.initializers)
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data as stored (sub-byte types such as UINT4 packed two to a byte)."""
+    return len(tensor.raw_data) if tensor.raw_data else numpy_helper.to_array(tensor).nbytes
 
 
 def build_gate(activation: str, names: NameAllocator) -> tuple[str, list[onnx.NodeProto]]:
@@ -118,7 +123,9 @@ def build_gate(activation: str, names: NameAllocator) -> tuple[str, list[onnx.No
     return gate, nodes
 
 
-class _Builder:
+class DecoderBuilder:
+    """Collects one weight's decoder: its stored tensors, shared constants and nodes."""
+
     def __init__(self, spec: DecodeSpec, names: NameAllocator, pool: ConstantPool) -> None:
         self.spec = spec
         self.names = names
@@ -137,9 +144,11 @@ class _Builder:
         return self.pool.get(np.asarray(array))
 
     def op(self, op_type: str, inputs: list[str], output: str | None = None, **attributes: object) -> str:
-        out = output or self.names.fresh(f"{self.prefix}/{op_type.lower()}")
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attributes))
-        return out
+        """Appends a node; its output is ``output`` (the weight's own name, say) or a fresh name, and its name is
+        always fresh (a weight may share its name with a node of the model)."""
+        name = self.names.fresh(f"{self.prefix}/{op_type.lower()}")
+        self.nodes.append(helper.make_node(op_type, inputs, [output or name], name=name, **attributes))
+        return output or name
 
     def shape(self, dims: tuple[int, ...] | list[int]) -> str:
         return self.const(np.array(dims, dtype=np.int64))
@@ -158,7 +167,7 @@ def stored_code_order(spec: DecodeSpec) -> np.ndarray:
 
 def build_decoder(spec: DecodeSpec, names: NameAllocator, pool: ConstantPool, gate: str | None) -> DecodeGraph:
     """Initializers and nodes that compute ``spec.output`` from the packed codes and codebooks."""
-    b = _Builder(spec, names, pool)
+    b = DecoderBuilder(spec, names, pool)
     if spec.gather_indices is not None:
         _row_decoder(b, spec)
     else:
@@ -190,26 +199,26 @@ def build_blocked_matmul(
     output = matmul.output[0] if spec.restore is None else names.fresh(f"{matmul.output[0]}.jlcm_reordered")
     nodes.append(helper.make_node("Concat", outputs, [output], axis=-1, name=names.fresh("jlcm/concat")))
     if spec.restore is not None:
-        b = _Builder(spec, names, pool)
+        b = DecoderBuilder(spec, names, pool)
         b.op("Gather", [output, b.restore_index()], matmul.output[0], axis=-1)
         nodes += b.nodes
         initializers += b.initializers
     return DecodeGraph(nodes, initializers)
 
 
-def _weight_decoder(b: _Builder, spec: DecodeSpec, gate: str | None) -> None:
+def _weight_decoder(b: DecoderBuilder, spec: DecodeSpec, gate: str | None) -> None:
     layout = WordLayout(spec.encoded.bits)
     stored = stored_code_order(spec)
     packed = b.stored("packed", pack_codes(stored.reshape(-1), layout.bits))
     if gate is not None:
         packed = b.op("BitShift", [packed, gate], direction="LEFT")
-    codes = _unpack(b, packed, layout, stored.size, rows=None)
+    codes = unpack_codes(b, packed, layout, stored.size, rows=None)
     row_codebooks = _row_codebooks(b, spec)
     if spec.rows_last:
         codes = b.op("Reshape", [codes, b.shape(stored.shape)])
         table = b.op("Transpose", [row_codebooks], perm=[1, 0])
         decoded = _block_affine(b, spec, b.op("GatherElements", [table, codes], axis=0))
-        _finish(b, _restored(b, _with_outliers(b, spec, decoded), axis=1), spec.shape, perm=None)
+        finish_layout(b, _restored(b, _with_outliers(b, spec, decoded), axis=1), spec.shape, perm=None)
         return
     codes = b.op("Reshape", [codes, b.shape(stored.shape)])
     decoded = _block_affine(b, spec, b.op("GatherElements", [row_codebooks, codes], axis=1))
@@ -218,15 +227,15 @@ def _weight_decoder(b: _Builder, spec: DecodeSpec, gate: str | None) -> None:
     others = [i for i in range(len(spec.shape)) if i != spec.row_axis]
     moved_shape = tuple(spec.shape[i] for i in [spec.row_axis, *others])
     perm = None if spec.row_axis == 0 else [int(i) for i in np.argsort([spec.row_axis, *others])]
-    _finish(b, decoded, moved_shape, perm)
+    finish_layout(b, decoded, moved_shape, perm)
 
 
-def _restored(b: _Builder, decoded: str, axis: int) -> str:
+def _restored(b: DecoderBuilder, decoded: str, axis: int) -> str:
     """Puts re-ordered rows back in their original order (a no-op without ``spec.restore``)."""
     return decoded if b.spec.restore is None else b.op("Gather", [decoded, b.restore_index()], axis=axis)
 
 
-def _block_affine(b: _Builder, spec: DecodeSpec, decoded: str, ids: str | None = None) -> str:
+def _block_affine(b: DecoderBuilder, spec: DecodeSpec, decoded: str, ids: str | None = None) -> str:
     """``s * C[I] + m`` per block of inputs (a no-op without input blocks); the decoded matrix is [rows, cols], or
     [cols, rows] when rows are W's last axis, or the rows picked by ``ids`` (the row decoder)."""
     encoded = spec.encoded
@@ -253,7 +262,7 @@ def _block_affine(b: _Builder, spec: DecodeSpec, decoded: str, ids: str | None =
     return b.op("Slice", [scaled, b.shape([0]), b.shape([cols]), b.shape([axis])]) if pad else scaled
 
 
-def _with_outliers(b: _Builder, spec: DecodeSpec, decoded: str) -> str:
+def _with_outliers(b: DecoderBuilder, spec: DecodeSpec, decoded: str) -> str:
     """Writes the outlier values over the decoded matrix (in stored order) with ScatterElements."""
     encoded = spec.encoded
     if encoded.outlier_index.size == 0:
@@ -272,7 +281,7 @@ def _with_outliers(b: _Builder, spec: DecodeSpec, decoded: str) -> str:
     return b.op("Reshape", [patched, b.shape([rows, cols] if not spec.rows_last else [cols, rows])])
 
 
-def _finish(b: _Builder, decoded: str, shape: tuple[int, ...], perm: list[int] | None) -> None:
+def finish_layout(b: DecoderBuilder, decoded: str, shape: tuple[int, ...], perm: list[int] | None) -> None:
     """Reshape the decoded [rows, cols] matrix to ``shape``, transpose by ``perm``, and name it as the weight."""
     output = b.spec.output
     if len(shape) != 2:
@@ -283,7 +292,7 @@ def _finish(b: _Builder, decoded: str, shape: tuple[int, ...], perm: list[int] |
         b.op("Identity", [decoded], output)
 
 
-def _row_decoder(b: _Builder, spec: DecodeSpec) -> None:
+def _row_decoder(b: DecoderBuilder, spec: DecodeSpec) -> None:
     """Stands in for ``Gather(table, ids)``: gathers packed rows and row codebooks, then decodes only those rows."""
     layout = WordLayout(spec.encoded.bits)
     rows, cols = spec.encoded.codes.shape
@@ -293,15 +302,17 @@ def _row_decoder(b: _Builder, spec: DecodeSpec) -> None:
     if spec.restore is not None:
         flat_ids = b.op("Gather", [b.restore_index(), flat_ids], axis=0)
     picked = b.op("Gather", [packed, flat_ids], axis=0)
-    codes = _unpack(b, picked, layout, cols, rows=True)
+    codes = unpack_codes(b, picked, layout, cols, rows=True)
     row_codebooks = b.op("Gather", [_row_codebooks(b, spec), flat_ids], axis=0)
     decoded = _block_affine(b, spec, b.op("GatherElements", [row_codebooks, codes], axis=1), flat_ids)
     out_shape = b.op("Concat", [b.op("Shape", [ids]), b.shape([cols])], axis=0)
     b.op("Reshape", [decoded, out_shape], spec.output)
 
 
-def _unpack(b: _Builder, packed: str, layout: WordLayout, count: int, rows: bool | None) -> str:
-    """int32 codes from byte planes: [B, N] -> [count], or per row [M, B, N] -> [M, count]."""
+def unpack_codes(b: DecoderBuilder, packed: str, layout: WordLayout, count: int, rows: bool | None,
+                 to: int = onnx.TensorProto.INT32) -> str:
+    """Codes of type ``to`` (int32: Gather indices) from byte planes: [B, N] -> [count], or per row [M, B, N] ->
+    [M, count]."""
     byte_axis = 1 if rows else 0
     if layout.bytes_per_word == 1:
         words = packed
@@ -324,10 +335,10 @@ def _unpack(b: _Builder, packed: str, layout: WordLayout, count: int, rows: bool
     codes = b.op("Concat", planes, axis=axis) if len(planes) > 1 else planes[0]
     if layout.num_words(count) * layout.codes_per_word != count:
         codes = b.op("Slice", [codes, b.shape([0]), b.shape([count]), b.shape([axis])])
-    return b.op("Cast", [codes], to=onnx.TensorProto.INT32)
+    return codes if to == onnx.TensorProto.UINT8 else b.op("Cast", [codes], to=to)
 
 
-def _row_codebooks(b: _Builder, spec: DecodeSpec) -> str:
+def _row_codebooks(b: DecoderBuilder, spec: DecodeSpec) -> str:
     """Nodes giving the codebook of every row, [rows, K], in the decoded weight's dtype."""
     encoded = spec.encoded
     groups, entries = encoded.codebooks.shape

@@ -3,9 +3,11 @@
 For a weight W with output rows along ``row_axis`` the pass encodes the matrix ``M = moveaxis(W, row_axis, 0)
 .reshape(rows, cols)`` as ``M^[r, j] = C[g(r), I[r, j]]`` (:mod:`jlcm_onnx.codebook`), removes W (initializer or
 ``Constant`` node) and inserts, right before W's first consumer, the nodes of :mod:`jlcm_onnx.passes.dequant_graph` that
-produce a tensor of W's name, dtype and shape. Consumers are untouched, except two that are rewritten so that less
-is decoded at a time: a lone embedding ``Gather`` (a row decoder decodes only the looked-up rows) and the lone
-``MatMul`` of a large weight (split into column blocks decoded one after the other). A weight read by several nodes
+produce a tensor of W's name, dtype and shape. Consumers are untouched, except three that are rewritten so that less
+is decoded at a time: a lone embedding ``Gather`` (a row decoder decodes only the looked-up rows), the lone
+``MatMul`` of a large weight (split into column blocks decoded one after the other) and, for a weight in affine
+blocks (``speed="fast"``, :mod:`jlcm_onnx.passes.dequantize_linear`: a standard DequantizeLinear), a Gemm reading it
+transposed (so onnxruntime can fuse it). A weight read by several nodes
 (tied embeddings) is stored and decoded once. Weights inside ``If``/``Loop``/``Scan`` bodies are handled in their own
 body; a weight defined outside a body and read inside it (an outer-scope reference) is decoded in its own graph, right
 before the node that holds the body, and the body reads the decoded tensor by the same name. The weights are
@@ -34,7 +36,8 @@ from jlcm_onnx.passes.dequant_graph import (
     build_decoder,
     build_gate,
 )
-from jlcm_onnx.passes.site_encoding import SiteEncoding, encode_site
+from jlcm_onnx.passes.dequantize_linear import build_fused_decoder, build_transposed_gemm, build_unpacked_decoder
+from jlcm_onnx.passes.site_encoding import SiteEncoding, affine_block_size, encode_site, uses_affine_blocks
 from jlcm_onnx.passes.weight_sites import (
     WeightSite,
     anchor_index,
@@ -49,6 +52,10 @@ from jlcm_onnx.report import COMPRESSED, SKIPPED, TensorRecord
 
 #: Weights of a MatMul above this count are decoded in column blocks of about this size (1 MB of fp32), one at a time.
 BLOCK_WEIGHTS = 1 << 18
+
+#: How an affine-blocks weight runs, for the report.
+FUSED = "none needed: DequantizeLinear, fused with its reader into MatMulNBits by onnxruntime"
+UNPACKED = "none needed: DequantizeLinear on uint8 codes (unpacked at load) each run"
 
 #: Placeholder input name for the gate until the shared gate of the activation is built.
 _GATE = "__jlcm_gate__"
@@ -100,6 +107,8 @@ class EncodeWeights(Pass):
         self, site: WeightSite, row_axis: int, site_encoding: SiteEncoding, names: NameAllocator, pool: ConstantPool,
         constants: set[str],
     ) -> tuple[_Insertion, TensorRecord]:
+        if uses_affine_blocks(site, row_axis, self.config):
+            return self._encode_affine(site, row_axis, site_encoding, names, pool)
         matrix, encoded, restore = site_encoding.matrix, site_encoding.encoded, site_encoding.restore
         row_decoded = is_lone_table_gather(site, row_axis)
         grouping = self.plan.groupings.get(site.name)
@@ -138,6 +147,29 @@ class EncodeWeights(Pass):
         )
         replaces = spec.gather_indices is not None or replaces_matmul
         return _Insertion(site.graph, anchor, activation, decoder, site, replaces), record
+
+    def _encode_affine(
+        self, site: WeightSite, row_axis: int, site_encoding: SiteEncoding, names: NameAllocator, pool: ConstantPool,
+    ) -> tuple[_Insertion, TensorRecord]:
+        """A DequantizeLinear decoder: fused with a lone MatMul or Gemm reader, else unpacked (see the decoders)."""
+        encoded = site_encoding.encoded
+        anchor = anchor_index(site)
+        spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded)
+        transposed_gemm = is_lone_matrix_input(site, 0, "Gemm", 1) and row_axis == 0
+        if transposed_gemm:
+            decoder, runtime = build_transposed_gemm(spec, site.graph.node[anchor], names, pool), FUSED
+        elif row_axis == 1 and any(is_lone_matrix_input(site, 1, op, 1) for op in ("MatMul", "Gemm")):
+            decoder, runtime = build_fused_decoder(spec, names, pool), FUSED
+        else:
+            decoder, runtime = build_unpacked_decoder(spec, names, pool), UNPACKED
+        learned = ", learned (error-feedback codes, closed-form scales)" if site_encoding.learned else ""
+        record = _record(
+            site, COMPRESSED, compressed_bytes=decoder.stored_bytes, bits=encoded.bits,
+            encoding=f"affine blocks of {affine_block_size(self.config)}{learned}",
+            sqnr_db=sqnr_db(site_encoding.matrix, encoded.decode()), layer_error=site_encoding.layer_error,
+            decode_gate=runtime, outliers=0,
+        )
+        return _Insertion(site.graph, anchor, None, decoder, site, transposed_gemm), record
 
 
 def _describe(site_encoding: SiteEncoding) -> str:

@@ -26,6 +26,7 @@ from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.grouping import cluster_rows
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.passes.permute_channels import apply_permutation, find_channel_path
+from jlcm_onnx.passes.site_encoding import uses_affine_blocks
 from jlcm_onnx.passes.weight_sites import WeightSite, compressible_row_axis, find_weight_sites
 from jlcm_onnx.plan import CompressionPlan, RowGrouping
 
@@ -46,8 +47,8 @@ class ReorderNeurons(Pass):
         row_axes = {site.name: (compressible_row_axis(site, self.config)[0], len(site.shape)) for site in sites}
         for site in sites:
             row_axis = row_axes[site.name][0]
-            if row_axis is None or site.name in self.plan.groupings:
-                continue
+            if row_axis is None or site.name in self.plan.groupings or uses_affine_blocks(site, row_axis, self.config):
+                continue  # affine blocks have no row groups
             rows = site.shape[row_axis]
             groups = self.plan.groups(site.name, rows, site.num_elements // rows)
             if not 1 < groups < rows:

@@ -5,6 +5,10 @@ be folded into the graph), encoded with k-means codebooks (importance ``diag(H)`
 statistics hold a Gram, so the codewords sit where the layer's inputs are large) and, with a Gram, learned jointly
 (:func:`jlcm_onnx.learning.learn_layer`). Both the sequential calibration pass and the encoder use it, so a weight
 learned early is encoded exactly as the encoder would have.
+
+With ``speed="fast"`` every weight but a lone embedding table is encoded in affine blocks instead
+(:mod:`jlcm_onnx.encodings.affine_blocks`: data-free fit weighted by ``diag(H)``, then learned against the Gram when
+there is one), in its original row order.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import onnx
 
 from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, outlier_count
 from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.encodings.affine_blocks import DEFAULT_BLOCK_SIZE, AffineBlocks, fit_affine_blocks, learn_affine_blocks
 from jlcm_onnx.learning import learn_layer
 from jlcm_onnx.passes.weight_sites import WeightSite, is_lone_table_gather
 from jlcm_onnx.plan import CompressionPlan
@@ -31,7 +36,7 @@ class SiteEncoding:
     the ``layer_error``, the layer objective reached (see :mod:`jlcm_onnx.learning`)."""
 
     matrix: np.ndarray
-    encoded: EncodedMatrix
+    encoded: EncodedMatrix | AffineBlocks
     restore: np.ndarray | None
     learned: bool
     layer_error: float | None = None
@@ -61,6 +66,8 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
     if encoded is not None:  # encoded (and learned) earlier in this run, by the sequential calibration
         error = plan.layer_errors.get(site.name)
         return SiteEncoding(matrix, encoded, restore, error is not None, error)
+    if uses_affine_blocks(site, row_axis, config):
+        return _encode_affine_blocks(site, matrix, config, plan)
     encode = encode_scaled_matrix if config.encoding == "multi-scaling" else encode_matrix
     encoded = encode(
         matrix, choice.bits, plan.group_sizes(site.name, *matrix.shape), codebook_dtype(config, site, matrix),
@@ -73,6 +80,28 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
     result = learn_layer(matrix, encoded, gram, mapping=config.mapping, init=config.init, steps=config.learning_steps,
                          seed=config.seed, device=plan.device)
     return SiteEncoding(matrix, result.encoded, restore, True, result.final_objective)
+
+
+def uses_affine_blocks(site: WeightSite, row_axis: int, config: CompressionConfig) -> bool:
+    """True when ``site`` is encoded in affine blocks: with ``speed="fast"``, every weight but a table read by one
+    Gather (its codebook row decoder decodes only the looked-up rows)."""
+    return config.speed == "fast" and not is_lone_table_gather(site, row_axis)
+
+
+def affine_block_size(config: CompressionConfig) -> int:
+    return config.block_size or DEFAULT_BLOCK_SIZE
+
+
+def _encode_affine_blocks(site: WeightSite, matrix: np.ndarray, config: CompressionConfig,
+                          plan: CompressionPlan) -> SiteEncoding:
+    statistics = plan.statistics.get(site.name)
+    importance = None if statistics is None else statistics.importance(matrix.shape[0])
+    encoded = fit_affine_blocks(matrix, plan.choice(site.name).bits, affine_block_size(config),
+                                codebook_dtype(config, site, matrix), importance)
+    if statistics is None or statistics.gram is None:
+        return SiteEncoding(matrix, encoded, None, False)
+    learned, error = learn_affine_blocks(matrix, encoded, statistics.gram)
+    return SiteEncoding(matrix, learned, None, True, error)
 
 
 def placeholder_encoding(site: WeightSite, row_axis: int, config: CompressionConfig,

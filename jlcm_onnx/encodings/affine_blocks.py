@@ -1,0 +1,204 @@
+"""Affine blocks: uniform levels with a scale and an integer zero point per block of B consecutive inputs.
+
+A weight matrix ``W`` [rows, cols] (rows = output neurons) is stored as b-bit codes ``q`` and, per block of B inputs
+of a row, a scale ``s`` and a zero point ``z`` (both integers in ``[0, K - 1]``, ``K = 2**b``)::
+
+    W^[r, j] = s[r, j // B] * (q[r, j] - z[r, j // B])          n * b + (n / B) * (bits(s) + b) bits
+
+This is exactly what standard ONNX ``DequantizeLinear`` (opset 21, ``block_size``) computes, and onnxruntime rewrites
+``DequantizeLinear -> MatMul/Gemm`` into its fused ``MatMulNBits`` kernel at load, so the weight stays b-bit in memory
+and runs faster than the dense product. It is the codebook family's uniform member: an "input blocks" encoding whose
+codebook is the fixed grid ``0, 1, .., K - 1`` and whose offsets are ``-s * z`` with integer ``z``. Every grid holds
+0 (at ``q = z``), so a block's range ``[s * (0 - z), s * (K - 1 - z)]`` always spans 0.
+
+**Data-free fit** (importance ``h``, ``diag(H)`` per input when calibration statistics exist, else 1): for each block
+and each shrink factor ``a`` in ``SHRINKS`` the grid spans ``a * [min(w, 0), max(w, 0)]``::
+
+    s = a (max - min) / (K - 1),   z = clip(round(-a min / s)),   q = clip(round(w / s) + z)
+
+then ``s`` is refit by weighted least squares for those codes, ``s = sum h (q - z) w / sum h (q - z)^2``, and the codes
+re-rounded; the candidate of least weighted error ``sum h (w - W^)^2`` is kept per block (a scale search in the manner
+of llama.cpp's k-quants and HQQ's, rather than plain min/max). Scales are rounded to their storage type before the
+final codes are taken, so the codes are nearest for the stored scale.
+
+**Calibrated** (a Gram ``H`` of the layer's inputs): GPTQ-style error-feedback codes against the fitted grid
+(:func:`jlcm_onnx.learning.error_feedback_codes`, the uniform grid as a one-row codebook), then the scales refit in
+closed form for the layer's output error with the zero points fixed. Row r's decoded weights are linear in its block
+scales, ``W^_r = D_r s_r`` with ``D_r`` [cols, nb] the block-masked ``q_r - z_r``, so::
+
+    (D_r^T H D_r + λ Id) s_r = D_r^T H w_r + λ s_r_old           (λ = 1e-6 mean diagonal, H damped)
+
+and the codes are taken again for the new scales; ``CALIBRATED_ROUNDS`` such rounds, keeping the best by the layer
+objective ``tr(ΔW H ΔW^T) / tr(W H W^T)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from jlcm_onnx.codebook import EncodedMatrix, expand_blocks
+from jlcm_onnx.learning import damped_gram, error_feedback_codes, layer_objective
+
+#: Shrink factors of a block's range tried by the data-free fit.
+SHRINKS = tuple(np.linspace(1.0, 0.6, 9))
+#: Rounds of error-feedback codes and closed-form scales in the calibrated fit.
+CALIBRATED_ROUNDS = 2
+#: Bits the fused onnxruntime kernel takes (MatMulNBits: 2, 4, 8), and the default block of inputs.
+FUSED_BITS = (2, 4, 8)
+DEFAULT_BLOCK_SIZE = 32
+#: Rows of a matrix fitted at once hold at most this many weights (bounds the fit's working memory).
+CHUNK_WEIGHTS = 1 << 20
+RIDGE = 1e-6
+
+
+@dataclass(frozen=True)
+class AffineBlocks:
+    """``codes`` uint8 [rows, cols], ``scales`` [rows, nb] (storage dtype), ``zero_points`` uint8 [rows, nb]."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    block_size: int
+    bits: int
+
+    def decode(self) -> np.ndarray:
+        """``W^`` [rows, cols] in float32, computed as DequantizeLinear does: ``(q - z) * s``."""
+        cols = self.codes.shape[1]
+        shifted = self.codes.astype(np.float32) - expand_blocks(self.zero_points, cols, self.block_size)
+        return shifted * expand_blocks(self.scales.astype(np.float32), cols, self.block_size)
+
+    def as_codebook_encoding(self) -> EncodedMatrix:
+        """The same weights as an input-blocks codebook encoding (the grid as one codebook, offsets ``-s z``), the
+        form the layer objective of :mod:`jlcm_onnx.learning` reads."""
+        scales = self.scales.astype(np.float64)
+        grid = np.arange(1 << self.bits, dtype=np.float64)[None, :]
+        return EncodedMatrix(codebooks=grid, codes=self.codes, group_sizes=(self.codes.shape[0],),
+                             block_size=self.block_size, block_scales=scales,
+                             block_offsets=-scales * self.zero_points)
+
+
+def fit_affine_blocks(
+    matrix: np.ndarray, bits: int, block_size: int, scale_dtype: np.dtype, importance: np.ndarray | None = None,
+) -> AffineBlocks:
+    """The data-free fit of the module docstring, row chunk by row chunk (rows are independent)."""
+    rows, cols = matrix.shape
+    count = -(-cols // block_size)
+    codes = np.zeros((rows, cols), np.uint8)
+    scales = np.zeros((rows, count), scale_dtype)
+    zero_points = np.zeros((rows, count), np.uint8)
+    step = max(1, CHUNK_WEIGHTS // max(cols, 1))
+    for start in range(0, rows, step):
+        part = slice(start, min(start + step, rows))
+        weight = None if importance is None else importance[part]
+        scales[part], zero_points[part] = _search_blocks(matrix[part], weight, bits, block_size, scale_dtype)
+        codes[part] = nearest_codes(matrix[part], scales[part], zero_points[part], bits, block_size)
+    return AffineBlocks(codes, scales, zero_points, block_size, bits)
+
+
+def nearest_codes(matrix: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int,
+                  block_size: int) -> np.ndarray:
+    """``clip(round(w / s) + z, 0, K - 1)`` per weight (``z`` where ``s`` is 0), uint8."""
+    cols = matrix.shape[1]
+    scale = expand_blocks(scales.astype(np.float64), cols, block_size)
+    zero = expand_blocks(zero_points.astype(np.float64), cols, block_size)
+    ratio = np.divide(matrix, scale, out=np.zeros(matrix.shape), where=scale > 0)
+    return np.clip(np.rint(ratio) + zero, 0, (1 << bits) - 1).astype(np.uint8)
+
+
+def _search_blocks(
+    matrix: np.ndarray, importance: np.ndarray | None, bits: int, block_size: int, scale_dtype: np.dtype,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scales, zero points) [rows, nb] of least weighted error over the shrink factors."""
+    top = (1 << bits) - 1
+    values = _blocks(matrix.astype(np.float64), block_size)
+    weights = _blocks(np.ones(matrix.shape) if importance is None else importance.astype(np.float64), block_size)
+    low, high = np.minimum(values.min(axis=2), 0.0), np.maximum(values.max(axis=2), 0.0)
+    best_error = np.full(low.shape, np.inf)
+    best_scale, best_zero = np.zeros(low.shape), np.zeros(low.shape)
+    for shrink in SHRINKS:
+        scale = shrink * (high - low) / top
+        zero = np.clip(np.rint(np.divide(-shrink * low, scale, out=np.zeros(low.shape), where=scale > 0)), 0, top)
+        shifted = _codes(values, scale, zero, top) - zero[..., None]
+        numerator, denominator = (weights * shifted * values).sum(axis=2), (weights * shifted**2).sum(axis=2)
+        fitted = np.divide(numerator, denominator, out=scale.copy(), where=denominator > 0)
+        scale = np.where(fitted > 0, fitted, scale)
+        error = (weights * (values - scale[..., None] * (_codes(values, scale, zero, top) - zero[..., None])) ** 2)
+        error = error.sum(axis=2)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_scale, best_zero = np.where(better, scale, best_scale), np.where(better, zero, best_zero)
+    return best_scale.astype(scale_dtype), best_zero.astype(np.uint8)
+
+
+def _codes(values: np.ndarray, scale: np.ndarray, zero: np.ndarray, top: int) -> np.ndarray:
+    """Nearest grid codes of blocked ``values`` [rows, nb, B] (float64)."""
+    ratio = np.divide(values, scale[..., None], out=np.zeros(values.shape), where=scale[..., None] > 0)
+    return np.clip(np.rint(ratio) + zero[..., None], 0, top)
+
+
+def _blocks(values: np.ndarray, block_size: int) -> np.ndarray:
+    """[rows, cols] -> [rows, ceil(cols / B), B], the last block padded with zeros (zero weight, zero value)."""
+    rows, cols = values.shape
+    count = -(-cols // block_size)
+    padded = np.zeros((rows, count * block_size))
+    padded[:, :cols] = values
+    return padded.reshape(rows, count, block_size)
+
+
+def refit_scales(matrix: np.ndarray, encoded: AffineBlocks, gram: torch.Tensor) -> np.ndarray:
+    """The closed-form block scales for the output objective with codes and zero points fixed (see the module
+    docstring); ``gram`` is the damped H [cols, cols] (float64). Returned in the scales' storage dtype; a block whose
+    solved scale is not positive keeps its old one."""
+    rows, cols = matrix.shape
+    size = encoded.block_size
+    count = encoded.scales.shape[1]
+    pad = count * size - cols
+    padded_gram = torch.nn.functional.pad(gram, (0, pad, 0, pad))
+    blocked_gram = padded_gram.view(count, size, count, size)
+    design = torch.as_tensor(_blocks(encoded.codes.astype(np.float64), size)
+                             - encoded.zero_points.astype(np.float64)[..., None])
+    if pad:
+        design[:, -1, size - pad:] = 0.0  # padded inputs decode nothing
+    weight = torch.nn.functional.pad(torch.as_tensor(matrix, dtype=torch.float64), (0, pad))
+    old = torch.as_tensor(encoded.scales.astype(np.float64))
+    solved = torch.zeros(rows, count, dtype=torch.float64)
+    eye = torch.eye(count, dtype=torch.float64)
+    step = max(1, CHUNK_WEIGHTS // max(count * size * count, 1))
+    for start in range(0, rows, step):
+        part = slice(start, min(start + step, rows))
+        block_design = design[part]  # [n, nb, B]
+        times_gram = torch.einsum("bicj,ncj->nbic", blocked_gram, block_design)  # sum_j H[b i, c j] d[c j]
+        normal = torch.einsum("nbi,nbic->nbc", block_design, times_gram)
+        rhs = (block_design * (weight[part] @ padded_gram).view(-1, count, size)).sum(dim=2)
+        ridge = RIDGE * torch.diagonal(normal, dim1=1, dim2=2).mean(dim=1).clamp(min=1e-30)
+        solved[part] = torch.linalg.solve(normal + ridge[:, None, None] * eye, rhs + ridge[:, None] * old[part])
+    scales = solved.numpy()
+    return np.where(scales > 0, scales, encoded.scales.astype(np.float64)).astype(encoded.scales.dtype)
+
+
+def learn_affine_blocks(matrix: np.ndarray, initial: AffineBlocks, gram: np.ndarray) -> tuple[AffineBlocks, float]:
+    """The calibrated fit of the module docstring from ``initial`` (the data-free fit): the best encoding seen and
+    its layer objective. ``gram`` is H [cols, cols], or [Q, cols, cols] per conv group."""
+    rows, cols = matrix.shape
+    grams = damped_gram(gram, cols)
+    per_group = rows // grams.shape[0]
+    grid = np.arange(1 << initial.bits, dtype=np.float64)[None, :]
+    best = (layer_objective(matrix, initial.as_codebook_encoding(), gram), initial)
+    current = initial
+    for _ in range(CALIBRATED_ROUNDS):
+        view = current.as_codebook_encoding()
+        codes = error_feedback_codes(matrix, grid, view.group_sizes, gram, block_affine=view.block_affine())
+        current = replace(current, codes=codes)
+        scales = np.concatenate([
+            refit_scales(matrix[part], replace(current, codes=codes[part], scales=current.scales[part],
+                                               zero_points=current.zero_points[part]), grams[q])
+            for q, part in enumerate(slice(q * per_group, (q + 1) * per_group) for q in range(grams.shape[0]))
+        ])
+        current = replace(current, scales=scales)
+        objective = layer_objective(matrix, current.as_codebook_encoding(), gram)
+        if objective < best[0]:
+            best = (objective, current)
+    return best[1], best[0]

@@ -1,0 +1,43 @@
+"""Raises a model's ai.onnx opset and IR version to what its decoders need (``onnx.version_converter``).
+
+The affine-blocks decoders use ``DequantizeLinear`` with ``block_size`` and UINT4 codes (opset 21, IR 10), or UINT2
+codes (opset 25, IR 11). A model exported at an older opset is converted first; the converter rewrites only the nodes
+whose semantics changed between the two opsets, so the model computes the same function (the output gate of
+:func:`jlcm_onnx.compress` compares it with the original). A model the converter cannot upgrade is refused with the
+converter's reason, rather than written in a format its runtime would reject.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import version_converter
+
+from jlcm_onnx.errors import ModelError
+from jlcm_onnx.model_io import default_opset
+from jlcm_onnx.passes.base import Pass, PassResult
+
+
+class UpgradeOpset(Pass):
+    """Converts the model to at least ai.onnx ``opset`` and IR ``ir_version``; ``records`` say what changed."""
+
+    def __init__(self, opset: int, ir_version: int) -> None:
+        self.opset = opset
+        self.ir_version = ir_version
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        current = default_opset(model)
+        if current >= self.opset and model.ir_version >= self.ir_version:
+            return PassResult(model, modified=False)
+        records = []
+        if current < self.opset:
+            try:
+                model = version_converter.convert_version(model, self.opset)
+            except Exception as error:  # noqa: BLE001 - the converter raises bare RuntimeErrors and its own types
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ModelError(f"speed 'fast' needs ai.onnx opset {self.opset}, and onnx.version_converter cannot "
+                                 f"upgrade this model from opset {current}: {reason}") from None
+            records.append(f"ai.onnx opset {current} -> {self.opset} (onnx.version_converter)")
+        if model.ir_version < self.ir_version:
+            records.append(f"IR version {model.ir_version} -> {self.ir_version}")
+            model.ir_version = self.ir_version
+        return PassResult(model, modified=True, records=records)
