@@ -28,6 +28,9 @@ SPEEDS = ("small", "fast")
 #: Bits and block sizes of the affine-blocks format that onnxruntime's fused MatMulNBits kernel runs.
 FAST_BITS = (2, 4, 8)
 FAST_MIN_BLOCK = 16
+#: onnxruntime 1.32's 2-bit kernel runs ~20x slower than the dense product with blocks of 16 (bench/decode_speed.py).
+FAST_MIN_BLOCK_2_BITS = 32
+FAST_DEFAULT_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,14 @@ class CompressionConfig:
         speed: ``"small"`` (codebooks everywhere: the smallest file for its accuracy, every weight decoded by generic
             ops on each run, several times slower than the dense model) or ``"fast"`` (every weight but a lone
             embedding table in affine blocks, :mod:`jlcm_onnx.encodings.affine_blocks`: uniform ``bits``-bit levels
-            with a scale and a zero point per ``block_size`` inputs (default 32), written as standard
+            with a scale and a zero point per ``block_size`` inputs (default 32; the embedding table then has no input
+            blocks), written as standard
             ``DequantizeLinear``, which onnxruntime fuses with MatMul/Gemm into its ``MatMulNBits`` kernel; the
             embedding table keeps its codebook row decoder). ``"fast"`` takes bits 2, 4 or 8 and raises the model's
             ai.onnx opset to 21 (25 for 2 bits).
+        decode_at_load: write the codebook decoders without their run-time gate, so that any onnxruntime (C++,
+            mobile, web, with no jlcm_onnx import) constant-folds them once at load: dense speed and dense memory
+            from the small file (what :func:`jlcm_onnx.inference_session` does with ``keep_compressed=False``).
 
     Example:
         >>> CompressionConfig(bits=3).bits
@@ -114,6 +121,7 @@ class CompressionConfig:
     sequential: bool = False
     seed: int = 0
     speed: str = "small"
+    decode_at_load: bool = False
 
     def __post_init__(self) -> None:
         _check_int(self, "bits", 1, MAX_BITS)
@@ -145,7 +153,7 @@ class CompressionConfig:
         if self.block_size is not None and self.encoding == "multi-scaling":
             raise ConfigError("block_size", self.block_size, "unset with encoding 'multi-scaling' (input blocks "
                               "scale per-group codebooks)")
-        for name in ("reorder", "sequential"):
+        for name in ("reorder", "sequential", "decode_at_load"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "true or false")
         if self.target_size is not None:
@@ -167,12 +175,24 @@ class CompressionConfig:
         if self.bits not in FAST_BITS:
             raise ConfigError("bits", self.bits, "2, 4 or 8 with speed 'fast' (the bits of onnxruntime's fused "
                               "MatMulNBits kernel)")
-        block = self.block_size
-        if block is not None and (block < FAST_MIN_BLOCK or block & (block - 1)):
-            raise ConfigError("block_size", block, f"a power of 2 >= {FAST_MIN_BLOCK} with speed 'fast'")
+        block, least = self.block_size, FAST_MIN_BLOCK_2_BITS if self.bits == 2 else FAST_MIN_BLOCK
+        if block is not None and (block < least or block & (block - 1)):
+            raise ConfigError("block_size", block, f"a power of 2 >= {least} with speed 'fast' and {self.bits} bits "
+                              "(what onnxruntime's fused kernel runs fast)")
         if self.target is not None:
             raise ConfigError(self.target[0], self.target[1], "unset with speed 'fast' (size targets choose among "
                               "codebook formats only, for now)")
+
+    @property
+    def codebook_block_size(self) -> int | None:
+        """The input blocks of codebook encodings: ``block_size``, except with speed 'fast', where it sizes the
+        affine blocks and the codebooks left (embedding tables) have none."""
+        return None if self.speed == "fast" else self.block_size
+
+    @property
+    def affine_block_size(self) -> int:
+        """The inputs per scale of the affine blocks of speed 'fast'."""
+        return self.block_size or FAST_DEFAULT_BLOCK
 
     @property
     def target(self) -> tuple[str, float] | None:

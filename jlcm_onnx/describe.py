@@ -35,9 +35,10 @@ class ModelDescription:
 
     def format_table(self) -> str:
         if self.compressed:
-            header = ("tensor", "shape", "bits", "groups", "codebook values", "original", "stored")
+            header = ("tensor", "shape", "bits", "format", "groups", "codebook values", "original", "stored")
             rows = [
-                (t["name"], _shape(t["shape"]), str(t["bits"]), str(t["groups"]), str(t["groups"] << t["bits"]),
+                (t["name"], _shape(t["shape"]), str(t["bits"]), t.get("encoding") or "-", _or_dash(t["groups"]),
+                 "-" if t["groups"] is None else str(t["groups"] << t["bits"]),
                  format_bytes(t["original_bytes"]), format_bytes(t["compressed_bytes"]))
                 for t in self.tensors
             ]
@@ -67,6 +68,10 @@ def describe_model(source: str | os.PathLike | onnx.ModelProto) -> ModelDescript
             "plan": "compress" if row_axis is not None else f"skip: {reason}",
         })
     return ModelDescription(file_bytes, False, None, None, tensors)
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
 
 
 def _shape(shape: list[int]) -> str:

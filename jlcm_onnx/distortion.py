@@ -77,7 +77,7 @@ def _tensor_errors(
         sample_rows, sizes = groupings[count]
         sample = matrix[sample_rows]
         encode = encode_scaled_matrix if config.encoding == "multi-scaling" else encode_matrix
-        blocks = {} if config.block_size is None else {"block_size": config.block_size}
+        blocks = {} if config.codebook_block_size is None else {"block_size": config.codebook_block_size}
         encoded = encode(sample, option.bits, sizes, codebook_dtype, max_iterations=ESTIMATE_ITERATIONS,
                          outlier_fraction=config.outlier_fraction, **blocks)
         signal = float(np.sum(sample.astype(np.float64) ** 2))

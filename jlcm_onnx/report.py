@@ -89,12 +89,13 @@ class CompressionReport:
 
     def format_table(self, skipped: bool = False) -> str:
         """A plain-text table of the compressed tensors (and the skipped ones, with reasons, if asked)."""
-        rows = [("tensor", "shape", "bits", "groups", "original", "compressed", "ratio", "SQNR dB")]
+        rows = [("tensor", "shape", "bits", "groups", "format", "original", "compressed", "ratio", "SQNR dB")]
         for t in self.compressed:
             sqnr = "exact" if t.sqnr_db is not None and math.isinf(t.sqnr_db) else f"{t.sqnr_db:.1f}"
             ratio = t.original_bytes / max(t.compressed_bytes or 1, 1)
             shape = "x".join(map(str, t.shape))
-            rows.append((t.name, shape, str(t.bits), str(t.groups), format_bytes(t.original_bytes),
+            rows.append((t.name, shape, str(t.bits), "-" if t.groups is None else str(t.groups), t.encoding or "-",
+                         format_bytes(t.original_bytes),
                          format_bytes(t.compressed_bytes or 0), f"{ratio:.2f}x", sqnr))
         lines = align_columns(rows)
         if skipped:

@@ -80,8 +80,8 @@ def tensor_cost(shape: WeightShape, choice: TensorChoice, config: CompressionCon
     fraction = config.outlier_fraction if choice.outlier_fraction is None else choice.outlier_fraction
     outliers = 0 if shape.row_decoded else round(fraction * shape.size) * (4 + shape.codebook_bytes)
     blocks = 0
-    if config.block_size is not None:
-        blocks = 2 * shape.codebook_bytes * shape.rows * -(-(shape.size // shape.rows) // config.block_size)
+    if config.codebook_block_size is not None:
+        blocks = 2 * shape.codebook_bytes * shape.rows * -(-(shape.size // shape.rows) // config.codebook_block_size)
         blocks += BLOCK_DECODER_BYTES
     return packed + codebooks + maps + outliers + blocks + DECODER_BYTES[choice.bits] + 3 * len(shape.name)
 

@@ -37,7 +37,7 @@ from jlcm_onnx.passes.dequant_graph import (
     build_gate,
 )
 from jlcm_onnx.passes.dequantize_linear import build_fused_decoder, build_transposed_gemm, build_unpacked_decoder
-from jlcm_onnx.passes.site_encoding import SiteEncoding, affine_block_size, encode_site, uses_affine_blocks
+from jlcm_onnx.passes.site_encoding import SiteEncoding, encode_site, uses_affine_blocks
 from jlcm_onnx.passes.weight_sites import (
     WeightSite,
     anchor_index,
@@ -165,7 +165,7 @@ class EncodeWeights(Pass):
         learned = ", learned (error-feedback codes, closed-form scales)" if site_encoding.learned else ""
         record = _record(
             site, COMPRESSED, compressed_bytes=decoder.stored_bytes, bits=encoded.bits,
-            encoding=f"affine blocks of {affine_block_size(self.config)}{learned}",
+            encoding=f"affine blocks of {self.config.affine_block_size}{learned}",
             sqnr_db=sqnr_db(site_encoding.matrix, encoded.decode()), layer_error=site_encoding.layer_error,
             decode_gate=runtime, outliers=0,
         )

@@ -20,7 +20,7 @@ import onnx
 
 from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, outlier_count
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.encodings.affine_blocks import DEFAULT_BLOCK_SIZE, AffineBlocks, fit_affine_blocks, learn_affine_blocks
+from jlcm_onnx.encodings.affine_blocks import AffineBlocks, fit_affine_blocks, learn_affine_blocks
 from jlcm_onnx.learning import learn_layer
 from jlcm_onnx.passes.weight_sites import WeightSite, is_lone_table_gather
 from jlcm_onnx.plan import CompressionPlan
@@ -73,7 +73,7 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
         matrix, choice.bits, plan.group_sizes(site.name, *matrix.shape), codebook_dtype(config, site, matrix),
         config.kmeans_iterations, importance=None if statistics is None else statistics.importance(matrix.shape[0]),
         outlier_fraction=_outlier_fraction(site, row_axis, plan),
-        **({} if config.block_size is None else {"block_size": config.block_size}),
+        **({} if config.codebook_block_size is None else {"block_size": config.codebook_block_size}),
     )
     if gram is None:
         return SiteEncoding(matrix, encoded, restore, False)
@@ -88,15 +88,11 @@ def uses_affine_blocks(site: WeightSite, row_axis: int, config: CompressionConfi
     return config.speed == "fast" and not is_lone_table_gather(site, row_axis)
 
 
-def affine_block_size(config: CompressionConfig) -> int:
-    return config.block_size or DEFAULT_BLOCK_SIZE
-
-
 def _encode_affine_blocks(site: WeightSite, matrix: np.ndarray, config: CompressionConfig,
                           plan: CompressionPlan) -> SiteEncoding:
     statistics = plan.statistics.get(site.name)
     importance = None if statistics is None else statistics.importance(matrix.shape[0])
-    encoded = fit_affine_blocks(matrix, plan.choice(site.name).bits, affine_block_size(config),
+    encoded = fit_affine_blocks(matrix, plan.choice(site.name).bits, config.affine_block_size,
                                 codebook_dtype(config, site, matrix), importance)
     if statistics is None or statistics.gram is None:
         return SiteEncoding(matrix, encoded, None, False)
@@ -124,9 +120,9 @@ def placeholder_encoding(site: WeightSite, row_axis: int, config: CompressionCon
     if config.encoding == "multi-scaling":
         fields.update(codebooks=np.zeros((len(sizes), entries), np.float32), scales=np.zeros(len(sizes), dtype),
                       shared_codebook=np.zeros(entries, dtype))
-    elif config.block_size is not None:
-        blocks = np.zeros((rows, -(-cols // config.block_size)), dtype)
-        fields.update(block_size=config.block_size, block_scales=blocks, block_offsets=blocks)
+    elif config.codebook_block_size is not None:
+        blocks = np.zeros((rows, -(-cols // config.codebook_block_size)), dtype)
+        fields.update(block_size=config.codebook_block_size, block_scales=blocks, block_offsets=blocks)
     return EncodedMatrix(**fields)
 
 

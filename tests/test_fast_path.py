@@ -200,8 +200,19 @@ def test_calibrated_fit_lowers_the_layer_error() -> None:
 
 @pytest.mark.parametrize("changes, field", [
     ({"bits": 3}, "bits"), ({"block_size": 24}, "block_size"), ({"block_size": 8}, "block_size"),
+    ({"bits": 2, "block_size": 16}, "block_size"),
     ({"target_ratio": 6.0}, "target_ratio"), ({"speed": "faster"}, "speed"),
 ])
 def test_fast_settings_onnxruntime_cannot_fuse_are_refused(changes: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=f"'{field}'"):
         CompressionConfig(**{"speed": "fast", **changes})
+
+
+def test_block_size_sizes_the_affine_blocks_and_leaves_the_table_without_input_blocks(
+        original: onnx.ModelProto) -> None:
+    result = jlcm_onnx.compress(original, CompressionConfig(bits=4, speed="fast", block_size=16, min_elements=256))
+    records = {record.name: record for record in result.report.tensors}
+    assert records["mm"].encoding == "affine blocks of 16"
+    assert "input blocks" not in records["table"].encoding
+    (mm_scales,) = [t for t in result.model.graph.initializer if t.name.startswith("mm.jlcm_scales")]
+    assert list(mm_scales.dims) == [64 // 16, 48]

@@ -46,9 +46,6 @@ from jlcm_onnx.learning import damped_gram, error_feedback_codes, layer_objectiv
 SHRINKS = tuple(np.linspace(1.0, 0.6, 9))
 #: Rounds of error-feedback codes and closed-form scales in the calibrated fit.
 CALIBRATED_ROUNDS = 2
-#: Bits the fused onnxruntime kernel takes (MatMulNBits: 2, 4, 8), and the default block of inputs.
-FUSED_BITS = (2, 4, 8)
-DEFAULT_BLOCK_SIZE = 32
 #: Rows of a matrix fitted at once hold at most this many weights (bounds the fit's working memory).
 CHUNK_WEIGHTS = 1 << 20
 RIDGE = 1e-6
