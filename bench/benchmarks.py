@@ -13,8 +13,8 @@ Every method turns the same fp32 ONNX file into a smaller one; every file is the
 
 Methods: jlcm-onnx at 4, 3 and 2 bits (one codebook per output row; 3 bits also per tensor and multi-scaling;
 calibrated where the model has calibration data apart from its evaluation data; one codebook per tensor with a scale
-and an offset per block of 32 inputs; the size planner choosing bits and groups per tensor for a 4x and a 6x smaller
-file), onnxruntime's
+and an offset per block of 32 inputs; ``speed="fast"``, affine blocks of 32 or 16 inputs that onnxruntime fuses into
+MatMulNBits; the size planner choosing bits and groups per tensor for a 4x and a 6x smaller file), onnxruntime's
 ``MatMulNBitsQuantizer`` (RTN and HQQ, 4 and 2 bits, blocks of 32 and 128, RTN also with Gather/embeddings) and
 ``quantize_dynamic`` int8. A method that fails on a model gets a row saying why, never a silent gap.
 
@@ -47,6 +47,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "models"), str(ROOT / "bench")]
 
+from decode_speed import table as decode_speed_table  # noqa: E402
 from readme_section import write_section  # noqa: E402
 
 import jlcm_onnx  # noqa: E402
@@ -63,6 +64,7 @@ SETUP = (
 )
 BUILD = ROOT / "build"
 RESULTS = ROOT / "bench" / "results" / "benchmarks.json"
+DECODE_SPEED = ROOT / "bench" / "results" / "decode_speed.json"
 REPORT = ROOT / "BENCHMARKS.md"
 MB = 1e6
 #: A file less than this many times smaller than fp32 counts as "left as it is" in the win/lose lines.
@@ -117,6 +119,10 @@ METHODS: tuple[Method, ...] = (
     Method("jlcm-onnx 3-bit, input blocks of 32", "jlcm", {"bits": 3, "groups": 1, "block_size": 32}),
     Method("jlcm-onnx 3-bit, input blocks of 32, calibrated", "jlcm", {"bits": 3, "groups": 1, "block_size": 32},
            calibrated=True),
+    Method("jlcm-onnx 4-bit, fast", "jlcm", {"bits": 4, "speed": "fast"}),
+    Method("jlcm-onnx 4-bit, fast, blocks of 16", "jlcm", {"bits": 4, "speed": "fast", "block_size": 16}),
+    Method("jlcm-onnx 4-bit, fast, calibrated", "jlcm", {"bits": 4, "speed": "fast"}, calibrated=True),
+    Method("jlcm-onnx 2-bit, fast, calibrated", "jlcm", {"bits": 2, "speed": "fast"}, calibrated=True),
     Method("jlcm-onnx, size planner at 4x", "jlcm", {"target_ratio": 4.0}),
     Method("jlcm-onnx, size planner at 6x", "jlcm", {"target_ratio": 6.0}),
     Method("ORT RTN 4-bit, block 32", "ort-nbits", {"algorithm": "rtn", "bits": 4, "block": 32}),
@@ -304,7 +310,8 @@ def model_table(spec: ModelSpec, result: dict[str, Any]) -> list[str]:
     """The markdown table of one model's rows."""
     (small, _), (large, _) = result["batches"]
     head = ["method", "MB", "ratio", *(m.label for m in spec.metrics), "compress s", "load peak MB",
-            "steady MB", f"ms @{small}", f"ms @{large}"]
+            "steady MB", f"ms @{small}", f"ms @{large}", f"x dense @{small}", f"x dense @{large}"]
+    dense = next(row["latency_ms"] for row in result["rows"] if row["method"] == "fp32 (original)")
     lines = [f"### {result['title']}", "", *([result["note"], ""] if result["note"] else []),
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
@@ -315,7 +322,8 @@ def model_table(spec: ModelSpec, result: dict[str, Any]) -> list[str]:
         cells = [row["method"], f"{row['bytes'] / MB:.2f}", f"{row['ratio']:.2f}x",
                  *(m.fmt.format(row["metrics"][m.label]) for m in spec.metrics), seconds,
                  f"{row['load_peak_mb']:.0f}", f"{row['steady_mb']:.0f}",
-                 *(f"{latency:.1f}" for latency in row["latency_ms"])]
+                 *(f"{latency:.1f}" for latency in row["latency_ms"]),
+                 *(f"{latency / reference:.2f}" for latency, reference in zip(row["latency_ms"], dense, strict=True))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -384,19 +392,22 @@ def plot(spec: ModelSpec, result: dict[str, Any], path: Path) -> None:
 #: The rows quoted in README.md, per model.
 HEADLINE = ("fp32 (original)", "jlcm-onnx 4-bit", "jlcm-onnx 3-bit", "jlcm-onnx 3-bit, calibrated",
             "jlcm-onnx 4-bit, input blocks of 32", "jlcm-onnx 3-bit, input blocks of 32, calibrated",
-            "jlcm-onnx, size planner at 4x", "jlcm-onnx, size planner at 6x",
-            "ORT RTN 4-bit, block 32", "ORT HQQ 4-bit, block 32", "ORT quantize_dynamic int8")
+            "jlcm-onnx, size planner at 4x", "jlcm-onnx, size planner at 6x", "jlcm-onnx 4-bit, fast",
+            "jlcm-onnx 4-bit, fast, blocks of 16", "jlcm-onnx 4-bit, fast, calibrated", "ORT RTN 4-bit, block 32", "ORT HQQ 4-bit, block 32", "ORT quantize_dynamic int8")
 
 
 def headline_table(results: dict[str, Any], specs: dict[str, ModelSpec]) -> str:
-    """One markdown table of the :data:`HEADLINE` rows of every model, on its headline metric."""
-    lines = ["| model | method | MB | ratio | headline metric |", "|---|---|---|---|---|"]
+    """One markdown table of the :data:`HEADLINE` rows of every model, on its headline metric, with the batch-1
+    latency as a multiple of the dense model's."""
+    lines = ["| model | method | MB | ratio | headline metric | latency, x dense |", "|---|---|---|---|---|---|"]
     for name, result in results["models"].items():
         metric = specs[name].metrics[0]
+        dense = next(row["latency_ms"][0] for row in result["rows"] if row["method"] == "fp32 (original)")
         for row in result["rows"]:
             if row["method"] in HEADLINE and "error" not in row:
                 lines.append(f"| {name} | {row['method']} | {row['bytes'] / MB:.2f} | {row['ratio']:.2f}x | "
-                             f"{metric.label} {metric.fmt.format(row['metrics'][metric.label])} |")
+                             f"{metric.label} {metric.fmt.format(row['metrics'][metric.label])} | "
+                             f"{row['latency_ms'][0] / dense:.2f} |")
     return "\n".join(lines)
 
 
@@ -422,6 +433,15 @@ def write_report(results: dict[str, Any], specs: dict[str, ModelSpec], report: P
                   f"Against each onnxruntime file, the best jlcm-onnx file of at most its size ({headline}):",
                   "", *verdicts(spec, result), "",
                   f"![{name}: size vs {headline}]({image.relative_to(report.parent).as_posix()})", ""]
+    if DECODE_SPEED.exists():
+        speed = json.loads(DECODE_SPEED.read_text())
+        (rows, cols) = speed["shape"]
+        lines += ["## Run-time cost per format", "",
+                  f"One {rows}x{cols} MatMul layer in every format, made by `jlcm_onnx.compress`, timed by `python "
+                  f"bench/decode_speed.py` (onnxruntime {speed['onnxruntime']}, default session options, "
+                  f"{speed['threads']} threads, median of {speed['runs']} runs; 'float act.': the fused kernel at "
+                  "`session.qdq_matmulnbits_accuracy_level=0`, where onnxruntime's default, 4, quantizes its "
+                  "activations to int8).", "", *decode_speed_table(speed), ""]
     report.write_text("\n".join(lines))
 
 
