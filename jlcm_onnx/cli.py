@@ -65,6 +65,8 @@ def main() -> None:
               help="small: codebooks, the smallest file for its accuracy, slower than dense at run time; fast: "
                    "affine blocks that onnxruntime runs in its fused MatMulNBits kernel (bits 2, 4 or 8)  "
                    "[default: small]")
+@click.option("--decode-at-load", is_flag=True, default=None,
+              help="No run-time decode gate: any onnxruntime decodes the weights once at load (dense speed and RAM).")
 @click.option("--bits", type=int, help="Bits per weight index, 1..8  [default: 4]")
 @click.option("--groups", type=int, help="Codebooks per tensor over contiguous output rows  [default: one per row]")
 @click.option("--encoding", type=click.Choice(ENCODINGS),

@@ -40,6 +40,7 @@ from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
 from jlcm_onnx.passes.upgrade_opset import UpgradeOpset
 from jlcm_onnx.plan import CompressionPlan
 from jlcm_onnx.report import CompressionReport, TensorRecord
+from jlcm_onnx.runtime import fold_at_load
 from jlcm_onnx.sensitivity import output_sensitivities, weight_errors
 from jlcm_onnx.size_target import (
     adjust_fine,
@@ -143,6 +144,9 @@ def compress(
     else:
         working, records, plan, note = _run_to_target(source, original_bytes, config, progress, data, device)
         notes.append(note)
+    if config.decode_at_load:
+        notes.append("decode_at_load: the decoders have no run-time gate; onnxruntime decodes every weight once at "
+                     "load (dense latency and memory)")
     if default_opset(working) != default_opset(source):
         notes.append(f"ai.onnx opset {default_opset(source)} -> {default_opset(working)} (onnx.version_converter), "
                      f"IR version {working.ir_version}: what DequantizeLinear with blocks needs")
@@ -179,6 +183,8 @@ def _run(
         result = graph_pass(working)
         working = result.model
         records.extend(r for r in result.records if isinstance(r, TensorRecord))
+    if config.decode_at_load:
+        fold_at_load(working)
     _write_metadata(working, config, records)
     return working, records
 

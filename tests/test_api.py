@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import helper
 
@@ -366,6 +367,21 @@ def test_fold_at_load_gives_same_outputs(tmp_path: Path) -> None:
     for keep in (True, False):
         session = jlcm_onnx.inference_session(path, keep_compressed=keep)
         np.testing.assert_allclose(session.run(None, FEEDS)[0], run(result.model, FEEDS)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_at_load_writes_a_file_onnxruntime_folds_at_load(tmp_path: Path) -> None:
+    """Without gates, a plain onnxruntime session decodes every weight at load: its optimized graph holds no decoder
+    node and the dense weights, and it computes what the gated file computes."""
+    gated = jlcm_onnx.compress(two_layer_model(), CONFIG)
+    result = jlcm_onnx.compress(two_layer_model(), CONFIG.replace(decode_at_load=True))
+    assert not [n for n in result.model.graph.node if n.op_type == "Size"]
+    assert any("decode_at_load" in note for note in result.report.notes)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(result.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    assert not {"GatherElements", "BitShift"} & {node.op_type for node in optimized.graph.node}
+    np.testing.assert_allclose(session.run(None, FEEDS)[0], run(gated.model, FEEDS)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_device_is_checked_before_any_work(monkeypatch) -> None:
