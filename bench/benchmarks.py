@@ -393,7 +393,8 @@ def plot(spec: ModelSpec, result: dict[str, Any], path: Path) -> None:
 HEADLINE = ("fp32 (original)", "jlcm-onnx 4-bit", "jlcm-onnx 3-bit", "jlcm-onnx 3-bit, calibrated",
             "jlcm-onnx 4-bit, input blocks of 32", "jlcm-onnx 3-bit, input blocks of 32, calibrated",
             "jlcm-onnx, size planner at 4x", "jlcm-onnx, size planner at 6x", "jlcm-onnx 4-bit, fast",
-            "jlcm-onnx 4-bit, fast, blocks of 16", "jlcm-onnx 4-bit, fast, calibrated", "ORT RTN 4-bit, block 32", "ORT HQQ 4-bit, block 32", "ORT quantize_dynamic int8")
+            "jlcm-onnx 4-bit, fast, blocks of 16", "jlcm-onnx 4-bit, fast, calibrated", "ORT RTN 4-bit, block 32",
+            "ORT HQQ 4-bit, block 32", "ORT quantize_dynamic int8")
 
 
 def headline_table(results: dict[str, Any], specs: dict[str, ModelSpec]) -> str:
