@@ -9,7 +9,7 @@ feedback with a least-squares codebook refit), 50 steps of the mapping update (p
 rejects; frozen codes, codebooks only), sequential or one-pass statistics.
 
 Metrics: fidelity, the mean embedding cosine against fp32 over 1,555 texts (the 1,391 evaluation texts plus the 82
-titles and 82 abstracts of ``../shared/data/abstracts.tsv``); title -> abstract retrieval top-1; Lee document-similarity
+titles and 82 abstracts of ``models/data/abstracts.tsv``); title -> abstract retrieval top-1; Lee document-similarity
 Pearson; compression wall time on this machine (2 cores; other work may have been running).
 
 Run: ``python bench/calibration.py``; writes ``bench/results/calibration.json`` and the table between the

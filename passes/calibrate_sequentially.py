@@ -1,5 +1,5 @@
 """Sequential calibration: weights are encoded level by level, each level from statistics taken with every earlier
-level already compressed, so each layer is fit to the inputs it will see in the compressed model (METHOD.md
+level already compressed, so each layer is fit to the inputs it will see in the compressed model (docs/method.md,
 section 4), as GPTQ does.
 
 Fitting a layer to the float layer's outputs instead (``min |W X - W^ X~|``, target ``W C H~^-1`` with the cross

@@ -1,4 +1,4 @@
-"""Permutes the output neurons of a weight and folds the permutation into the graph (METHOD.md section 3).
+"""Permutes the output neurons of a weight and folds the permutation into the graph (docs/method.md, section 3).
 
 A permutation ``p`` of ``C`` channels acts on an axis of length ``C * b`` in channel-major blocks of ``b``: new index
 ``i * b + r`` = old index ``p[i] * b + r``. Call this ``P`` (``b`` is 1 except after a Flatten/Reshape that merged the

@@ -5,8 +5,8 @@ A *weight site* is a float tensor stored in the model (an initializer or a ``Con
 the names of its enclosing graphs unless it defines the same name itself.
 
 A weight is compressible when at least one consumer reads it as the weight input of MatMul (B), Gemm (B), Conv,
-ConvTranspose (W) or Gather (data). That consumer also defines the weight's *output rows* (METHOD.md section 1): the
-``row_axis`` such that ``moveaxis(W, row_axis, 0).reshape(rows, -1)`` is the matrix whose rows are output neurons.
+ConvTranspose (W) or Gather (data). That consumer also defines the weight's *output rows* (docs/method.md, section 1):
+the ``row_axis`` such that ``moveaxis(W, row_axis, 0).reshape(rows, -1)`` is the matrix whose rows are output neurons.
 Every other tensor gets a reason, so the report can say why it was left alone.
 """
 
