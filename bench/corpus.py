@@ -29,8 +29,8 @@ sorted into one of:
 Run: ``python bench/corpus.py`` (under a minute on 2 cores) writes ``bench/results/corpus.json`` and the table between
 the ``corpus`` markers of README.md;
 ``python bench/corpus.py --sample 30`` runs a deterministic sample. A full run also compresses the edge-case models
-that pip packages ship (OCR, voice activity, captcha) when their packages are there (``pip install --no-deps --target build/edge-pkgs
-rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3 ddddocr==1.6.1``).
+that pip packages ship (OCR, voice activity, captcha) when their packages are there (``pip install --no-deps
+--target build/edge-pkgs rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3 ddddocr==1.6.1``).
 """
 
 from __future__ import annotations

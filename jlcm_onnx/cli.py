@@ -18,7 +18,7 @@ import click
 
 from jlcm_onnx.calibration import DEFAULT_SAMPLES, load_calibration
 from jlcm_onnx.compress import compress, save
-from jlcm_onnx.config import CODEBOOK_DTYPES, ENCODINGS, INITS, MAPPINGS, SPEEDS, CompressionConfig
+from jlcm_onnx.config import AFFINE_OFFSETS, CODEBOOK_DTYPES, ENCODINGS, INITS, MAPPINGS, SPEEDS, CompressionConfig
 from jlcm_onnx.describe import describe_model
 from jlcm_onnx.devices import DEVICES, execution_providers
 from jlcm_onnx.errors import JlcmError
@@ -65,6 +65,9 @@ def main() -> None:
               help="small: codebooks, the smallest file for its accuracy, slower than dense at run time; fast: "
                    "affine blocks that onnxruntime runs in its fused MatMulNBits kernel (bits 2, 4 or 8)  "
                    "[default: small]")
+@click.option("--affine-offsets", type=click.Choice(AFFINE_OFFSETS),
+              help="With --speed fast: an integer zero point per block, or a float offset (exact for weights from "
+                   "GGUF Q4_1-style blocks; +12 bits per block)  [default: integer]")
 @click.option("--decode-at-load", is_flag=True, default=None,
               help="No run-time decode gate: any onnxruntime decodes the weights once at load (dense speed and RAM).")
 @click.option("--bits", type=int, help="Bits per weight index, 1..8  [default: 4]")

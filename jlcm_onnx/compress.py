@@ -24,7 +24,6 @@ from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.model_io import (
     check_input,
     check_output,
-    default_opset,
     load_model,
     quantization_note,
     reference_for,
@@ -37,6 +36,7 @@ from jlcm_onnx.passes.dequantize_linear import required_ir_version, required_ops
 from jlcm_onnx.passes.encode_weights import EncodeWeights
 from jlcm_onnx.passes.placeholder_encodings import PlaceholderEncodings
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
+from jlcm_onnx.passes.untie_heads import UntieHeads
 from jlcm_onnx.passes.upgrade_opset import UpgradeOpset
 from jlcm_onnx.plan import CompressionPlan
 from jlcm_onnx.report import CompressionReport, TensorRecord
@@ -81,10 +81,11 @@ def build_pipeline(
     """The passes of a compression run, in order; the re-ordering pass hands its group sizes to the encoder, and with
     calibration data the statistics of the re-ordered model's layers go to the encoder's joint learning. A
     ``rehearsal`` encodes stand-ins instead (no data used): the same file layout and bytes, nothing fitted. With
-    ``speed="fast"`` the model's opset is first raised to what DequantizeLinear with blocks needs."""
+    ``speed="fast"`` the model's opset is first raised to what DequantizeLinear with blocks needs, and tables tied to
+    a language-model head get a copy for the head."""
     upgrade: list[Pass] = []
     if config.speed == "fast":
-        upgrade = [UpgradeOpset(required_opset(config.bits), required_ir_version(config.bits))]
+        upgrade = [UpgradeOpset(required_opset(config.bits), required_ir_version(config.bits)), UntieHeads(config)]
     if rehearsal:
         middle: list[Pass] = [PlaceholderEncodings(config, plan)]
     else:
@@ -140,16 +141,13 @@ def compress(
     notes = [note for note in (quantization_note(source),) if note]
     if config.target is None:
         plan = CompressionPlan(config, device=device)
-        working, records = _run(source, config, plan, progress, data)
+        working, records, run_notes = _run(source, config, plan, progress, data)
     else:
-        working, records, plan, note = _run_to_target(source, original_bytes, config, progress, data, device)
-        notes.append(note)
+        working, records, plan, run_notes = _run_to_target(source, original_bytes, config, progress, data, device)
+    notes.extend(run_notes)
     if config.decode_at_load:
         notes.append("decode_at_load: the decoders have no run-time gate; onnxruntime decodes every weight once at "
                      "load (dense latency and memory)")
-    if default_opset(working) != default_opset(source):
-        notes.append(f"ai.onnx opset {default_opset(source)} -> {default_opset(working)} (onnx.version_converter), "
-                     f"IR version {working.ir_version}: what DequantizeLinear with blocks needs")
     if data is not None:
         mode = "sequential" if config.sequential else "on the float model"
         notes.append(f"calibration: {len(data)} samples, onnxruntime passes: {plan.calibration_passes} ({mode})")
@@ -174,19 +172,22 @@ def _run(
     progress: bool,
     data: CalibrationData | None = None,
     rehearsal: bool = False,
-) -> tuple[onnx.ModelProto, list[TensorRecord]]:
-    """One pass of the pipeline over a copy of ``source``, with metadata written."""
+) -> tuple[onnx.ModelProto, list[TensorRecord], list[str]]:
+    """One pass of the pipeline over a copy of ``source``, with metadata written: the model, its tensor records and
+    the notes of the passes."""
     working = onnx.ModelProto()
     working.CopyFrom(source)
     records: list[TensorRecord] = []
+    notes: list[str] = []
     for graph_pass in build_pipeline(config, plan, progress, data, rehearsal):
         result = graph_pass(working)
         working = result.model
         records.extend(r for r in result.records if isinstance(r, TensorRecord))
+        notes.extend(r for r in result.records if isinstance(r, str))
     if config.decode_at_load:
         fold_at_load(working)
     _write_metadata(working, config, records)
-    return working, records
+    return working, records, notes
 
 
 def _reordered(source: onnx.ModelProto, config: CompressionConfig, plan: CompressionPlan) -> onnx.ModelProto:
@@ -203,8 +204,9 @@ def _run_to_target(
     progress: bool,
     data: CalibrationData | None = None,
     device: str = "cpu",
-) -> tuple[onnx.ModelProto, list[TensorRecord], CompressionPlan, str]:
-    """Compresses with per-tensor bits and groups chosen to meet the config's size target within 1%.
+) -> tuple[onnx.ModelProto, list[TensorRecord], CompressionPlan, list[str]]:
+    """Compresses with per-tensor bits and groups chosen to meet the config's size target within 1%; returns the
+    model, its records, the plan and the notes (the target's first).
 
     The planner budgets the tensors' stored bytes; the rest of the file (graph, decoders, uncompressed tensors) is
     measured after each run and the budget corrected, aiming half a percent under the target. The choices are first
@@ -240,7 +242,7 @@ def _run_to_target(
             start = _reordered(source, config, plan)
         elif landed is not None:  # the re-ordering pass then finds every group made and leaves the model as it is
             (start, plan.groupings), landed = landed, None
-        working, records = _run(start, config, plan, progress and not rehearsal, data, rehearsal)
+        working, records, run_notes = _run(start, config, plan, progress and not rehearsal, data, rehearsal)
         achieved = sum(r.compressed_bytes or 0 for r in records) if fixed == 0 else working.ByteSize()
         rehearsed, runs = rehearsed + rehearsal, runs + (not rehearsal)
         if 0.99 * goal <= achieved <= goal:
@@ -260,7 +262,7 @@ def _run_to_target(
         raise JlcmError(f"could not meet {kind}={value}: {achieved:,.0f} bytes for a goal of {goal:,.0f}")
     note = (f"{kind}={value}: goal {goal:,.0f} bytes, achieved {achieved:,} ({achieved / goal - 1:+.2%}) after "
             f"{rehearsed} rehearsal{'s' if rehearsed != 1 else ''} and {runs} run{'s' if runs != 1 else ''}")
-    return working, records, plan, note
+    return working, records, plan, [note, *run_notes]
 
 
 def _unit(kind: str) -> str:

@@ -25,6 +25,7 @@ MAPPINGS = ("proximal", "naive", "frozen")
 INITS = ("error-feedback", "kmeans")
 TARGETS = ("target_size", "target_ratio", "target_bits_per_weight")
 SPEEDS = ("small", "fast")
+AFFINE_OFFSETS = ("integer", "float")
 #: Bits and block sizes of the affine-blocks format that onnxruntime's fused MatMulNBits kernel runs.
 FAST_BITS = (2, 4, 8)
 FAST_MIN_BLOCK = 16
@@ -87,6 +88,12 @@ class CompressionConfig:
             ``DequantizeLinear``, which onnxruntime fuses with MatMul/Gemm into its ``MatMulNBits`` kernel; the
             embedding table keeps its codebook row decoder). ``"fast"`` takes bits 2, 4 or 8 and raises the model's
             ai.onnx opset to 21 (25 for 2 bits).
+        affine_offsets: with speed 'fast', what each affine block stores beside its scale: ``"integer"``, a zero point
+            of the codes' type (DequantizeLinear's own: b bits per block); ``"float"``, an offset in the codebook dtype,
+            carried exactly beside the fused product by a product of the block sums of the layer's input (a product
+            1/B the layer's size); the grid is then free to sit anywhere, which reproduces weights that came from
+            GGUF Q4_1-style blocks exactly. A weight read by a Gemm, or by one MatMul whose inputs do not split into
+            whole blocks, keeps integer zero points.
         decode_at_load: write the codebook decoders without their run-time gate, so that any onnxruntime (C++,
             mobile, web, with no jlcm_onnx import) constant-folds them once at load: dense speed and dense memory
             from the small file (what :func:`jlcm_onnx.inference_session` does with ``keep_compressed=False``).
@@ -121,6 +128,7 @@ class CompressionConfig:
     sequential: bool = False
     seed: int = 0
     speed: str = "small"
+    affine_offsets: str = "integer"
     decode_at_load: bool = False
 
     def __post_init__(self) -> None:
@@ -170,6 +178,8 @@ class CompressionConfig:
     def _check_speed(self) -> None:
         if self.speed not in SPEEDS:
             raise ConfigError("speed", self.speed, f"one of {list(SPEEDS)}")
+        if self.affine_offsets not in AFFINE_OFFSETS:
+            raise ConfigError("affine_offsets", self.affine_offsets, f"one of {list(AFFINE_OFFSETS)}")
         if self.speed != "fast":
             return
         if self.bits not in FAST_BITS:

@@ -292,6 +292,17 @@ def refit_codebooks(matrix: np.ndarray, encoded: EncodedMatrix, gram: np.ndarray
     return _from_shared_codebook(encoded, _encoded(view, books, codes))
 
 
+def refit_input_blocks(matrix: np.ndarray, encoded: EncodedMatrix, gram: np.ndarray | None) -> EncodedMatrix:
+    """``encoded`` (with input blocks) with the closed-form block scales and offsets for its codes and codebooks
+    (rounded to the blocks' dtype; see "Input blocks" in the module docstring)."""
+    layer = _Layer(matrix, encoded, gram, "cpu")
+    books, codes = _sorted_books(encoded, layer.device)
+    dtype = encoded.block_scales.dtype
+    layer.refit_blocks(books, codes, dtype)
+    return replace(encoded, block_scales=layer.block_scales.numpy().astype(dtype),
+                   block_offsets=layer.block_offsets.numpy().astype(dtype))
+
+
 def _encoded(template: EncodedMatrix, books: torch.Tensor, codes: torch.Tensor,
              blocks: tuple[torch.Tensor, torch.Tensor] | None = None) -> EncodedMatrix:
     """``template`` with these codebooks and codes (and block scales and offsets, when given)."""

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from jlcm_onnx.model_io import _loadable
-from jlcm_onnx.passes.weight_sites import Consumer, WeightSite, find_weight_sites, weight_row_axis
+from jlcm_onnx.passes.weight_sites import Consumer, WeightSite, find_weight_sites, transposed_matmul, weight_row_axis
 
 #: Activations are turned into float64 matrices in chunks of at most this many elements (64 MB).
 CHUNK_ELEMENTS = 1 << 23
@@ -244,7 +244,7 @@ def _weight_activations(site: WeightSite | None, main: onnx.GraphProto) -> Weigh
         return WeightActivations((), "no MatMul/Gemm/Conv/ConvTranspose/Gather reads it as a weight")
     row_axis = roles[0][1]
     if len(site.shape) == 2:
-        roles += [(matmul, 0, site.shape[::-1]) for matmul in filter(None, map(_transposed_matmul, site.consumers))]
+        roles += [(matmul, 0, site.shape[::-1]) for matmul in filter(None, map(transposed_matmul, site.consumers))]
     inputs, notes = [], []
     for consumer, axis, shape in roles:
         if axis != row_axis:
@@ -256,23 +256,6 @@ def _weight_activations(site: WeightSite | None, main: onnx.GraphProto) -> Weigh
         else:
             inputs.append(entry)
     return WeightActivations(tuple(inputs), "; ".join(notes))
-
-
-def _transposed_matmul(consumer: Consumer) -> Consumer | None:
-    """The MatMul that reads ``Transpose(W)`` (a [rows, cols] W, perm [1, 0], its only reader) as its B, computing
-    ``A @ W^T`` (a tied language-model head): W's rows are that layer's outputs too. None for any other consumer."""
-    node = consumer.node
-    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
-    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or perm != [1, 0]:
-        return None
-    readers = [(position, reader) for position, reader in enumerate(consumer.graph.node)
-               if node.output[0] in reader.input]
-    if len(readers) != 1:
-        return None
-    position, reader = readers[0]
-    if reader.op_type != "MatMul" or list(reader.input).index(node.output[0]) != 1:
-        return None
-    return Consumer(consumer.graph, reader, position, 1)
 
 
 def _activation_input(consumer: Consumer, shape: tuple[int, ...]) -> ActivationInput | str:

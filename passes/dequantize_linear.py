@@ -19,6 +19,15 @@ onnxruntime folds the unpacking at load (its inputs are initializers) into a uin
 ``DequantizeLinear``: the weight stays one byte per weight in memory and is dequantised by a vectorised kernel on
 each run. Only uint8 tensors are stored, which the mobile ``.ort`` format can hold (it cannot hold a UINT4 tensor
 that is not fused into MatMulNBits).
+
+*Float offsets* (``W^ = s q + o`` per block, :mod:`jlcm_onnx.encodings.affine_blocks`) are carried exactly with
+standard ops. A lone MatMul ``Y = X W`` (K a multiple of B) is replaced by the fused product with ``z = 0`` plus the
+offsets' share, which only needs the sums of X over each block of B inputs::
+
+    Y = MatMul(X, DequantizeLinear(q, s)) + MatMul(ReduceSum(Reshape(X, [..., K / B, B]), -1), o)     o [K / B, N]
+
+(an extra product 1/B the size of the layer's). In the unpacked layout ``o`` is added to the dequantised blocks; a
+Gemm keeps integer zero points (its fused form has no place for the offsets' share).
 """
 
 from __future__ import annotations
@@ -69,15 +78,36 @@ def pack_sub_byte(values: np.ndarray, bits: int) -> bytes:
 
 
 def build_fused_decoder(spec: DecodeSpec, names: NameAllocator, pool: ConstantPool) -> DecodeGraph:
-    """``spec.output`` = W [K, N] (rows last) from q, s, z in the fused layout."""
+    """``spec.output`` = W [K, N] (rows last) from q, s, z in the fused layout (integer zero points only)."""
+    b = DecoderBuilder(spec, names, pool)
+    _fused_dequantize(b, spec, spec.output)
+    return DecodeGraph(b.nodes, b.initializers)
+
+
+def build_offset_matmul(spec: DecodeSpec, matmul: onnx.NodeProto, names: NameAllocator,
+                        pool: ConstantPool) -> DecodeGraph:
+    """Stands in for ``Y = MatMul(X, W)`` with W in affine blocks with float offsets (see the module docstring)."""
     b = DecoderBuilder(spec, names, pool)
     encoded: AffineBlocks = spec.encoded
-    data_type = FUSED_TYPES[encoded.bits]
-    codes = _stored_raw(b, "codes", data_type, encoded.codes.T)
-    zero_points = _stored_raw(b, "zero_points", data_type, encoded.zero_points.T)
-    scales = _scales(b, spec, encoded.scales.T)
-    b.op("DequantizeLinear", [codes, scales, zero_points], spec.output, axis=0, block_size=encoded.block_size)
+    activation, output = matmul.input[0], matmul.output[0]
+    main = b.op("MatMul", [activation, _fused_dequantize(b, spec, None)])
+    leading = b.op("Slice", [b.op("Shape", [activation]), b.shape([0]), b.shape([-1])])
+    count = encoded.scales.shape[1]
+    blocked = b.op("Reshape", [activation, b.op("Concat", [leading, b.shape([count, encoded.block_size])], axis=0)])
+    sums = b.op("ReduceSum", [blocked, b.shape([-1])], keepdims=0)
+    shares = b.op("MatMul", [sums, _cast(b, spec, b.stored("offsets", np.ascontiguousarray(encoded.offsets.T)))])
+    b.op("Add", [main, shares], output)
     return DecodeGraph(b.nodes, b.initializers)
+
+
+def _fused_dequantize(b: DecoderBuilder, spec: DecodeSpec, output: str | None) -> str:
+    """DequantizeLinear of the codes stored [K, N] at b bits (zero points only without float offsets)."""
+    encoded: AffineBlocks = spec.encoded
+    data_type = FUSED_TYPES[encoded.bits]
+    inputs = [_stored_raw(b, "codes", data_type, encoded.codes.T), _scales(b, spec, encoded.scales.T)]
+    if encoded.offsets is None:
+        inputs.append(_stored_raw(b, "zero_points", data_type, encoded.zero_points.T))
+    return b.op("DequantizeLinear", inputs, output, axis=0, block_size=encoded.block_size)
 
 
 def build_transposed_gemm(spec: DecodeSpec, gemm: onnx.NodeProto, names: NameAllocator,
@@ -96,22 +126,41 @@ def build_transposed_gemm(spec: DecodeSpec, gemm: onnx.NodeProto, names: NameAll
 
 
 def build_unpacked_decoder(spec: DecodeSpec, names: NameAllocator, pool: ConstantPool) -> DecodeGraph:
-    """``spec.output`` in W's layout from b-bit words unpacked to uint8 and a DequantizeLinear along the inputs."""
+    """``spec.output`` in W's layout from b-bit words unpacked to uint8, a DequantizeLinear along the inputs, and
+    the float offsets, if any."""
     b = DecoderBuilder(spec, names, pool)
     encoded: AffineBlocks = spec.encoded
     layout = WordLayout(encoded.bits)
     unpacked = []
-    for part, array in (("codes", encoded.codes), ("zero_points", encoded.zero_points)):
+    stored = [("codes", encoded.codes)] + ([("zero_points", encoded.zero_points)] if encoded.offsets is None else [])
+    for part, array in stored:
         packed = b.stored(part, pack_codes(array.reshape(-1), layout.bits))
         flat = unpack_codes(b, packed, layout, array.size, rows=None, to=onnx.TensorProto.UINT8)
         unpacked.append(b.op("Reshape", [flat, b.shape(array.shape)]))
     scales = _scales(b, spec, encoded.scales)
-    decoded = b.op("DequantizeLinear", [unpacked[0], scales, unpacked[1]], axis=1, block_size=encoded.block_size)
+    decoded = b.op("DequantizeLinear", [unpacked[0], scales, *unpacked[1:]], axis=1, block_size=encoded.block_size)
+    if encoded.offsets is not None:
+        decoded = _add_offsets(b, spec, decoded)
     others = [i for i in range(len(spec.shape)) if i != spec.row_axis]
     moved_shape = tuple(spec.shape[i] for i in [spec.row_axis, *others])
     perm = None if spec.row_axis == 0 else [int(i) for i in np.argsort([spec.row_axis, *others])]
     finish_layout(b, decoded, moved_shape, perm)
     return DecodeGraph(b.nodes, b.initializers)
+
+
+def _add_offsets(b: DecoderBuilder, spec: DecodeSpec, decoded: str) -> str:
+    """``decoded`` [rows, cols] plus each block's float offset (padded to whole blocks and back when B does not
+    divide cols)."""
+    encoded: AffineBlocks = spec.encoded
+    rows, cols = encoded.codes.shape
+    count, size = encoded.offsets.shape[1], encoded.block_size
+    pad = count * size - cols
+    if pad:
+        decoded = b.op("Pad", [decoded, b.shape([0, 0, 0, pad])])
+    offsets = _cast(b, spec, b.stored("offsets", encoded.offsets.reshape(rows, count, 1)))
+    shifted = b.op("Add", [b.op("Reshape", [decoded, b.shape([rows, count, size])]), offsets])
+    flat = b.op("Reshape", [shifted, b.shape([rows, count * size])])
+    return b.op("Slice", [flat, b.shape([0]), b.shape([cols]), b.shape([1])]) if pad else flat
 
 
 def _stored_raw(b: DecoderBuilder, suffix: str, data_type: int, array: np.ndarray) -> str:
@@ -126,8 +175,10 @@ def _bits(data_type: int) -> int:
 
 
 def _scales(b: DecoderBuilder, spec: DecodeSpec, scales: np.ndarray) -> str:
-    """The stored scales, cast to the weight's type when stored narrower (a Cast onnxruntime folds at load)."""
-    name = b.stored("scales", np.ascontiguousarray(scales))
-    if helper.np_dtype_to_tensor_dtype(scales.dtype) != spec.dtype:
-        name = b.op("Cast", [name], to=spec.dtype)
-    return name
+    return _cast(b, spec, b.stored("scales", np.ascontiguousarray(scales)))
+
+
+def _cast(b: DecoderBuilder, spec: DecodeSpec, stored: str) -> str:
+    """A stored tensor cast to the weight's type when stored narrower (a Cast onnxruntime folds at load)."""
+    data_type = next(t.data_type for t in b.initializers if t.name == stored)
+    return stored if data_type == spec.dtype else b.op("Cast", [stored], to=spec.dtype)

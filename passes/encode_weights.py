@@ -36,8 +36,13 @@ from jlcm_onnx.passes.dequant_graph import (
     build_decoder,
     build_gate,
 )
-from jlcm_onnx.passes.dequantize_linear import build_fused_decoder, build_transposed_gemm, build_unpacked_decoder
-from jlcm_onnx.passes.site_encoding import SiteEncoding, encode_site, uses_affine_blocks
+from jlcm_onnx.passes.dequantize_linear import (
+    build_fused_decoder,
+    build_offset_matmul,
+    build_transposed_gemm,
+    build_unpacked_decoder,
+)
+from jlcm_onnx.passes.site_encoding import SiteEncoding, affine_layout, encode_site, uses_affine_blocks
 from jlcm_onnx.passes.weight_sites import (
     WeightSite,
     anchor_index,
@@ -56,6 +61,9 @@ BLOCK_WEIGHTS = 1 << 18
 #: How an affine-blocks weight runs, for the report.
 FUSED = "none needed: DequantizeLinear, fused with its reader into MatMulNBits by onnxruntime"
 UNPACKED = "none needed: DequantizeLinear on uint8 codes (unpacked at load) each run"
+
+#: Affine layouts whose decoder stands in for the reader node (a rewritten Gemm, a MatMul plus its offsets' share).
+REWRITTEN = ("transposed gemm", "offset matmul")
 
 #: Placeholder input name for the gate until the shared gate of the activation is built.
 _GATE = "__jlcm_gate__"
@@ -155,21 +163,25 @@ class EncodeWeights(Pass):
         encoded = site_encoding.encoded
         anchor = anchor_index(site)
         spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded)
-        transposed_gemm = is_lone_matrix_input(site, 0, "Gemm", 1) and row_axis == 0
-        if transposed_gemm:
-            decoder, runtime = build_transposed_gemm(spec, site.graph.node[anchor], names, pool), FUSED
-        elif row_axis == 1 and any(is_lone_matrix_input(site, 1, op, 1) for op in ("MatMul", "Gemm")):
-            decoder, runtime = build_fused_decoder(spec, names, pool), FUSED
-        else:
-            decoder, runtime = build_unpacked_decoder(spec, names, pool), UNPACKED
-        learned = ", learned (error-feedback codes, closed-form scales)" if site_encoding.learned else ""
+        layout = affine_layout(site, row_axis, self.config)
+        reader = site.graph.node[anchor]
+        decoder = {
+            "fused": lambda: build_fused_decoder(spec, names, pool),
+            "transposed gemm": lambda: build_transposed_gemm(spec, reader, names, pool),
+            "offset matmul": lambda: build_offset_matmul(spec, reader, names, pool),
+            "unpacked": lambda: build_unpacked_decoder(spec, names, pool),
+        }[layout]()
+        runtime = UNPACKED if layout == "unpacked" else FUSED
+        offsets = encoded.offsets is not None
+        learned = (f", learned (error-feedback codes, closed-form scales{' and offsets' if offsets else ''})"
+                   if site_encoding.learned else "")
         record = _record(
             site, COMPRESSED, compressed_bytes=decoder.stored_bytes, bits=encoded.bits,
-            encoding=f"affine blocks of {self.config.affine_block_size}{learned}",
+            encoding=f"affine blocks of {self.config.affine_block_size}{', float offsets' if offsets else ''}{learned}",
             sqnr_db=sqnr_db(site_encoding.matrix, encoded.decode()), layer_error=site_encoding.layer_error,
             decode_gate=runtime, outliers=0,
         )
-        return _Insertion(site.graph, anchor, None, decoder, site, transposed_gemm), record
+        return _Insertion(site.graph, anchor, None, decoder, site, layout in REWRITTEN), record
 
 
 def _describe(site_encoding: SiteEncoding) -> str:

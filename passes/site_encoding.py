@@ -22,7 +22,7 @@ from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matri
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.encodings.affine_blocks import AffineBlocks, fit_affine_blocks, learn_affine_blocks
 from jlcm_onnx.learning import learn_layer
-from jlcm_onnx.passes.weight_sites import WeightSite, is_lone_table_gather
+from jlcm_onnx.passes.weight_sites import WeightSite, is_lone_matrix_input, is_lone_table_gather
 from jlcm_onnx.plan import CompressionPlan
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -67,7 +67,7 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
         error = plan.layer_errors.get(site.name)
         return SiteEncoding(matrix, encoded, restore, error is not None, error)
     if uses_affine_blocks(site, row_axis, config):
-        return _encode_affine_blocks(site, matrix, config, plan)
+        return _encode_affine_blocks(site, row_axis, matrix, config, plan)
     encode = encode_scaled_matrix if config.encoding == "multi-scaling" else encode_matrix
     encoded = encode(
         matrix, choice.bits, plan.group_sizes(site.name, *matrix.shape), codebook_dtype(config, site, matrix),
@@ -88,12 +88,32 @@ def uses_affine_blocks(site: WeightSite, row_axis: int, config: CompressionConfi
     return config.speed == "fast" and not is_lone_table_gather(site, row_axis)
 
 
-def _encode_affine_blocks(site: WeightSite, matrix: np.ndarray, config: CompressionConfig,
+def affine_layout(site: WeightSite, row_axis: int, config: CompressionConfig) -> str:
+    """How an affine-blocks weight is written (:mod:`jlcm_onnx.passes.dequantize_linear`): ``"fused"`` (the B of a
+    lone MatMul or Gemm), ``"transposed gemm"`` (a lone Gemm with transB=1), ``"offset matmul"`` (a lone MatMul with
+    float offsets, its inputs whole blocks) or ``"unpacked"`` (any other reader)."""
+    if row_axis == 0 and is_lone_matrix_input(site, 0, "Gemm", 1):
+        return "transposed gemm"
+    if row_axis != 1 or not any(is_lone_matrix_input(site, 1, op, 1) for op in ("MatMul", "Gemm")):
+        return "unpacked"
+    whole_blocks = site.shape[0] % config.affine_block_size == 0
+    if config.affine_offsets == "float" and whole_blocks and site.consumers[0].node.op_type == "MatMul":
+        return "offset matmul"
+    return "fused"
+
+
+def has_float_offsets(layout: str, config: CompressionConfig) -> bool:
+    """Whether a weight written in ``layout`` stores float offsets: asked for, and a layout that carries them."""
+    return config.affine_offsets == "float" and layout in ("offset matmul", "unpacked")
+
+
+def _encode_affine_blocks(site: WeightSite, row_axis: int, matrix: np.ndarray, config: CompressionConfig,
                           plan: CompressionPlan) -> SiteEncoding:
     statistics = plan.statistics.get(site.name)
     importance = None if statistics is None else statistics.importance(matrix.shape[0])
     encoded = fit_affine_blocks(matrix, plan.choice(site.name).bits, config.affine_block_size,
-                                codebook_dtype(config, site, matrix), importance)
+                                codebook_dtype(config, site, matrix), importance,
+                                float_offsets=has_float_offsets(affine_layout(site, row_axis, config), config))
     if statistics is None or statistics.gram is None:
         return SiteEncoding(matrix, encoded, None, False)
     learned, error = learn_affine_blocks(matrix, encoded, statistics.gram)

@@ -36,7 +36,8 @@ class UpgradeOpset(Pass):
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise ModelError(f"speed 'fast' needs ai.onnx opset {self.opset}, and onnx.version_converter cannot "
                                  f"upgrade this model from opset {current}: {reason}") from None
-            records.append(f"ai.onnx opset {current} -> {self.opset} (onnx.version_converter)")
+            records.append(f"ai.onnx opset {current} -> {self.opset} (onnx.version_converter): what DequantizeLinear "
+                           "with blocks needs")
         if model.ir_version < self.ir_version:
             records.append(f"IR version {model.ir_version} -> {self.ir_version}")
             model.ir_version = self.ir_version

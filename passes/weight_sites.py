@@ -196,6 +196,23 @@ def is_lone_matrix_input(site: WeightSite, row_axis: int, op_type: str, input_in
             and list(consumer.node.input).count(site.name) == 1 and weight_row_axis(consumer, 2) == row_axis)
 
 
+def transposed_matmul(consumer: Consumer) -> Consumer | None:
+    """The MatMul that reads ``Transpose(W)`` (a [rows, cols] W, perm [1, 0], its only reader) as its B, computing
+    ``A @ W^T`` (a tied language-model head): W's rows are that layer's outputs too. None for any other consumer."""
+    node = consumer.node
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or perm != [1, 0]:
+        return None
+    readers = [(position, reader) for position, reader in enumerate(consumer.graph.node)
+               if node.output[0] in reader.input]
+    if len(readers) != 1:
+        return None
+    position, reader = readers[0]
+    if reader.op_type != "MatMul" or list(reader.input).index(node.output[0]) != 1:
+        return None
+    return Consumer(consumer.graph, reader, position, 1)
+
+
 def is_lone_table_gather(site: WeightSite, row_axis: int) -> bool:
     """True when the weight is a [rows, cols] table read only by one Gather along its rows."""
     return row_axis == 0 and is_lone_matrix_input(site, row_axis, "Gather", 0)

@@ -18,6 +18,7 @@ from jlcm_onnx.encodings.affine_blocks import fit_affine_blocks, learn_affine_bl
 from jlcm_onnx.errors import ConfigError
 from jlcm_onnx.learning import layer_objective
 from jlcm_onnx.passes.dequantize_linear import pack_sub_byte
+from jlcm_onnx.passes.untie_heads import UntieHeads
 from jlcm_onnx.passes.upgrade_opset import UpgradeOpset
 
 from conftest import FLOAT, INT64, correlated_inputs, make_model, tensor, value
@@ -64,11 +65,11 @@ def session(model: onnx.ModelProto, level: ort.GraphOptimizationLevel = ort.Grap
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def decoded_affine(weight: np.ndarray, row_axis: int, bits: int) -> np.ndarray:
+def decoded_affine(weight: np.ndarray, row_axis: int, bits: int, float_offsets: bool) -> np.ndarray:
     """What the fast path's decoder must produce for ``weight``: its data-free fit, decoded, in W's layout."""
     moved = np.moveaxis(weight, row_axis, 0)
     matrix = np.ascontiguousarray(moved.reshape(moved.shape[0], -1), np.float32)
-    decoded = fit_affine_blocks(matrix, bits, 32, np.dtype(np.float16)).decode()
+    decoded = fit_affine_blocks(matrix, bits, 32, np.dtype(np.float16), float_offsets=float_offsets).decode()
     return np.moveaxis(decoded.reshape(moved.shape), 0, row_axis)
 
 
@@ -86,10 +87,20 @@ def original() -> onnx.ModelProto:
     return every_consumer_model(np.random.default_rng(0))
 
 
-@pytest.fixture(scope="module", params=[2, 4, 8])
+#: With float offsets, the weights whose layout carries them: a lone MatMul's and the unpacked ones (not a Gemm's).
+FLOAT_OFFSETS = ("mm", "conv", "deconv")
+
+
+@pytest.fixture(scope="module", params=[(2, "integer"), (4, "integer"), (8, "integer"), (4, "float")],
+                ids=["2-bit", "4-bit", "8-bit", "4-bit-float-offsets"])
 def fast(request: pytest.FixtureRequest, original: onnx.ModelProto) -> tuple[int, jlcm_onnx.CompressionResult]:
-    bits = request.param
-    return bits, jlcm_onnx.compress(original, CompressionConfig(bits=bits, speed="fast", min_elements=256))
+    bits, offsets = request.param
+    config = CompressionConfig(bits=bits, speed="fast", min_elements=256, affine_offsets=offsets)
+    return bits, jlcm_onnx.compress(original, config)
+
+
+def float_offsets(result: jlcm_onnx.CompressionResult, name: str) -> bool:
+    return result.report.config["affine_offsets"] == "float" and name in FLOAT_OFFSETS
 
 
 def test_every_weight_but_the_table_is_in_affine_blocks(fast: tuple[int, jlcm_onnx.CompressionResult]) -> None:
@@ -99,14 +110,16 @@ def test_every_weight_but_the_table_is_in_affine_blocks(fast: tuple[int, jlcm_on
     for name, record in records.items():
         assert record.status == "compressed" and record.bits == bits
         assert record.encoding.startswith("affine blocks of 32") == (name != "table"), record
+        assert ("float offsets" in record.encoding) == float_offsets(result, name), record
     assert all("MatMulNBits" in records[name].decode_gate for name in FUSED)
     assert not any(n.op_type == "GatherElements" and not n.name.startswith("jlcm/w") for n in result.model.graph.node)
     elements = [n for n in result.model.graph.node if n.op_type == "GatherElements"]
     assert len(elements) == 1, "only the embedding table's row decoder decodes a codebook"
-    for name in FUSED:  # b-bit codes and zero points, a float16 scale per block of 32 inputs
+    for name in FUSED:  # b-bit codes, a float16 scale and a b-bit zero point (or a float16 offset) per block
         (rows, cols), axis = WEIGHTS[name]
         blocks = -(-(rows, cols)[1 - axis] // 32) * (rows, cols)[axis]
-        assert records[name].compressed_bytes == -(-rows * cols * bits // 8) + -(-blocks * bits // 8) + 2 * blocks
+        per_block = 2 if float_offsets(result, name) else -(-blocks * bits // 8) / blocks
+        assert records[name].compressed_bytes == -(-rows * cols * bits // 8) + blocks * per_block + 2 * blocks
 
 
 def test_decoders_reproduce_the_encoded_weights(fast: tuple[int, jlcm_onnx.CompressionResult],
@@ -116,7 +129,7 @@ def test_decoders_reproduce_the_encoded_weights(fast: tuple[int, jlcm_onnx.Compr
     0 (float activations), and within int8 rounding of the activations at onnxruntime's default level."""
     bits, result = fast
     weights = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
-    expected = with_weights(original, {name: decoded_affine(weights[name], axis, bits)
+    expected = with_weights(original, {name: decoded_affine(weights[name], axis, bits, float_offsets(result, name))
                                        for name, (_, axis) in WEIGHTS.items() if name != "table"})
     inputs = feeds(np.random.default_rng(1))
     names = [o.name for o in original.graph.output if o.name != "y_table"]
@@ -137,7 +150,8 @@ def test_onnxruntime_fuses_every_matmul_and_gemm(fast: tuple[int, jlcm_onnx.Comp
     optimized = onnx.load(path)
     kinds = [node.op_type for node in optimized.graph.node]
     assert kinds.count("MatMulNBits") == len(FUSED), kinds
-    assert not {"MatMul", "Gemm"} & set(kinds), kinds
+    assert "Gemm" not in kinds  # and the only MatMul left is the float offsets' share (1/32 of the layer)
+    assert kinds.count("MatMul") == float_offsets(result, "mm"), kinds
 
 
 def test_the_upgraded_opset_is_recorded_and_the_file_is_deterministic(original: onnx.ModelProto) -> None:
@@ -216,3 +230,83 @@ def test_block_size_sizes_the_affine_blocks_and_leaves_the_table_without_input_b
     assert "input blocks" not in records["table"].encoding
     (mm_scales,) = [t for t in result.model.graph.initializer if t.name.startswith("mm.jlcm_scales")]
     assert list(mm_scales.dims) == [64 // 16, 48]
+
+
+def gguf_like_weight(rng: np.random.Generator, inputs: int, outputs: int) -> np.ndarray:
+    """W [inputs, outputs] on a 4-bit grid with a float16 scale and minimum per block of 32 inputs (GGUF Q4_1)."""
+    blocks = (inputs // 32, outputs)
+    scales = rng.uniform(0.01, 0.1, blocks).astype(np.float16).astype(np.float32)
+    minimums = rng.uniform(-0.8, 0.0, blocks).astype(np.float16).astype(np.float32)
+    codes = rng.integers(0, 16, (inputs, outputs))
+    return (np.repeat(scales, 32, axis=0) * codes + np.repeat(minimums, 32, axis=0)).astype(np.float32)
+
+
+def test_float_offsets_reproduce_q4_1_blocks_and_stay_fused(tmp_path) -> None:
+    rng = np.random.default_rng(6)
+    weight = gguf_like_weight(rng, 128, 64)
+    model = make_model([helper.make_node("MatMul", ["X", "W"], ["Y"], name="matmul")],
+                       [value("X", FLOAT, [2, "T", 128])], [value("Y", FLOAT, [2, "T", 64])], [tensor("W", weight)])
+    floats = jlcm_onnx.compress(model, CompressionConfig(speed="fast", affine_offsets="float", min_elements=256))
+    integers = jlcm_onnx.compress(model, CompressionConfig(speed="fast", min_elements=256))
+    (record,) = floats.report.tensors
+    assert record.encoding == "affine blocks of 32, float offsets" and "MatMulNBits" in record.decode_gate
+    assert record.sqnr_db > 60 > integers.report.tensors[0].sqnr_db
+    x = {"X": rng.standard_normal((2, 5, 128)).astype(np.float32)}
+    want = x["X"] @ weight
+    unfused = session(floats.model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, x)[0]
+    np.testing.assert_allclose(unfused, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max()))
+    path = str(tmp_path / "optimized.onnx")
+    fused = session(floats.model, optimized_path=path, accuracy_level=0).run(None, x)[0]
+    np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    assert [n.op_type for n in onnx.load(path).graph.node].count("MatMulNBits") == 1
+
+
+def test_calibrated_float_offsets_lower_the_layer_error() -> None:
+    rng = np.random.default_rng(7)
+    matrix = rng.standard_normal((48, 96)).astype(np.float32) + 0.5
+    inputs = correlated_inputs(512, 96, seed=2).astype(np.float64)
+    gram = inputs.T @ inputs
+    initial = fit_affine_blocks(matrix, 4, 32, np.dtype(np.float16), float_offsets=True)
+    learned, objective = learn_affine_blocks(matrix, initial, gram)
+    assert learned.offsets is not None and learned.offsets.dtype == np.float16
+    assert objective < 0.7 * layer_objective(matrix, initial.as_codebook_encoding(), gram)
+
+
+def tied_language_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """ids -> Gather(E) -> Tanh -> MatMul(., Transpose(E)): an embedding table tied to the head."""
+    table = rng.standard_normal((96, 64)).astype(np.float32)
+    return make_model(
+        [helper.make_node("Gather", ["E", "ids"], ["embedded"], name="embed"),
+         helper.make_node("Tanh", ["embedded"], ["hidden"], name="hidden"),
+         helper.make_node("Transpose", ["E"], ["E_t"], perm=[1, 0], name="tie"),
+         helper.make_node("MatMul", ["hidden", "E_t"], ["logits"], name="head")],
+        [value("ids", INT64, ["N"])], [value("logits", FLOAT, ["N", 96])], [tensor("E", table)])
+
+
+def test_a_tied_head_gets_its_own_fused_copy(tmp_path) -> None:
+    model = tied_language_model(np.random.default_rng(8))
+    ids = {"ids": np.array([0, 95, 7, 7])}
+    untied = UntieHeads(CompressionConfig(speed="fast", min_elements=256))(copy_of(model))
+    assert untied.records == ["E: tied to the head MatMul:head, stored twice (a copy for each reader)"]
+    assert "Transpose" not in {node.op_type for node in untied.model.graph.node}
+    np.testing.assert_array_equal(session(untied.model).run(None, ids)[0], session(model).run(None, ids)[0])
+
+    result = jlcm_onnx.compress(model, CompressionConfig(speed="fast", min_elements=256))
+    records = {record.name: record for record in result.report.tensors}
+    assert records["E"].decode_gate.startswith("row decoder")
+    head = records["E.jlcm_head"]
+    assert head.encoding == "affine blocks of 32" and "MatMulNBits" in head.decode_gate
+    assert untied.records[0] in result.report.notes
+    path = str(tmp_path / "optimized.onnx")
+    got = session(result.model, optimized_path=path).run(None, ids)[0]
+    assert "MatMulNBits" in {node.op_type for node in onnx.load(path).graph.node}
+    want = session(model).run(None, ids)[0]
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+    small = jlcm_onnx.compress(model, CompressionConfig(min_elements=256))
+    assert [record.name for record in small.report.tensors] == ["E"]
+
+
+def copy_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
