@@ -126,6 +126,7 @@ METHODS: tuple[Method, ...] = (
     Method("jlcm-onnx 4-bit, fast, float offsets, calibrated", "jlcm",
            {"bits": 4, "speed": "fast", "affine_offsets": "float"}, calibrated=True),
     Method("jlcm-onnx 2-bit, fast, calibrated", "jlcm", {"bits": 2, "speed": "fast"}, calibrated=True),
+    Method("jlcm-onnx 4-bit, decode at load", "jlcm", {"bits": 4, "decode_at_load": True}),
     Method("jlcm-onnx, size planner at 4x", "jlcm", {"target_ratio": 4.0}),
     Method("jlcm-onnx, size planner at 6x", "jlcm", {"target_ratio": 6.0}),
     Method("ORT RTN 4-bit, block 32", "ort-nbits", {"algorithm": "rtn", "bits": 4, "block": 32}),
@@ -134,6 +135,8 @@ METHODS: tuple[Method, ...] = (
            {"algorithm": "rtn", "bits": 4, "block": 32, "gather": True}),
     Method("ORT HQQ 4-bit, block 32", "ort-nbits", {"algorithm": "hqq", "bits": 4, "block": 32}),
     Method("ORT HQQ 4-bit, block 128", "ort-nbits", {"algorithm": "hqq", "bits": 4, "block": 128}),
+    Method("ORT GPTQ 4-bit, block 32, calibrated", "ort-nbits", {"algorithm": "gptq", "bits": 4, "block": 32},
+           calibrated=True),
     Method("ORT RTN 2-bit, block 32", "ort-nbits", {"algorithm": "rtn", "bits": 2, "block": 32}),
     Method("ORT HQQ 2-bit, block 32", "ort-nbits", {"algorithm": "hqq", "bits": 2, "block": 32}),
     Method("ORT quantize_dynamic int8", "ort-dynamic"),
@@ -216,7 +219,7 @@ def make_file(method: Method, original: Path, output: Path, calibration: Any = N
         config = jlcm_onnx.CompressionConfig(**method.options)
         jlcm_onnx.compress(original, config, calibration=calibration).save(output)
     elif method.tool == "ort-nbits":
-        _ort_nbits(original, output, **method.options)
+        _ort_nbits(original, output, **method.options, calibration=calibration)
     elif method.tool == "ort-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -225,12 +228,16 @@ def make_file(method: Method, original: Path, output: Path, calibration: Any = N
         raise ValueError(f"unknown tool {method.tool!r}")
 
 
-def _ort_nbits(original: Path, output: Path, algorithm: str, bits: int, block: int, gather: bool = False) -> None:
+def _ort_nbits(original: Path, output: Path, algorithm: str, bits: int, block: int, gather: bool = False,
+               calibration: list[dict[str, Any]] | None = None) -> None:
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     kinds = ("MatMul", "Gather") if gather else ("MatMul",)
     axes = (("MatMul", 0), ("Gather", 1)) if gather else (("MatMul", 0),)
-    if algorithm == "rtn":
+    if algorithm == "gptq":  # onnxruntime's bundled GPTQ, on the same calibration feeds as jlcm-onnx
+        config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=_FeedReader(calibration),
+                                                 op_types_to_quantize=kinds)
+    elif algorithm == "rtn":
         config = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, bits=bits,
                                                     op_types_to_quantize=kinds, quant_axes=axes)
     else:
@@ -241,6 +248,21 @@ def _ort_nbits(original: Path, output: Path, algorithm: str, bits: int, block: i
     quantizer.process()
     quantizer.model.save_model_to_file(str(output), use_external_data_format=False)
     ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])  # a file that does not load is a failure
+
+
+class _FeedReader:
+    """onnxruntime's CalibrationDataReader protocol over a list of feed dicts (its GPTQ deep-copies and iterates it)."""
+
+    def __init__(self, feeds: list[dict[str, Any]]) -> None:
+        self.feeds = list(feeds)
+        self.position = 0
+
+    def get_next(self) -> dict[str, Any] | None:
+        self.position += 1
+        return self.feeds[self.position - 1] if self.position <= len(self.feeds) else None
+
+    def __iter__(self):  # noqa: ANN204 - the protocol onnxruntime iterates
+        return iter(self.feeds)
 
 
 # --------------------------------------------------------------------------------------------------------- the run
@@ -477,11 +499,14 @@ def write_report(results: dict[str, Any], specs: dict[str, ModelSpec], report: P
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--methods", nargs="+", default=[], help="keep only methods whose label contains one of these")
+    parser.add_argument("--methods", nargs="+", default=[],
+                        help="keep only methods whose label is one of these or, for one that is no label, contains it")
     parser.add_argument("--report-only", action="store_true", help="rewrite the reports from the JSON, run nothing")
     args = parser.parse_args(argv)
     models = [] if args.report_only else args.models
-    methods = tuple(m for m in METHODS if not args.methods or any(s in m.label for s in args.methods))
+    labels = {m.label for m in METHODS}
+    methods = tuple(m for m in METHODS if not args.methods or any(
+        s == m.label if s in labels else s in m.label for s in args.methods))
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
     results["environment"] = results.get("environment") if args.report_only else environment()
     specs = {name: factory() for name, factory in MODELS.items() if name in models or name in results["models"]}

@@ -62,8 +62,9 @@ BLOCK_WEIGHTS = 1 << 18
 FUSED = "none needed: DequantizeLinear, fused with its reader into MatMulNBits by onnxruntime"
 UNPACKED = "none needed: DequantizeLinear on uint8 codes (unpacked at load) each run"
 
-#: Affine layouts whose decoder stands in for the reader node (a rewritten Gemm, a MatMul plus its offsets' share).
-REWRITTEN = ("transposed gemm", "offset matmul")
+#: Affine layouts whose decoder stands in for the reader node (a rewritten Gemm, a MatMul plus its offsets' share, the
+#: Gather of a table decoded row by row).
+REWRITTEN = ("transposed gemm", "offset matmul", "row decoder")
 
 #: Placeholder input name for the gate until the shared gate of the activation is built.
 _GATE = "__jlcm_gate__"
@@ -165,13 +166,16 @@ class EncodeWeights(Pass):
         spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded)
         layout = affine_layout(site, row_axis, self.config)
         reader = site.graph.node[anchor]
+        rows = DecodeSpec(reader.output[0], site.tensor.data_type, site.shape, row_axis,
+                          encoded.as_codebook_encoding(), gather_indices=reader.input[1])
         decoder = {
+            "row decoder": lambda: build_decoder(rows, names, pool, gate=None),
             "fused": lambda: build_fused_decoder(spec, names, pool),
             "transposed gemm": lambda: build_transposed_gemm(spec, reader, names, pool),
             "offset matmul": lambda: build_offset_matmul(spec, reader, names, pool),
             "unpacked": lambda: build_unpacked_decoder(spec, names, pool),
         }[layout]()
-        runtime = UNPACKED if layout == "unpacked" else FUSED
+        runtime = {"unpacked": UNPACKED, "row decoder": _gate_description(rows, None, 1)}.get(layout, FUSED)
         offsets = encoded.offsets is not None
         learned = (f", learned (error-feedback codes, closed-form scales{' and offsets' if offsets else ''})"
                    if site_encoding.learned else "")

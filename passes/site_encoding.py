@@ -84,14 +84,20 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
 
 def uses_affine_blocks(site: WeightSite, row_axis: int, config: CompressionConfig) -> bool:
     """True when ``site`` is encoded in affine blocks: with ``speed="fast"``, every weight but a table read by one
-    Gather (its codebook row decoder decodes only the looked-up rows)."""
-    return config.speed == "fast" and not is_lone_table_gather(site, row_axis)
+    Gather, which keeps per-row codebooks unless float offsets are asked for (either way its row decoder decodes
+    only the looked-up rows)."""
+    if config.speed != "fast":
+        return False
+    return config.affine_offsets == "float" or not is_lone_table_gather(site, row_axis)
 
 
 def affine_layout(site: WeightSite, row_axis: int, config: CompressionConfig) -> str:
     """How an affine-blocks weight is written (:mod:`jlcm_onnx.passes.dequantize_linear`): ``"fused"`` (the B of a
     lone MatMul or Gemm), ``"transposed gemm"`` (a lone Gemm with transB=1), ``"offset matmul"`` (a lone MatMul with
-    float offsets, its inputs whole blocks) or ``"unpacked"`` (any other reader)."""
+    float offsets, its inputs whole blocks), ``"row decoder"`` (a table read by one Gather: the codebook row decoder
+    with the grid as codebook and the blocks as input blocks) or ``"unpacked"`` (any other reader)."""
+    if is_lone_table_gather(site, row_axis):
+        return "row decoder"
     if row_axis == 0 and is_lone_matrix_input(site, 0, "Gemm", 1):
         return "transposed gemm"
     if row_axis != 1 or not any(is_lone_matrix_input(site, 1, op, 1) for op in ("MatMul", "Gemm")):
@@ -104,7 +110,7 @@ def affine_layout(site: WeightSite, row_axis: int, config: CompressionConfig) ->
 
 def has_float_offsets(layout: str, config: CompressionConfig) -> bool:
     """Whether a weight written in ``layout`` stores float offsets: asked for, and a layout that carries them."""
-    return config.affine_offsets == "float" and layout in ("offset matmul", "unpacked")
+    return config.affine_offsets == "float" and layout in ("offset matmul", "row decoder", "unpacked")
 
 
 def _encode_affine_blocks(site: WeightSite, row_axis: int, matrix: np.ndarray, config: CompressionConfig,

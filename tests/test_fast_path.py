@@ -87,8 +87,9 @@ def original() -> onnx.ModelProto:
     return every_consumer_model(np.random.default_rng(0))
 
 
-#: With float offsets, the weights whose layout carries them: a lone MatMul's and the unpacked ones (not a Gemm's).
-FLOAT_OFFSETS = ("mm", "conv", "deconv")
+#: With float offsets, the weights whose layout carries them: a lone MatMul's, the unpacked ones and the embedding
+#: table's (not a Gemm's).
+FLOAT_OFFSETS = ("mm", "conv", "deconv", "table")
 
 
 @pytest.fixture(scope="module", params=[(2, "integer"), (4, "integer"), (8, "integer"), (4, "float")],
@@ -109,12 +110,14 @@ def test_every_weight_but_the_table_is_in_affine_blocks(fast: tuple[int, jlcm_on
     assert set(records) == set(WEIGHTS)
     for name, record in records.items():
         assert record.status == "compressed" and record.bits == bits
-        assert record.encoding.startswith("affine blocks of 32") == (name != "table"), record
+        affine = name != "table" or float_offsets(result, name)  # the table: per-row codebooks or float offsets
+        assert record.encoding.startswith("affine blocks of 32") == affine, record
         assert ("float offsets" in record.encoding) == float_offsets(result, name), record
     assert all("MatMulNBits" in records[name].decode_gate for name in FUSED)
     assert not any(n.op_type == "GatherElements" and not n.name.startswith("jlcm/w") for n in result.model.graph.node)
     elements = [n for n in result.model.graph.node if n.op_type == "GatherElements"]
-    assert len(elements) == 1, "only the embedding table's row decoder decodes a codebook"
+    assert len(elements) == 1, "only the embedding table's row decoder reads a codebook (or the grid)"
+    assert records["table"].decode_gate.startswith("row decoder")
     for name in FUSED:  # b-bit codes, a float16 scale and a b-bit zero point (or a float16 offset) per block
         (rows, cols), axis = WEIGHTS[name]
         blocks = -(-(rows, cols)[1 - axis] // 32) * (rows, cols)[axis]
@@ -129,10 +132,11 @@ def test_decoders_reproduce_the_encoded_weights(fast: tuple[int, jlcm_onnx.Compr
     0 (float activations), and within int8 rounding of the activations at onnxruntime's default level."""
     bits, result = fast
     weights = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
-    expected = with_weights(original, {name: decoded_affine(weights[name], axis, bits, float_offsets(result, name))
-                                       for name, (_, axis) in WEIGHTS.items() if name != "table"})
+    affine = [name for name in WEIGHTS if name != "table" or float_offsets(result, name)]
+    expected = with_weights(original, {name: decoded_affine(weights[name], WEIGHTS[name][1], bits,
+                                                            float_offsets(result, name)) for name in affine})
     inputs = feeds(np.random.default_rng(1))
-    names = [o.name for o in original.graph.output if o.name != "y_table"]
+    names = [o.name for o in original.graph.output if o.name != "y_table" or "table" in affine]
     plain = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     unfused = session(result.model, plain).run(names, inputs)
     for name, got, want in zip(names, unfused, session(expected, plain).run(names, inputs), strict=True):

@@ -91,12 +91,13 @@ class AffineBlocks:
 
     def as_codebook_encoding(self) -> EncodedMatrix:
         """The same weights as an input-blocks codebook encoding (the grid as one codebook, offsets ``o - s z``), the
-        form :mod:`jlcm_onnx.learning` reads."""
-        scales = self.scales.astype(np.float64)
-        offsets = -scales * self.zero_points + (0.0 if self.offsets is None else self.offsets.astype(np.float64))
-        grid = np.arange(1 << self.bits, dtype=np.float64)[None, :]
+        form :mod:`jlcm_onnx.learning` reads and the codebook row decoder decodes. Grid and scales keep the storage
+        dtype; so do float offsets, while ``-s z`` is kept in float64 (exact)."""
+        dtype = self.scales.dtype
+        offsets = self.offsets if self.offsets is not None else -self.scales.astype(np.float64) * self.zero_points
+        grid = np.arange(1 << self.bits, dtype=dtype)[None, :]
         return EncodedMatrix(codebooks=grid, codes=self.codes, group_sizes=(self.codes.shape[0],),
-                             block_size=self.block_size, block_scales=scales, block_offsets=offsets)
+                             block_size=self.block_size, block_scales=self.scales, block_offsets=offsets)
 
 
 def fit_affine_blocks(
