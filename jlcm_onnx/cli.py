@@ -75,7 +75,8 @@ def main() -> None:
 @click.option("--encoding", type=click.Choice(ENCODINGS),
               help="One codebook per group, or one shared codebook and a scale per group  [default: multi-codebook]")
 @click.option("--block-size", type=int,
-              help="Also a scale and an offset per block of this many inputs (+32/B bits per weight)  [default: none]")
+              help="Inputs per block: with --speed small, a scale and an offset per block on top of the codebooks "
+                   "(+32/B bits per weight; default none); with --speed fast, the affine block (default 32)")
 @click.option("--reorder/--no-reorder", default=None,
               help="With --groups: cluster rows by distribution into contiguous groups  [default: --reorder]")
 @click.option("--min-elements", type=int, help="Leave smaller weights as they are  [default: 1024]")
@@ -109,7 +110,7 @@ def main() -> None:
 @_reporting_errors
 def compress_command(model: Path, output: Path, config_file: Path | None, calibration: Path | None,
                      calibration_samples: int, device: str, as_json: bool, quiet: bool, **overrides: Any) -> None:
-    """Compress MODEL and write the result to OUTPUT."""
+    """Compress MODEL and write the result to the file named by -o."""
     check_destination(output, protect=model)
     config = CompressionConfig.from_file(config_file) if config_file else CompressionConfig()
     changes = {key: value for key, value in overrides.items() if value not in (None, ())}

@@ -63,6 +63,8 @@ def test_config_file_and_flag_override(model_path: Path, tmp_path: Path) -> None
         (["--bits", "9"], "config field 'bits' = 9"),
         (["--groups", "0"], "config field 'groups' = 0"),
         (["--block-size", "1"], "config field 'block_size' = 1"),
+        (["--speed", "fast", "--bits", "3"], "config field 'bits' = 3"),
+        (["--speed", "fast", "--ratio", "6"], "config field 'target_ratio' = 6.0"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(model_path: Path, tmp_path: Path, args: list[str], message: str) -> None:
@@ -70,6 +72,16 @@ def test_bad_values_exit_2_with_one_line(model_path: Path, tmp_path: Path, args:
     assert code == 2
     assert message in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_fast_file_and_its_inspect_table(model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fast.onnx"
+    code, stdout, _ = invoke("compress", model_path, "-o", out, "--speed", "fast", "--affine-offsets", "float",
+                             "--min-elements", 16, "--json", "--quiet")
+    (tensor,) = json.loads(stdout)["tensors"]
+    assert code == 0 and tensor["encoding"] == "affine blocks of 32, float offsets"
+    code, stdout, _ = invoke("inspect", out)
+    assert code == 0 and "affine blocks of 32, float offsets" in stdout
 
 
 def test_bad_inputs_exit_2(model_path: Path, tmp_path: Path) -> None:
