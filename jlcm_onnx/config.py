@@ -96,7 +96,9 @@ class CompressionConfig:
             whole blocks, keeps integer zero points.
         decode_at_load: write the codebook decoders without their run-time gate, so that any onnxruntime (C++,
             mobile, web, with no jlcm_onnx import) constant-folds them once at load: dense speed and dense memory
-            from the small file (what :func:`jlcm_onnx.inference_session` does with ``keep_compressed=False``).
+            from the small file (what :func:`jlcm_onnx.inference_session` does with ``keep_compressed=False``). With
+            speed 'fast' it applies to the weights onnxruntime cannot fuse (Conv, ConvTranspose, shared weights):
+            decoded once at load instead of dequantised on every run.
 
     Example:
         >>> CompressionConfig(bits=3).bits

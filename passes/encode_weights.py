@@ -61,6 +61,7 @@ BLOCK_WEIGHTS = 1 << 18
 #: How an affine-blocks weight runs, for the report.
 FUSED = "none needed: DequantizeLinear, fused with its reader into MatMulNBits by onnxruntime"
 UNPACKED = "none needed: DequantizeLinear on uint8 codes (unpacked at load) each run"
+FOLDED = "none: decoded once at load (decode_at_load): dense speed and memory for this weight"
 
 #: Affine layouts whose decoder stands in for the reader node (a rewritten Gemm, a MatMul plus its offsets' share, the
 #: Gather of a table decoded row by row).
@@ -168,14 +169,17 @@ class EncodeWeights(Pass):
         reader = site.graph.node[anchor]
         rows = DecodeSpec(reader.output[0], site.tensor.data_type, site.shape, row_axis,
                           encoded.as_codebook_encoding(), gather_indices=reader.input[1])
+        whole = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded.as_codebook_encoding())
         decoder = {
             "row decoder": lambda: build_decoder(rows, names, pool, gate=None),
+            "folded": lambda: build_decoder(whole, names, pool, gate=None),
             "fused": lambda: build_fused_decoder(spec, names, pool),
             "transposed gemm": lambda: build_transposed_gemm(spec, reader, names, pool),
             "offset matmul": lambda: build_offset_matmul(spec, reader, names, pool),
             "unpacked": lambda: build_unpacked_decoder(spec, names, pool),
         }[layout]()
-        runtime = {"unpacked": UNPACKED, "row decoder": _gate_description(rows, None, 1)}.get(layout, FUSED)
+        runtime = {"unpacked": UNPACKED, "folded": FOLDED, "row decoder": _gate_description(rows, None, 1)}.get(
+            layout, FUSED)
         offsets = encoded.offsets is not None
         learned = (f", learned (error-feedback codes, closed-form scales{' and offsets' if offsets else ''})"
                    if site_encoding.learned else "")

@@ -95,13 +95,14 @@ def affine_layout(site: WeightSite, row_axis: int, config: CompressionConfig) ->
     """How an affine-blocks weight is written (:mod:`jlcm_onnx.passes.dequantize_linear`): ``"fused"`` (the B of a
     lone MatMul or Gemm), ``"transposed gemm"`` (a lone Gemm with transB=1), ``"offset matmul"`` (a lone MatMul with
     float offsets, its inputs whole blocks), ``"row decoder"`` (a table read by one Gather: the codebook row decoder
-    with the grid as codebook and the blocks as input blocks) or ``"unpacked"`` (any other reader)."""
+    with the grid as codebook and the blocks as input blocks), or for any other reader ``"unpacked"`` (dequantised on
+    every run) or, with ``decode_at_load``, ``"folded"`` (the codebook decoder without a gate, folded at load)."""
     if is_lone_table_gather(site, row_axis):
         return "row decoder"
     if row_axis == 0 and is_lone_matrix_input(site, 0, "Gemm", 1):
         return "transposed gemm"
     if row_axis != 1 or not any(is_lone_matrix_input(site, 1, op, 1) for op in ("MatMul", "Gemm")):
-        return "unpacked"
+        return "folded" if config.decode_at_load else "unpacked"
     whole_blocks = site.shape[0] % config.affine_block_size == 0
     if config.affine_offsets == "float" and whole_blocks and site.consumers[0].node.op_type == "MatMul":
         return "offset matmul"
@@ -109,8 +110,10 @@ def affine_layout(site: WeightSite, row_axis: int, config: CompressionConfig) ->
 
 
 def has_float_offsets(layout: str, config: CompressionConfig) -> bool:
-    """Whether a weight written in ``layout`` stores float offsets: asked for, and a layout that carries them."""
-    return config.affine_offsets == "float" and layout in ("offset matmul", "row decoder", "unpacked")
+    """Whether a weight written in ``layout`` stores float offsets: asked for, and a layout that carries them; always
+    when folded at load (the codebook decoder stores offsets in the codebook dtype, which ``-s z`` may not fit)."""
+    return layout == "folded" or (config.affine_offsets == "float"
+                                  and layout in ("offset matmul", "row decoder", "unpacked"))
 
 
 def _encode_affine_blocks(site: WeightSite, row_axis: int, matrix: np.ndarray, config: CompressionConfig,

@@ -314,3 +314,22 @@ def copy_of(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return copy
+
+
+def test_decode_at_load_folds_the_weights_onnxruntime_cannot_fuse(original: onnx.ModelProto, tmp_path) -> None:
+    config = CompressionConfig(bits=4, speed="fast", decode_at_load=True, min_elements=256)
+    result = jlcm_onnx.compress(original, config)
+    records = {record.name: record for record in result.report.tensors}
+    for name in ("conv", "deconv"):
+        assert records[name].encoding == "affine blocks of 32, float offsets"
+        assert records[name].decode_gate.startswith("none: decoded once at load")
+    path = str(tmp_path / "optimized.onnx")
+    inputs = feeds(np.random.default_rng(1))
+    folded = session(result.model, optimized_path=path).run(["y_conv", "y_deconv"], inputs)
+    kinds = [node.op_type for node in onnx.load(path).graph.node]
+    assert kinds.count("DequantizeLinear") == 0 and kinds.count("MatMulNBits") == len(FUSED)
+    weights = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    expected = with_weights(original, {name: decoded_affine(weights[name], WEIGHTS[name][1], 4, True)
+                                       for name in ("conv", "deconv")})
+    for got, want in zip(folded, session(expected).run(["y_conv", "y_deconv"], inputs), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
