@@ -240,14 +240,16 @@ class CompressionConfig:
 
 
 def parse_size(value: int | str) -> int:
-    """Bytes from an int or a text such as ``"40MB"``, ``"40 MB"``, ``"1.5GiB"`` (KB/MB/GB are powers of 1000)."""
+    """Bytes from an int or a text such as ``"40MB"``, ``"40 mb"``, ``"1.5GiB"`` (KB/MB/GB are powers of 1000, KiB/MiB/GiB
+    of 1024; units in any case)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", value) if isinstance(value, str) else None
+    pattern = r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*"
+    match = re.fullmatch(pattern, value, flags=re.IGNORECASE) if isinstance(value, str) else None
     if match is None or float(match.group(1)) <= 0:
         raise ConfigError("target_size", value, "a positive size such as 40000000, '40MB' or '1.5GiB'")
-    unit = match.group(2) or "B"
-    base = 1024 if "i" in unit else 1000
+    unit = (match.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
     return int(float(match.group(1)) * base ** "BKMGT".index(unit[0]))
 
 

@@ -147,6 +147,7 @@ def test_measured_errors_fall_with_bits_and_groups() -> None:
 
 def test_target_config_validation() -> None:
     assert parse_size("40MB") == 40_000_000 and parse_size("1.5 KiB") == 1536 and parse_size(123) == 123
+    assert parse_size("10mb") == 10_000_000 and parse_size("1.5gib") == 1_610_612_736  # units in any case
     with pytest.raises(ConfigError, match="target_size"):
         CompressionConfig(target_size="big")
     with pytest.raises(ConfigError, match="target_ratio"):
