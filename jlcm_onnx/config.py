@@ -240,8 +240,8 @@ class CompressionConfig:
 
 
 def parse_size(value: int | str) -> int:
-    """Bytes from an int or a text such as ``"40MB"``, ``"40 mb"``, ``"1.5GiB"`` (KB/MB/GB are powers of 1000, KiB/MiB/GiB
-    of 1024; units in any case)."""
+    """Bytes from an int or a text such as ``"40MB"``, ``"40 mb"``, ``"1.5GiB"`` (KB/MB/GB are powers of 1000,
+    KiB/MiB/GiB of 1024; units in any case)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     pattern = r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*"
