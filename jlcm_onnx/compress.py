@@ -146,8 +146,8 @@ def compress(
         working, records, plan, run_notes = _run_to_target(source, original_bytes, config, progress, data, device)
     notes.extend(run_notes)
     if config.decode_at_load:
-        notes.append("decode_at_load: the decoders have no run-time gate; onnxruntime decodes every weight once at "
-                     "load (dense latency and memory)")
+        notes.append("decode_at_load: the decoders that would run on every run have no run-time gate; onnxruntime "
+                     "decodes those weights once at load (dense latency and memory for them)")
     if data is not None:
         mode = "sequential" if config.sequential else "on the float model"
         notes.append(f"calibration: {len(data)} samples, onnxruntime passes: {plan.calibration_passes} ({mode})")

@@ -81,13 +81,12 @@ class CompressionConfig:
             on the float model.
         seed: seed of every random choice, so equal inputs give byte-identical outputs.
         speed: ``"small"`` (codebooks everywhere: the smallest file for its accuracy, every weight decoded by generic
-            ops on each run, several times slower than the dense model) or ``"fast"`` (every weight but a lone
-            embedding table in affine blocks, :mod:`jlcm_onnx.encodings.affine_blocks`: uniform ``bits``-bit levels
-            with a scale and a zero point per ``block_size`` inputs (default 32; the embedding table then has no input
-            blocks), written as standard
-            ``DequantizeLinear``, which onnxruntime fuses with MatMul/Gemm into its ``MatMulNBits`` kernel; the
-            embedding table keeps its codebook row decoder). ``"fast"`` takes bits 2, 4 or 8 and raises the model's
-            ai.onnx opset to 21 (25 for 2 bits).
+            ops on each run, several times slower than the dense model) or ``"fast"`` (affine blocks,
+            :mod:`jlcm_onnx.encodings.affine_blocks`: uniform ``bits``-bit levels with a scale and a zero point per
+            ``block_size`` inputs, default 32, written as standard ``DequantizeLinear``, which onnxruntime fuses with
+            MatMul/Gemm into its ``MatMulNBits`` kernel; an embedding table read by one Gather keeps a row decoder,
+            over per-row codebooks without input blocks, or over its affine blocks with float offsets). ``"fast"``
+            takes bits 2, 4 or 8 and raises the model's ai.onnx opset to 21 (25 for 2 bits).
         affine_offsets: with speed 'fast', what each affine block stores beside its scale: ``"integer"``, a zero point
             of the codes' type (DequantizeLinear's own: b bits per block); ``"float"``, an offset in the codebook dtype,
             carried exactly beside the fused product by a product of the block sums of the layer's input (a product

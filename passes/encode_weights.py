@@ -161,24 +161,28 @@ class EncodeWeights(Pass):
     def _encode_affine(
         self, site: WeightSite, row_axis: int, site_encoding: SiteEncoding, names: NameAllocator, pool: ConstantPool,
     ) -> tuple[_Insertion, TensorRecord]:
-        """A DequantizeLinear decoder: fused with a lone MatMul or Gemm reader, else unpacked (see the decoders)."""
+        """The decoder of ``site``'s layout (:func:`~jlcm_onnx.passes.site_encoding.affine_layout`): a DequantizeLinear
+        fused with its MatMul or Gemm, or unpacked; or the codebook decoder over the grid (an embedding's row decoder,
+        or folded at load)."""
         encoded = site_encoding.encoded
         anchor = anchor_index(site)
-        spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded)
+        dtype = site.tensor.data_type
+        spec = DecodeSpec(site.name, dtype, site.shape, row_axis, encoded)
         layout = affine_layout(site, row_axis, self.config)
         reader = site.graph.node[anchor]
-        rows = DecodeSpec(reader.output[0], site.tensor.data_type, site.shape, row_axis,
-                          encoded.as_codebook_encoding(), gather_indices=reader.input[1])
-        whole = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded.as_codebook_encoding())
         decoder = {
-            "row decoder": lambda: build_decoder(rows, names, pool, gate=None),
-            "folded": lambda: build_decoder(whole, names, pool, gate=None),
+            "row decoder": lambda: build_decoder(DecodeSpec(reader.output[0], dtype, site.shape, row_axis,
+                                                            encoded.as_codebook_encoding(),
+                                                            gather_indices=reader.input[1]), names, pool, gate=None),
+            "folded": lambda: build_decoder(DecodeSpec(site.name, dtype, site.shape, row_axis,
+                                                       encoded.as_codebook_encoding()), names, pool, gate=None),
             "fused": lambda: build_fused_decoder(spec, names, pool),
             "transposed gemm": lambda: build_transposed_gemm(spec, reader, names, pool),
             "offset matmul": lambda: build_offset_matmul(spec, reader, names, pool),
             "unpacked": lambda: build_unpacked_decoder(spec, names, pool),
         }[layout]()
-        runtime = {"unpacked": UNPACKED, "folded": FOLDED, "row decoder": _gate_description(rows, None, 1)}.get(
+        runtime = {"unpacked": UNPACKED, "folded": FOLDED,
+                   "row decoder": _row_decoded(reader.input[1])}.get(
             layout, FUSED)
         offsets = encoded.offsets is not None
         learned = (f", learned (error-feedback codes, closed-form scales{' and offsets' if offsets else ''})"
@@ -209,11 +213,15 @@ def _is_lone_matmul_weight(site: WeightSite, row_axis: int) -> bool:
     return row_axis == 1 and is_lone_matrix_input(site, row_axis, "MatMul", 1)
 
 
+def _row_decoded(indices: str) -> str:
+    return f"row decoder: only the rows picked by '{indices}' are decoded"
+
+
 def _gate_description(spec: DecodeSpec, activation: str | None, blocks: int) -> str:
     if blocks > 1:
         return f"blocked MatMul: decoded in {blocks} column blocks, one at a time"
     if spec.gather_indices is not None:
-        return f"row decoder: only the rows picked by '{spec.gather_indices}' are decoded"
+        return _row_decoded(spec.gather_indices)
     if activation is None:
         return "none: no run-time input before the first consumer, onnxruntime may fold the decoder"
     return activation

@@ -6,7 +6,7 @@ statistics hold a Gram, so the codewords sit where the layer's inputs are large)
 (:func:`jlcm_onnx.learning.learn_layer`). Both the sequential calibration pass and the encoder use it, so a weight
 learned early is encoded exactly as the encoder would have.
 
-With ``speed="fast"`` every weight but a lone embedding table is encoded in affine blocks instead
+With ``speed="fast"`` the weights are encoded in affine blocks instead (a lone embedding table only with float offsets)
 (:mod:`jlcm_onnx.encodings.affine_blocks`: data-free fit weighted by ``diag(H)``, then learned against the Gram when
 there is one), in its original row order.
 """
