@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from jlcm_onnx.kmeans import fit_codebooks, nearest_codes
+from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS, RowChunk, group_chunks, row_chunks
 
 
 @dataclass(frozen=True)
@@ -61,11 +63,13 @@ class EncodedMatrix:
         ceil(cols / block_size)], codebook dtype)."""
         return self.block_size is not None
 
-    def block_affine(self) -> tuple[np.ndarray, np.ndarray]:
-        """Scale and offset of every weight [rows, cols] (float64; ones and zeros without input blocks)."""
+    def block_affine(self, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and offset of every weight of ``rows`` [rows, cols] (float64; ones and zeros without input
+        blocks)."""
+        codes = self.codes[rows]
         if self.block_size is None:
-            return np.ones(self.codes.shape), np.zeros(self.codes.shape)
-        return tuple(expand_blocks(a.astype(np.float64), self.codes.shape[1], self.block_size)
+            return np.ones(codes.shape), np.zeros(codes.shape)
+        return tuple(expand_blocks(a[rows].astype(np.float64), codes.shape[1], self.block_size)
                      for a in (self.block_scales, self.block_offsets))
 
     @property
@@ -102,17 +106,30 @@ class EncodedMatrix:
         blocks = -(-rows * cols // max_weights)
         group_starts = np.concatenate([[0], np.cumsum(self.group_sizes)])
         targets = np.linspace(0, rows, blocks + 1)
-        picked = group_starts[np.abs(group_starts[None, :] - targets[:, None]).argmin(axis=1)]
+        above = np.searchsorted(group_starts, targets).clip(1, len(group_starts) - 1)
+        below = above - 1  # the nearest group start of each target, ties to the lower one
+        nearer_above = np.abs(group_starts[above] - targets) < np.abs(group_starts[below] - targets)
+        picked = group_starts[np.where(nearer_above, above, below)]
         return sorted({int(b) for b in picked} | {0, rows})
 
-    def decode(self) -> np.ndarray:
-        """``W^`` [rows, cols] in float32."""
-        decoded = np.take_along_axis(self.row_codebooks().astype(np.float32), self.codes.astype(np.intp), axis=1)
+    def decode(self, rows: slice = slice(None)) -> np.ndarray:
+        """``W^`` [rows, cols] in float32 (of ``rows`` only, when given)."""
+        start, stop, _ = rows.indices(self.codes.shape[0])
+        cols = self.codes.shape[1]
+        books = np.repeat(self.codebooks.astype(np.float32), self.group_sizes, axis=0)[start:stop]
+        decoded = np.take_along_axis(books, self.codes[start:stop].astype(np.intp), axis=1)
         if self.block_size is not None:
-            scale, offset = self.block_affine()
+            scale, offset = self.block_affine(slice(start, stop))
             decoded = (decoded * scale.astype(np.float32) + offset.astype(np.float32)).astype(np.float32)
-        decoded.reshape(-1)[self.outlier_index] = self.outlier_values
+        first, last = np.searchsorted(self.outlier_index, [start * cols, stop * cols])
+        decoded.reshape(-1)[self.outlier_index[first:last] - start * cols] = self.outlier_values[first:last]
         return decoded
+
+
+class RowDecodable(Protocol):
+    """An encoding that decodes any range of its rows (:class:`EncodedMatrix`, the affine blocks)."""
+
+    def decode(self, rows: slice = slice(None)) -> np.ndarray: ...
 
 
 def expand_blocks(per_block: np.ndarray, cols: int, block_size: int) -> np.ndarray:
@@ -137,22 +154,58 @@ def encode_matrix(
     outlier_fraction: float = 0.0,
     block_size: int | None = None,
     refinements: int = 3,
+    chunk_weights: int = MAX_CHUNK_WEIGHTS,
 ) -> EncodedMatrix:
     """k-means codebooks of ``2**bits`` values for each contiguous row group of ``matrix`` [rows, cols], keeping the
     ``outlier_fraction`` of weights farthest from their row mean aside, and with ``block_size`` a scale and an offset
-    per block of inputs fitted ``refinements`` times (see the module docstring)."""
+    per block of inputs fitted ``refinements`` times (see the module docstring). Groups are encoded a chunk of about
+    ``chunk_weights`` weights at a time (:mod:`jlcm_onnx.memory_budget`); the result does not depend on the chunk."""
     rows, cols = matrix.shape
     if sum(group_sizes) != rows:
         raise ValueError(f"group sizes {group_sizes} do not cover {rows} rows")
-    outliers = select_outliers(matrix, outlier_fraction)
-    if outliers.size:
-        importance = np.ones(matrix.shape) if importance is None else importance.copy()
-        importance.reshape(-1)[outliers] = 0.0
     sizes = tuple(int(s) for s in group_sizes)
-    kept = dict(outlier_index=outliers, outlier_values=matrix.reshape(-1)[outliers].astype(codebook_dtype))
-    if block_size is None:
-        codebooks, codes = _fit_groups(matrix, importance, sizes, bits, codebook_dtype, max_iterations)
-        return EncodedMatrix(codebooks=codebooks, codes=codes, group_sizes=sizes, **kept)
+    outliers = select_outliers(matrix, outlier_fraction, chunk_weights)
+    codebooks = np.empty((len(sizes), 1 << bits), dtype=codebook_dtype)
+    codes = np.empty((rows, cols), dtype=np.uint8)
+    blocks = {} if block_size is None else dict(
+        block_size=block_size, block_scales=np.empty((rows, -(-cols // block_size)), dtype=codebook_dtype),
+        block_offsets=np.empty((rows, -(-cols // block_size)), dtype=codebook_dtype))
+    for chunk in group_chunks(sizes, cols, chunk_weights):
+        weights = _chunk_importance(importance, outliers, chunk, cols)
+        chunk_sizes, values = sizes[chunk.groups], matrix[chunk.rows]
+        if block_size is None:
+            codebooks[chunk.groups], codes[chunk.rows] = _fit_groups(values, weights, chunk_sizes, bits,
+                                                                     codebook_dtype, max_iterations)
+            continue
+        (codebooks[chunk.groups], codes[chunk.rows], blocks["block_scales"][chunk.rows],
+         blocks["block_offsets"][chunk.rows]) = _fit_blocked_groups(values, weights, chunk_sizes, bits,
+                                                                    codebook_dtype, max_iterations, block_size,
+                                                                    refinements)
+    return EncodedMatrix(codebooks=codebooks, codes=codes, group_sizes=sizes, outlier_index=outliers,
+                         outlier_values=matrix.reshape(-1)[outliers].astype(codebook_dtype), **blocks)
+
+
+def _chunk_importance(
+    importance: np.ndarray | None, outliers: np.ndarray, chunk: RowChunk, cols: int
+) -> np.ndarray | None:
+    """The importances of a chunk's weights with its outliers at zero (None when all are 1: no importances and no
+    outliers in the chunk)."""
+    first, last = np.searchsorted(outliers, [chunk.row_start * cols, chunk.row_stop * cols])
+    local = outliers[first:last] - chunk.row_start * cols
+    if local.size == 0:
+        return importance if importance is None else importance[chunk.rows]
+    weights = np.ones((chunk.row_stop - chunk.row_start, cols)) if importance is None else np.array(
+        importance[chunk.rows], dtype=np.float64)
+    weights.reshape(-1)[local] = 0.0
+    return weights
+
+
+def _fit_blocked_groups(
+    matrix: np.ndarray, importance: np.ndarray | None, sizes: tuple[int, ...], bits: int, codebook_dtype: np.dtype,
+    max_iterations: int, block_size: int, refinements: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Codebooks, codes, block scales and block offsets of rows in input blocks (see the module docstring)."""
+    rows, cols = matrix.shape
     weights = np.ones(matrix.shape) if importance is None else importance.astype(np.float64)
     values = matrix.astype(np.float64)
     scales, offsets = _min_max_blocks(values, weights, block_size, codebook_dtype)
@@ -166,8 +219,7 @@ def encode_matrix(
             picked = np.repeat(codebooks.astype(np.float64), sizes, axis=0)[np.arange(rows)[:, None], codes]
             scales, offsets = _least_squares_blocks(values, weights, picked, block_size, scales, offsets,
                                                     codebook_dtype)
-    return EncodedMatrix(codebooks=codebooks, codes=codes, group_sizes=sizes, block_size=block_size,
-                         block_scales=scales, block_offsets=offsets, **kept)
+    return codebooks, codes, scales, offsets
 
 
 def _fit_groups(
@@ -265,6 +317,7 @@ def encode_scaled_matrix(
     importance: np.ndarray | None = None,
     outlier_fraction: float = 0.0,
     refinements: int = 3,
+    chunk_weights: int = MAX_CHUNK_WEIGHTS,
 ) -> EncodedMatrix:
     """Multi-scaling: one codebook ``c`` of ``2**bits`` values shared by all groups and a scale per group,
     ``W^[r, j] = s[g(r)] * c[I[r, j]]``, at ``n*b + 16*(K + G)`` bits (fp16).
@@ -273,7 +326,7 @@ def encode_scaled_matrix(
     least-squares scale of each group given its codes, ``s_g = <w, c[I]> / <c[I], c[I]>`` (importance-weighted).
     """
     rows, cols = matrix.shape
-    outliers = select_outliers(matrix, outlier_fraction)
+    outliers = select_outliers(matrix, outlier_fraction, chunk_weights)
     weights = np.ones(matrix.shape) if importance is None else importance.astype(np.float64)
     weights.reshape(-1)[outliers] = 0.0
     values = matrix.astype(np.float64)
@@ -292,7 +345,9 @@ def encode_scaled_matrix(
     shared_stored = fitted.values[0]
     scales_stored = scales.astype(codebook_dtype)
     codebooks = scales_stored.astype(np.float32)[:, None] * shared_stored.astype(np.float32)[None, :]
-    row_books = torch_nearest(values, codebooks[group_of_row])
+    row_books = np.empty((rows, cols), dtype=np.uint8)
+    for chunk in row_chunks(rows, cols, chunk_weights):
+        row_books[chunk] = torch_nearest(values[chunk], codebooks[group_of_row[chunk]])
     return EncodedMatrix(codebooks=codebooks, codes=row_books, group_sizes=tuple(int(s) for s in group_sizes),
                          outlier_index=outliers, outlier_values=matrix.reshape(-1)[outliers].astype(codebook_dtype),
                          scales=scales_stored, shared_codebook=shared_stored)
@@ -313,22 +368,54 @@ def outlier_count(size: int, fraction: float) -> int:
     return int(round(fraction * size))
 
 
-def select_outliers(matrix: np.ndarray, fraction: float) -> np.ndarray:
-    """Sorted flat indices of the :func:`outlier_count` weights with the largest ``|w - mean(row)| / std(row)``."""
+def select_outliers(matrix: np.ndarray, fraction: float, chunk_weights: int = MAX_CHUNK_WEIGHTS) -> np.ndarray:
+    """Sorted flat indices of the :func:`outlier_count` weights with the largest ``|w - mean(row)| / std(row)`` (ties
+    broken towards the lower index), scored ``chunk_weights`` weights of rows at a time."""
     count = outlier_count(matrix.size, fraction)
     if count == 0:
         return np.zeros(0, dtype=np.int64)
-    values = matrix.astype(np.float64)
-    spread = values.std(axis=1, keepdims=True)
-    score = np.abs(values - values.mean(axis=1, keepdims=True)) / np.where(spread > 0, spread, 1.0)
-    return np.sort(np.argpartition(score.reshape(-1), -count)[-count:]).astype(np.int64)
+    cols = matrix.shape[1]
+    best_scores, best_index = np.zeros(0), np.zeros(0, dtype=np.int64)
+    for rows in row_chunks(matrix.shape[0], cols, chunk_weights):
+        values = matrix[rows].astype(np.float64)
+        spread = values.std(axis=1, keepdims=True)
+        score = (np.abs(values - values.mean(axis=1, keepdims=True)) / np.where(spread > 0, spread, 1.0)).reshape(-1)
+        score, index = _at_least_top(score, np.arange(rows.start * cols, rows.stop * cols, dtype=np.int64), count)
+        best_scores, best_index = _at_least_top(np.concatenate([best_scores, score]),
+                                                np.concatenate([best_index, index]), count)
+    order = np.lexsort((best_index, -best_scores))[:count]
+    return np.sort(best_index[order])
+
+
+def _at_least_top(scores: np.ndarray, index: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scores (with their indices) at least as large as the ``count``-th largest: the top ``count`` and any ties."""
+    if scores.size <= count:
+        return scores, index
+    keep = scores >= np.partition(scores, scores.size - count)[scores.size - count]
+    return scores[keep], index[keep]
 
 
 def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio ``10 log10(|W|^2 / |W - W^|^2)`` in dB (inf when exact)."""
+    return _decibels(*_signal_and_noise(reference, approximation))
+
+
+def encoding_sqnr_db(matrix: np.ndarray, encoded: RowDecodable,
+                     chunk_weights: int = MAX_CHUNK_WEIGHTS) -> float:
+    """:func:`sqnr_db` of ``matrix`` and its encoding, decoded ``chunk_weights`` weights of rows at a time."""
+    signal = noise = 0.0
+    for rows in row_chunks(matrix.shape[0], matrix.shape[1], chunk_weights):
+        chunk_signal, chunk_noise = _signal_and_noise(matrix[rows], encoded.decode(rows))
+        signal, noise = signal + chunk_signal, noise + chunk_noise
+    return _decibels(signal, noise)
+
+
+def _signal_and_noise(reference: np.ndarray, approximation: np.ndarray) -> tuple[float, float]:
     reference = reference.astype(np.float64)
-    noise = float(np.sum((reference - approximation.astype(np.float64)) ** 2))
-    signal = float(np.sum(reference**2))
+    return float(np.sum(reference**2)), float(np.sum((reference - approximation.astype(np.float64)) ** 2))
+
+
+def _decibels(signal: float, noise: float) -> float:
     if noise == 0.0:
         return math.inf
     return 10.0 * math.log10(max(signal, 1e-300) / noise)

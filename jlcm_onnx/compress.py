@@ -18,9 +18,17 @@ import onnx
 
 from jlcm_onnx.calibration import DEFAULT_SAMPLES, CalibrationData, load_calibration
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.devices import check_device, execution_providers, torch_device
+from jlcm_onnx.devices import check_device, cpu_cores, execution_providers, torch_device
 from jlcm_onnx.distortion import estimate_errors
 from jlcm_onnx.errors import JlcmError
+from jlcm_onnx.memory_budget import (
+    MAX_CHUNK_WEIGHTS,
+    check_budget,
+    chunk_weights,
+    default_max_memory,
+    estimated_peak,
+    peak_rss,
+)
 from jlcm_onnx.model_io import (
     check_input,
     check_output,
@@ -133,17 +141,22 @@ def compress(
     started = time.perf_counter()
     source, original_bytes = load_model(model)
     check_input(source, config)
-    reference = reference_for(source)
+    budget = config.max_memory or default_max_memory()
+    chunk = chunk_weights(budget, cpu_cores())
+    check_budget(_estimated_peak(source, original_bytes, config, chunk, calibrated=calibration is not None), budget)
+    reference = reference_for(source, config.seed, None if isinstance(model, onnx.ModelProto) else Path(model))
     data = None
     if calibration is not None:  # a CalibrationData is re-checked against this model but keeps all its samples
         samples = None if isinstance(calibration, CalibrationData) else DEFAULT_SAMPLES
         data = load_calibration(calibration, source, samples=samples, seed=config.seed)
     notes = [note for note in (quantization_note(source),) if note]
     if config.target is None:
-        plan = CompressionPlan(config, device=device)
-        working, records, run_notes = _run(source, config, plan, progress, data)
+        plan = CompressionPlan(config, device=device, chunk_weights=chunk)
+        working, records, run_notes = _run(source, config, plan, progress, data, copy=False)
     else:
-        working, records, plan, run_notes = _run_to_target(source, original_bytes, config, progress, data, device)
+        working, records, plan, run_notes = _run_to_target(source, original_bytes, config, progress, data, device,
+                                                           chunk)
+    del source  # the input's weights: the output gate's onnxruntime session must not sit beside them
     notes.extend(run_notes)
     if config.decode_at_load:
         notes.append("decode_at_load: the decoders that would run on every run have no run-time gate; onnxruntime "
@@ -151,7 +164,7 @@ def compress(
     if data is not None:
         mode = "sequential" if config.sequential else "on the float model"
         notes.append(f"calibration: {len(data)} samples, onnxruntime passes: {plan.calibration_passes} ({mode})")
-    spot_note = check_output(working, reference, seed=config.seed)
+    spot_note = check_output(working, reference)
     notes.extend([spot_note] if spot_note else [])
     report = CompressionReport(
         tensors=records,
@@ -160,6 +173,8 @@ def compress(
         config=config.to_dict(),
         seconds=time.perf_counter() - started,
         notes=notes,
+        memory_budget=budget,
+        peak_rss=peak_rss(),
     )
     source = None if isinstance(model, onnx.ModelProto) else Path(model)
     return CompressionResult(working, report, source)
@@ -172,11 +187,15 @@ def _run(
     progress: bool,
     data: CalibrationData | None = None,
     rehearsal: bool = False,
+    copy: bool = True,
 ) -> tuple[onnx.ModelProto, list[TensorRecord], list[str]]:
-    """One pass of the pipeline over a copy of ``source``, with metadata written: the model, its tensor records and
-    the notes of the passes."""
-    working = onnx.ModelProto()
-    working.CopyFrom(source)
+    """One pass of the pipeline over a copy of ``source`` (over ``source`` itself when not ``copy``: its weights are
+    then dropped as they are encoded), with metadata written: the model, its tensor records and the notes of the
+    passes."""
+    working = source
+    if copy:
+        working = onnx.ModelProto()
+        working.CopyFrom(source)
     records: list[TensorRecord] = []
     notes: list[str] = []
     for graph_pass in build_pipeline(config, plan, progress, data, rehearsal):
@@ -204,6 +223,7 @@ def _run_to_target(
     progress: bool,
     data: CalibrationData | None = None,
     device: str = "cpu",
+    chunk: int = MAX_CHUNK_WEIGHTS,
 ) -> tuple[onnx.ModelProto, list[TensorRecord], CompressionPlan, list[str]]:
     """Compresses with per-tensor bits and groups chosen to meet the config's size target within 1%; returns the
     model, its records, the plan and the notes (the target's first).
@@ -236,7 +256,7 @@ def _run_to_target(
     landed = None  # the landed rehearsal's re-ordered model and groups
     for attempt in range(MAX_REHEARSALS + MAX_TARGET_RUNS):
         rehearsal = runs == 0 and landed is None and rehearsed < MAX_REHEARSALS
-        plan = CompressionPlan(config, choices=choices, device=device)
+        plan = CompressionPlan(config, choices=choices, device=device, chunk_weights=chunk)
         start = source
         if rehearsal:  # re-ordered first, so a rehearsal that lands hands its re-ordering to the real run
             start = _reordered(source, config, plan)
@@ -263,6 +283,17 @@ def _run_to_target(
     note = (f"{kind}={value}: goal {goal:,.0f} bytes, achieved {achieved:,} ({achieved / goal - 1:+.2%}) after "
             f"{rehearsed} rehearsal{'s' if rehearsed != 1 else ''} and {runs} run{'s' if runs != 1 else ''}")
     return working, records, plan, [note, *run_notes]
+
+
+def _estimated_peak(source: onnx.ModelProto, model_bytes: int, config: CompressionConfig, chunk: int,
+                    calibrated: bool) -> int:
+    """The run's peak memory estimated from the shapes (:func:`jlcm_onnx.memory_budget.estimated_peak`)."""
+    shapes = weight_shapes(source, config)
+    unchunked = 0
+    if config.encoding == "multi-scaling" and config.speed != "fast":
+        unchunked = max((shape.size for shape in shapes), default=0)
+    grams = sum((shape.size // shape.rows) ** 2 * 8 for shape in shapes) if calibrated else 0
+    return estimated_peak(model_bytes, chunk, cpu_cores(), unchunked, grams)
 
 
 def _unit(kind: str) -> str:
@@ -298,7 +329,7 @@ def _write_metadata(model: onnx.ModelProto, config: CompressionConfig, records: 
     ]
     values = {
         "format_version": FORMAT_VERSION,
-        "config": json.dumps(config.to_dict(), sort_keys=True),
+        "config": json.dumps(config.encoding_settings(), sort_keys=True),
         "tensors": json.dumps(tensors, separators=(",", ":")),
     }
     kept = [p for p in model.metadata_props if not p.key.startswith(METADATA_PREFIX)]

@@ -32,6 +32,8 @@ FAST_MIN_BLOCK = 16
 #: onnxruntime 1.32's 2-bit kernel runs ~20x slower than the dense product with blocks of 16 (bench/decode_speed.py).
 FAST_MIN_BLOCK_2_BITS = 32
 FAST_DEFAULT_BLOCK = 32
+#: Fields that bound how a run works but not what it writes.
+RUN_ONLY_FIELDS = ("max_memory",)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,10 @@ class CompressionConfig:
             from the small file (what :func:`jlcm_onnx.inference_session` does with ``keep_compressed=False``). With
             speed 'fast' it applies to the weights onnxruntime cannot fuse (Conv, ConvTranspose, shared weights):
             decoded once at load instead of dequantised on every run.
+        max_memory: the memory the run may use, in bytes or as text (``"4GB"``); ``None``: 80% of what is available
+            when it starts. It sizes the chunks of rows the encoders take at a time (the output does not depend on
+            it), and a run whose estimated peak exceeds it is refused before it starts
+            (:mod:`jlcm_onnx.memory_budget`). Not stored in the compressed model's metadata.
 
     Example:
         >>> CompressionConfig(bits=3).bits
@@ -131,6 +137,7 @@ class CompressionConfig:
     speed: str = "small"
     affine_offsets: str = "integer"
     decode_at_load: bool = False
+    max_memory: int | str | None = None
 
     def __post_init__(self) -> None:
         _check_int(self, "bits", 1, MAX_BITS)
@@ -165,8 +172,9 @@ class CompressionConfig:
         for name in ("reorder", "sequential", "decode_at_load"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "true or false")
-        if self.target_size is not None:
-            object.__setattr__(self, "target_size", parse_size(self.target_size))
+        for name in ("target_size", "max_memory"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, parse_size(getattr(self, name), name))
         _check_positive(self, "target_ratio", 1.0)
         _check_positive(self, "target_bits_per_weight", 0.0)
         targets = [name for name in TARGETS if getattr(self, name) is not None]
@@ -213,6 +221,11 @@ class CompressionConfig:
     def to_dict(self) -> dict[str, Any]:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
+    def encoding_settings(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the fields that only bound the run (:data:`RUN_ONLY_FIELDS`): what a compressed
+        model's metadata records, so its bytes do not depend on them."""
+        return {key: value for key, value in self.to_dict().items() if key not in RUN_ONLY_FIELDS}
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CompressionConfig:
         """Builds a config from a mapping such as a parsed JSON file; unknown keys are an error."""
@@ -238,7 +251,7 @@ class CompressionConfig:
         return type(self).from_dict({**self.to_dict(), **changes})
 
 
-def parse_size(value: int | str) -> int:
+def parse_size(value: int | str, field_name: str = "target_size") -> int:
     """Bytes from an int or a text such as ``"40MB"``, ``"40 mb"``, ``"1.5GiB"`` (KB/MB/GB are powers of 1000,
     KiB/MiB/GiB of 1024; units in any case)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -246,7 +259,7 @@ def parse_size(value: int | str) -> int:
     pattern = r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*"
     match = re.fullmatch(pattern, value, flags=re.IGNORECASE) if isinstance(value, str) else None
     if match is None or float(match.group(1)) <= 0:
-        raise ConfigError("target_size", value, "a positive size such as 40000000, '40MB' or '1.5GiB'")
+        raise ConfigError(field_name, value, "a positive size such as 40000000, '40MB' or '1.5GiB'")
     unit = (match.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     return int(float(match.group(1)) * base ** "BKMGT".index(unit[0]))

@@ -47,13 +47,18 @@ def check_device(device: str) -> None:
         raise ConfigError("device", device, f"one of {', '.join(DEVICES)}")
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def map_on_cores(function: Callable[[Item], Result], items: Sequence[Item], *, description: str, unit: str,
                  progress: bool = False, postfix: Callable[[Result], str] | None = None) -> list[Result]:
     """``[function(item) for item in items]`` on one thread per CPU core, torch single-threaded meanwhile: the items'
     numpy and torch work releases the GIL, and their small ops gain nothing from torch's own threads (MiniLM's option
     errors: 28 s in one thread, 19 s on two cores). ``function`` must not share mutable state between items. The
     progress bar shows ``postfix(result)`` of the latest result."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpu_cores()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -31,3 +31,7 @@ class OutputError(JlcmError):
 class CalibrationError(JlcmError):
     """Calibration data does not fit the model (names, dtypes, shapes, values) or cannot be read; the message names
     the input and the mismatch."""
+
+
+class MemoryBudgetError(JlcmError):
+    """The run's estimated peak memory exceeds its budget (``max_memory``); raised before any work is done."""

@@ -21,8 +21,8 @@ import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
@@ -33,6 +33,7 @@ from onnx import external_data_helper
 
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.errors import ModelError, OutputError
+from jlcm_onnx.model_skeleton import skeleton
 from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
 
 #: Serialized protobuf messages cannot exceed 2 GiB; stay clearly below it.
@@ -128,8 +129,8 @@ def check_input(model: onnx.ModelProto, config: CompressionConfig | None = None)
     """
     if len(model.graph.node) == 0:
         raise ModelError("the model's graph has no nodes")
-    try:
-        onnx.checker.check_model(model)
+    try:  # on the structure: onnxruntime's load (reference_for) then reads every weight
+        onnx.checker.check_model(skeleton(model))
     except onnx.checker.ValidationError as error:
         raise ModelError(f"the input is not a valid ONNX model: {_first_line(error)}") from None
     opset = default_opset(model)
@@ -142,23 +143,38 @@ def check_input(model: onnx.ModelProto, config: CompressionConfig | None = None)
 
 @dataclass
 class Reference:
-    """The input as the output gate compares against it: its onnxruntime session, and whether it passes the full
-    ``onnx.checker`` check (strict shape inference) itself; when it does not, the output is held to the basic check."""
+    """The input as the output gate compares against it: its output names, whether it passes the full
+    ``onnx.checker`` check (strict shape inference) itself (when it does not, the output is held to the basic check),
+    and its outputs on one synthetic batch (``feed`` and ``outputs``), or why it runs on none (``skipped``). Only
+    these are kept, not an onnxruntime session: the input's weights are not held twice while it is compressed."""
 
-    session: ort.InferenceSession
+    output_names: list[str]
     full_check: bool
+    feed: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs: list[np.ndarray] = field(default_factory=list)
+    skipped: str = ""
 
 
-def reference_for(model: onnx.ModelProto) -> Reference:
+def reference_for(model: onnx.ModelProto, seed: int = 0, path: Path | None = None) -> Reference:
     """The input's :class:`Reference`; raises :class:`ModelError` when stock onnxruntime cannot load it (an opset or IR
-    version newer than it supports, an operator of an unknown custom domain, a type without a CPU kernel)."""
+    version newer than it supports, an operator of an unknown custom domain, a type without a CPU kernel). The session
+    runs unoptimised and without pre-packed weights, so it holds the weights once; given the ``path`` the model was
+    read from, onnxruntime reads that file rather than a serialized copy."""
+    options = _quiet_options()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        with _loadable(model) as loadable:
-            session = ort.InferenceSession(loadable, _quiet_options(), providers=["CPUExecutionProvider"])
-            full_check = _passes_full_check(loadable)
+        with nullcontext(str(path)) if path is not None else _loadable(model) as loadable:
+            session = ort.InferenceSession(loadable, options, providers=["CPUExecutionProvider"])
+            ran = _run_reference(session, gather_rows(model), seed)
+            names = [o.name for o in session.get_outputs()]
+            del session
     except _ORT_ERRORS as error:
         raise ModelError(f"onnxruntime {ort.__version__} cannot load the input model: {ort_message(error)}") from None
-    return Reference(session, full_check)
+    full_check = _passes_full_check(skeleton(model).SerializeToString())
+    if isinstance(ran, str):
+        return Reference(names, full_check, skipped=ran)
+    return Reference(names, full_check, *ran)
 
 
 def _passes_full_check(loadable: bytes | str) -> bool:
@@ -188,7 +204,7 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def check_output(model: onnx.ModelProto, reference: Reference | None = None, seed: int = 0) -> str | None:
+def check_output(model: onnx.ModelProto, reference: Reference | None = None) -> str | None:
     """The gate before an output is returned or written: ``onnx.checker`` full check (the basic check when the input
     itself fails the full one), an onnxruntime load and, given the input's reference, a numeric spot check
     (:func:`spot_check`).
@@ -205,30 +221,26 @@ def check_output(model: onnx.ModelProto, reference: Reference | None = None, see
         raise RuntimeError(f"the compressed model fails its checks: {ort_message(error)}") from error
     if reference is None:
         return None
-    return spot_check(reference.session, session, gather_rows(model), seed)
+    return spot_check(reference, session)
 
 
-def spot_check(
-    reference: ort.InferenceSession, candidate: ort.InferenceSession, table_rows: int | None = None, seed: int = 0
-) -> str | None:
-    """Runs the original and the compressed model on one batch of synthetic inputs and compares the outputs.
+def spot_check(reference: Reference, candidate: ort.InferenceSession) -> str | None:
+    """Runs the compressed model on the reference's synthetic batch and compares its outputs with the original's.
 
     The check is loose, as quantization changes values: the same output names, shapes and dtypes, and no NaN or Inf
     where the original has none. Raises RuntimeError on a mismatch; returns a note (and checks nothing) when the
     original cannot run on synthetic inputs.
     """
-    ran = _run_reference(reference, table_rows, seed)
-    if isinstance(ran, str):
-        return f"spot check skipped: the original model does not run on synthetic inputs ({ran})"
-    feed, expected = ran
-    names = [o.name for o in reference.get_outputs()]
+    if reference.skipped:
+        return f"spot check skipped: the original model does not run on synthetic inputs ({reference.skipped})"
+    names = reference.output_names
     if [o.name for o in candidate.get_outputs()] != names:
         raise RuntimeError("the compressed model's outputs differ from the original's: names or order changed")
     try:
-        actual = candidate.run(names, feed, _quiet_run())
+        actual = candidate.run(names, reference.feed, _quiet_run())
     except Exception as error:  # noqa: BLE001
         raise RuntimeError(f"the compressed model fails on inputs the original runs on: {ort_message(error)}") from None
-    for name, want, got in zip(names, expected, actual, strict=True):
+    for name, want, got in zip(names, reference.outputs, actual, strict=True):
         want, got = np.asarray(want), np.asarray(got)
         if want.shape != got.shape or want.dtype != got.dtype:
             raise RuntimeError(
@@ -346,8 +358,11 @@ def _loadable(model: onnx.ModelProto) -> Iterator[bytes | str]:
 
 
 def _quiet_options() -> ort.SessionOptions:
+    """Silent sessions without the CPU memory arena: a checking run's buffers go back to the system when freed
+    instead of staying reserved beside the model being compressed."""
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    options.enable_cpu_mem_arena = False
     return options
 
 

@@ -69,20 +69,32 @@ class WordLayout:
         return self.num_words(num_codes) * self.bytes_per_word
 
 
+#: Words packed at once by :func:`pack_codes` (bounds its working memory to tens of MB).
+PACK_CHUNK_WORDS = 1 << 18
+
+
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Packs integer codes in ``[0, 2**bits)`` along their last axis: [..., m] -> uint8 byte planes [..., B, N]."""
+    """Packs integer codes in ``[0, 2**bits)`` along their last axis: [..., m] -> uint8 byte planes [..., B, N], a
+    run of :data:`PACK_CHUNK_WORDS` words at a time (the working words are 8 bytes per code)."""
     layout = WordLayout(bits)
     codes = np.asarray(codes)
     lead, count = codes.shape[:-1], codes.shape[-1]
     if codes.size and (int(codes.max()) >= 1 << bits or int(codes.min()) < 0):
         raise ValueError(f"codes range [{int(codes.min())}, {int(codes.max())}] does not fit in {bits} bits")
-    planes = np.zeros((*lead, layout.num_words(count) * layout.codes_per_word), dtype=np.uint64)
-    planes[..., :count] = codes
-    planes = planes.reshape(*lead, layout.codes_per_word, -1)
-    shifts = np.arange(layout.codes_per_word, dtype=np.uint64)[:, None] * np.uint64(bits)
-    words = np.bitwise_or.reduce(planes << shifts, axis=-2).astype("<u8")
-    word_bytes = words.view(np.uint8).reshape(*words.shape, 8)[..., : layout.bytes_per_word]
-    return np.ascontiguousarray(np.moveaxis(word_bytes, -1, -2))
+    words = layout.num_words(count)
+    packed = np.empty((*lead, layout.bytes_per_word, words), dtype=np.uint8)
+    per_word = layout.codes_per_word
+    shifts = np.arange(per_word, dtype=np.uint64)[:, None] * np.uint64(bits)
+    for first in range(0, words, PACK_CHUNK_WORDS):  # word w holds codes w, w + N, w + 2N, ...
+        last = min(first + PACK_CHUNK_WORDS, words)
+        planes = np.zeros((*lead, per_word, last - first), dtype=np.uint64)
+        for slot in range(per_word):
+            part = codes[..., min(slot * words + first, count):min(slot * words + last, count)]
+            planes[..., slot, :part.shape[-1]] = part
+        chunk_words = np.bitwise_or.reduce(planes << shifts, axis=-2).astype("<u8")
+        word_bytes = chunk_words.view(np.uint8).reshape(*chunk_words.shape, 8)[..., : layout.bytes_per_word]
+        packed[..., first:last] = np.moveaxis(word_bytes, -1, -2)
+    return packed
 
 
 def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:

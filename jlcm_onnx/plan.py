@@ -9,6 +9,7 @@ import numpy as np
 
 from jlcm_onnx.codebook import EncodedMatrix, equal_group_sizes
 from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS
 from jlcm_onnx.statistics import LayerStatistics
 
 #: Per-row codebooks ("groups=None") pool rows whose weights number fewer than this many codebooks' entries.
@@ -42,7 +43,8 @@ class CompressionPlan:
     """Per-tensor choices (absent: the config's bits and groups), row groupings (absent: equal contiguous groups),
     calibration statistics (absent: data-free, k-means codebooks only), the encodings already made by sequential
     calibration (absent: the encoder makes them) with the layer errors their learning reached, how many onnxruntime
-    passes the calibration ran, and the device (``"cpu"`` or ``"cuda"``) of the calibration runs and the learning."""
+    passes the calibration ran, the device (``"cpu"`` or ``"cuda"``) of the calibration runs and the learning, and the
+    weights an encoder may hold in one chunk of rows (:mod:`jlcm_onnx.memory_budget`)."""
 
     config: CompressionConfig
     choices: dict[str, TensorChoice] = field(default_factory=dict)
@@ -52,6 +54,7 @@ class CompressionPlan:
     layer_errors: dict[str, float] = field(default_factory=dict)
     calibration_passes: int = 0
     device: str = "cpu"
+    chunk_weights: int = MAX_CHUNK_WEIGHTS
 
     def choice(self, weight: str) -> TensorChoice:
         choice = self.choices.get(weight, TensorChoice(self.config.bits, self.config.groups))

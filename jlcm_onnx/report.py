@@ -57,6 +57,8 @@ class CompressionReport:
     config: dict[str, Any]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    memory_budget: int | None = None
+    peak_rss: int | None = None
 
     @property
     def ratio(self) -> float:
@@ -79,6 +81,7 @@ class CompressionReport:
                 "compressed": sum(t.compressed_bytes or 0 for t in compressed),
             },
             "seconds": round(self.seconds, 3),
+            "memory": {"budget_bytes": self.memory_budget, "peak_rss_bytes": self.peak_rss},
             "config": self.config,
             "notes": self.notes,
             "tensors": [t.to_dict() for t in self.tensors],
@@ -106,6 +109,8 @@ class CompressionReport:
             f"file: {format_bytes(self.original_file_bytes)} -> {format_bytes(self.compressed_file_bytes)} "
             f"({self.ratio:.2f}x smaller), {len(self.compressed)} tensors compressed, "
             f"{len(self.tensors) - len(self.compressed)} left as they were, {self.seconds:.1f} s"
+            + ("" if self.peak_rss is None else f", peak memory {format_bytes(self.peak_rss)}")
+            + ("" if self.memory_budget is None else f" (budget {format_bytes(self.memory_budget)})")
         )
         return "\n".join(lines)
 

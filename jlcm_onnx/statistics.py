@@ -104,7 +104,10 @@ class LayerStatistics:
         if mean_square is None:
             return None
         blocks = mean_square.reshape(-1, mean_square.shape[-1])
-        return np.repeat(blocks, rows // blocks.shape[0], axis=0) + 1e-12 * float(blocks.max(initial=1.0))
+        floored = blocks + 1e-12 * float(blocks.max(initial=1.0))
+        if floored.shape[0] == 1:  # a read-only view: encoders copy only the rows they work on
+            return np.broadcast_to(floored, (rows, floored.shape[1]))
+        return np.repeat(floored, rows // floored.shape[0], axis=0)
 
     @property
     def conv_groups(self) -> int:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
-from jlcm_onnx.codebook import sqnr_db
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import map_on_cores
 from jlcm_onnx.passes.base import Pass, PassResult
@@ -119,7 +118,7 @@ class EncodeWeights(Pass):
     ) -> tuple[_Insertion, TensorRecord]:
         if uses_affine_blocks(site, row_axis, self.config):
             return self._encode_affine(site, row_axis, site_encoding, names, pool)
-        matrix, encoded, restore = site_encoding.matrix, site_encoding.encoded, site_encoding.restore
+        encoded, restore = site_encoding.encoded, site_encoding.restore
         row_decoded = is_lone_table_gather(site, row_axis)
         grouping = self.plan.groupings.get(site.name)
         anchor = anchor_index(site)
@@ -151,7 +150,7 @@ class EncodeWeights(Pass):
             + (f", learned ({_learning(self.config)})" if site_encoding.learned else ""),
             row_order=grouping.note if grouping is not None else None,
             outliers=int(encoded.outlier_index.size),
-            sqnr_db=sqnr_db(matrix, encoded.decode()),
+            sqnr_db=site_encoding.sqnr_db,
             layer_error=site_encoding.layer_error,
             decode_gate=_gate_description(spec, activation, len(boundaries) - 1 if replaces_matmul else 1),
         )
@@ -190,7 +189,7 @@ class EncodeWeights(Pass):
         record = _record(
             site, COMPRESSED, compressed_bytes=decoder.stored_bytes, bits=encoded.bits,
             encoding=f"affine blocks of {self.config.affine_block_size}{', float offsets' if offsets else ''}{learned}",
-            sqnr_db=sqnr_db(site_encoding.matrix, encoded.decode()), layer_error=site_encoding.layer_error,
+            sqnr_db=site_encoding.sqnr_db, layer_error=site_encoding.layer_error,
             decode_gate=runtime, outliers=0,
         )
         return _Insertion(site.graph, anchor, None, decoder, site, layout in REWRITTEN), record

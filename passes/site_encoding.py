@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, outlier_count
+from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, encoding_sqnr_db, outlier_count
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.encodings.affine_blocks import AffineBlocks, fit_affine_blocks, learn_affine_blocks
 from jlcm_onnx.learning import learn_layer
@@ -31,11 +31,12 @@ FLOAT16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
 
 @dataclass(frozen=True)
 class SiteEncoding:
-    """``matrix`` (float32, rows in stored order), its ``encoded`` form, ``restore`` (the permutation back to the
-    original row order, ``None`` when rows are stored in order), whether the codes were ``learned`` from data and then
-    the ``layer_error``, the layer objective reached (see :mod:`jlcm_onnx.learning`)."""
+    """The ``encoded`` form of the site's matrix (rows in stored order), its ``sqnr_db`` against the matrix,
+    ``restore`` (the permutation back to the original row order, ``None`` when rows are stored in order), whether the
+    codes were ``learned`` from data and then the ``layer_error``, the layer objective reached (see
+    :mod:`jlcm_onnx.learning`). The dense matrix is not kept: a run holds only the encodings it has made."""
 
-    matrix: np.ndarray
+    sqnr_db: float
     encoded: EncodedMatrix | AffineBlocks
     restore: np.ndarray | None
     learned: bool
@@ -65,21 +66,25 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
     encoded = plan.encodings.get(site.name)
     if encoded is not None:  # encoded (and learned) earlier in this run, by the sequential calibration
         error = plan.layer_errors.get(site.name)
-        return SiteEncoding(matrix, encoded, restore, error is not None, error)
+        return SiteEncoding(_sqnr(matrix, encoded, plan), encoded, restore, error is not None, error)
     if uses_affine_blocks(site, row_axis, config):
         return _encode_affine_blocks(site, row_axis, matrix, config, plan)
     encode = encode_scaled_matrix if config.encoding == "multi-scaling" else encode_matrix
     encoded = encode(
         matrix, choice.bits, plan.group_sizes(site.name, *matrix.shape), codebook_dtype(config, site, matrix),
         config.kmeans_iterations, importance=None if statistics is None else statistics.importance(matrix.shape[0]),
-        outlier_fraction=_outlier_fraction(site, row_axis, plan),
+        outlier_fraction=_outlier_fraction(site, row_axis, plan), chunk_weights=plan.chunk_weights,
         **({} if config.codebook_block_size is None else {"block_size": config.codebook_block_size}),
     )
     if gram is None:
-        return SiteEncoding(matrix, encoded, restore, False)
+        return SiteEncoding(_sqnr(matrix, encoded, plan), encoded, restore, False)
     result = learn_layer(matrix, encoded, gram, mapping=config.mapping, init=config.init, steps=config.learning_steps,
                          seed=config.seed, device=plan.device)
-    return SiteEncoding(matrix, result.encoded, restore, True, result.final_objective)
+    return SiteEncoding(_sqnr(matrix, result.encoded, plan), result.encoded, restore, True, result.final_objective)
+
+
+def _sqnr(matrix: np.ndarray, encoded: EncodedMatrix | AffineBlocks, plan: CompressionPlan) -> float:
+    return encoding_sqnr_db(matrix, encoded, plan.chunk_weights)
 
 
 def uses_affine_blocks(site: WeightSite, row_axis: int, config: CompressionConfig) -> bool:
@@ -122,11 +127,12 @@ def _encode_affine_blocks(site: WeightSite, row_axis: int, matrix: np.ndarray, c
     importance = None if statistics is None else statistics.importance(matrix.shape[0])
     encoded = fit_affine_blocks(matrix, plan.choice(site.name).bits, config.affine_block_size,
                                 codebook_dtype(config, site, matrix), importance,
-                                float_offsets=has_float_offsets(affine_layout(site, row_axis, config), config))
+                                float_offsets=has_float_offsets(affine_layout(site, row_axis, config), config),
+                                chunk_weights=plan.chunk_weights)
     if statistics is None or statistics.gram is None:
-        return SiteEncoding(matrix, encoded, None, False)
+        return SiteEncoding(_sqnr(matrix, encoded, plan), encoded, None, False)
     learned, error = learn_affine_blocks(matrix, encoded, statistics.gram)
-    return SiteEncoding(matrix, learned, None, True, error)
+    return SiteEncoding(_sqnr(matrix, learned, plan), learned, None, True, error)
 
 
 def placeholder_encoding(site: WeightSite, row_axis: int, config: CompressionConfig,

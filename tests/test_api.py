@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from pathlib import Path
@@ -182,6 +183,19 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 # ---------------------------------------------------------------------------------------------------------- metadata
 
 
+@pytest.mark.parametrize("settings", [{"groups": 4}, {"groups": 1, "block_size": 16}, {"speed": "fast", "bits": 4}],
+                         ids=str)
+def test_the_memory_budget_changes_no_output_byte(settings: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = CompressionConfig(**{"bits": 3, "min_elements": 64, "outlier_fraction": 0.01, **settings})
+    default = jlcm_onnx.compress(two_layer_model(), config)
+    tiny_chunks = lambda budget, workers: 3 * 48 + 5  # noqa: E731 - a few rows per chunk
+    monkeypatch.setattr(importlib.import_module("jlcm_onnx.compress"), "chunk_weights", tiny_chunks)
+    bounded = jlcm_onnx.compress(two_layer_model(), config.replace(max_memory="3GB"))
+    assert bounded.model.SerializeToString() == default.model.SerializeToString()
+    assert bounded.report.memory_budget == 3_000_000_000
+    assert 0 < bounded.report.peak_rss and "peak memory" in bounded.report.format_table()
+
+
 def test_read_metadata(tmp_path: Path) -> None:
     config = CompressionConfig(bits=3, groups=4, min_elements=64, exclude=["nothing*"])
     result = jlcm_onnx.compress(two_layer_model(), config)
@@ -191,7 +205,7 @@ def test_read_metadata(tmp_path: Path) -> None:
         metadata = jlcm_onnx.read_metadata(model)
         assert metadata is not None
         assert metadata["format_version"] == "1"
-        assert metadata["config"] == config.to_dict()
+        assert metadata["config"] == config.encoding_settings()
         assert CompressionConfig.from_dict(metadata["config"]) == config
         tensors = {t["name"]: t for t in metadata["tensors"]}
         assert set(tensors) == {"W1", "W2"}  # compressed tensors only, not the skipped bias

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jlcm_onnx
-from jlcm_onnx import CompressionConfig
+from jlcm_onnx import CompressionConfig, packing
 from jlcm_onnx.packing import MAX_BITS, WordLayout, pack_codes, unpack_codes
 
 from conftest import check_full, discrete_weight, matmul_model, run
@@ -140,3 +140,12 @@ def test_onnx_decoder_reproduces_codes(bits: int) -> None:
     check_full(result.model)
     (decoded,) = run(result.model, {"X": np.eye(rows, dtype=np.float32)})
     np.testing.assert_array_equal(decoded, weight)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])
+def test_packing_in_runs_of_words_is_byte_identical(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, size=(3, 1001))
+    whole = packing.pack_codes(codes, bits)
+    monkeypatch.setattr(packing, "PACK_CHUNK_WORDS", 3)
+    assert np.array_equal(packing.pack_codes(codes, bits), whole)
+    assert np.array_equal(packing.pack_codes(codes[1], bits), whole[1])

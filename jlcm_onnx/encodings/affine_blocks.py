@@ -53,6 +53,7 @@ import torch
 
 from jlcm_onnx.codebook import EncodedMatrix, expand_blocks
 from jlcm_onnx.learning import damped_gram, error_feedback_codes, layer_objective, refit_input_blocks
+from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS, row_chunks
 
 #: Shrink factors of a block's range tried by the data-free fit.
 SHRINKS = tuple(np.linspace(1.0, 0.6, 9))
@@ -63,8 +64,8 @@ OFFSET_REFINEMENTS = 4
 MISSING_LEVELS = 3
 #: Rounds of error-feedback codes and closed-form scales in the calibrated fit.
 CALIBRATED_ROUNDS = 2
-#: Rows of a matrix fitted at once hold at most this many weights (bounds the fit's working memory).
-CHUNK_WEIGHTS = 1 << 20
+#: Weights of the closed-form scale refit's per-row systems solved at once (bounds its working memory).
+REFIT_CHUNK_WEIGHTS = 1 << 20
 RIDGE = 1e-6
 
 
@@ -80,13 +81,14 @@ class AffineBlocks:
     bits: int
     offsets: np.ndarray | None = None
 
-    def decode(self) -> np.ndarray:
-        """``W^`` [rows, cols] in float32, computed as the decoder does: ``(q - z) * s``, plus ``o``."""
+    def decode(self, rows: slice = slice(None)) -> np.ndarray:
+        """``W^`` [rows, cols] in float32 (of ``rows`` only, when given), computed as the decoder does: ``(q - z) *
+        s``, plus ``o``."""
         cols = self.codes.shape[1]
-        shifted = self.codes.astype(np.float32) - expand_blocks(self.zero_points, cols, self.block_size)
-        decoded = shifted * expand_blocks(self.scales.astype(np.float32), cols, self.block_size)
+        shifted = self.codes[rows].astype(np.float32) - expand_blocks(self.zero_points[rows], cols, self.block_size)
+        decoded = shifted * expand_blocks(self.scales[rows].astype(np.float32), cols, self.block_size)
         if self.offsets is not None:
-            decoded += expand_blocks(self.offsets.astype(np.float32), cols, self.block_size)
+            decoded += expand_blocks(self.offsets[rows].astype(np.float32), cols, self.block_size)
         return decoded
 
     def as_codebook_encoding(self) -> EncodedMatrix:
@@ -102,9 +104,10 @@ class AffineBlocks:
 
 def fit_affine_blocks(
     matrix: np.ndarray, bits: int, block_size: int, scale_dtype: np.dtype, importance: np.ndarray | None = None,
-    float_offsets: bool = False,
+    float_offsets: bool = False, chunk_weights: int = MAX_CHUNK_WEIGHTS,
 ) -> AffineBlocks:
-    """The data-free fit of the module docstring, row chunk by row chunk (rows are independent)."""
+    """The data-free fit of the module docstring, ``chunk_weights`` weights of rows at a time (rows are
+    independent)."""
     rows, cols = matrix.shape
     count = -(-cols // block_size)
     codes = np.zeros((rows, cols), np.uint8)
@@ -112,12 +115,11 @@ def fit_affine_blocks(
     zero_points = np.zeros((rows, count), np.uint8)
     offsets = np.zeros((rows, count), scale_dtype) if float_offsets else None
     search = _search_offsets if float_offsets else _search_zero_points
-    step = max(1, CHUNK_WEIGHTS // max(cols, 1))
-    for start in range(0, rows, step):
-        part = slice(start, min(start + step, rows))
+    for part in row_chunks(rows, cols, chunk_weights):
         weight = None if importance is None else importance[part]
         scale, shift = search(_blocks(matrix[part].astype(np.float64), block_size),
-                              _blocks(np.ones((part.stop - start, cols)) if weight is None else weight, block_size),
+                              _blocks(np.ones((part.stop - part.start, cols)) if weight is None else weight,
+                                      block_size),
                               (1 << bits) - 1)
         scales[part] = scale.astype(scale_dtype)
         if float_offsets:
@@ -249,7 +251,7 @@ def refit_scales(matrix: np.ndarray, encoded: AffineBlocks, gram: torch.Tensor) 
     old = torch.as_tensor(encoded.scales.astype(np.float64))
     solved = torch.zeros(rows, count, dtype=torch.float64)
     eye = torch.eye(count, dtype=torch.float64)
-    step = max(1, CHUNK_WEIGHTS // max(count * size * count, 1))
+    step = max(1, REFIT_CHUNK_WEIGHTS // max(count * size * count, 1))
     for start in range(0, rows, step):
         part = slice(start, min(start + step, rows))
         block_design = design[part]  # [n, nb, B]

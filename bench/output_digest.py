@@ -1,0 +1,82 @@
+"""SHA-256 of the bytes ``compress`` writes for a fixed set of settings: the check that a refactoring or a memory bound
+left every output byte as it was.
+
+Run it before and after a change and compare the two JSON files; any setting whose digest differs changed its output.
+The settings cover every encoder path: per-row and grouped codebooks, input blocks, outliers, multi-scaling, a size
+target, the fast path (integer and float offsets) and calibrated learning (synthetic calibration inputs drawn with a
+fixed seed, so both runs see the same data).
+
+Command line::
+
+    python bench/output_digest.py MODEL.onnx [--json OUT.json] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+import jlcm_onnx
+from jlcm_onnx.model_io import synthetic_feed
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "bits 4": {"bits": 4},
+    "bits 3, 16 groups, reordered": {"bits": 3, "groups": 16, "reorder": True},
+    "bits 3, blocks of 32": {"bits": 3, "groups": 1, "block_size": 32},
+    "bits 4, outliers 1%": {"bits": 4, "outlier_fraction": 0.01},
+    "bits 3, multi-scaling, 8 groups": {"bits": 3, "groups": 8, "encoding": "multi-scaling"},
+    "ratio 6": {"target_ratio": 6.0},
+    "fast 4": {"speed": "fast", "bits": 4},
+    "fast 4, float offsets": {"speed": "fast", "bits": 4, "affine_offsets": "float"},
+}
+#: Settings run with calibration inputs.
+CALIBRATED: dict[str, dict[str, Any]] = {
+    "bits 3, calibrated": {"bits": 3},
+    "bits 3, blocks of 32, calibrated": {"bits": 3, "groups": 1, "block_size": 32},
+    "fast 4, calibrated": {"speed": "fast", "bits": 4},
+}
+CALIBRATION_SAMPLES = 8
+
+
+def calibration_inputs(model: Path, samples: int = CALIBRATION_SAMPLES) -> list[dict[str, np.ndarray]]:
+    """Deterministic synthetic inputs for ``model`` (the output gate's generator, one seed per sample)."""
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return [synthetic_feed(session, seed=seed) for seed in range(samples)]
+
+
+def digests(model: Path, only: list[str] | None = None) -> dict[str, str]:
+    """Setting name -> SHA-256 of the compressed model's serialized bytes."""
+    data = calibration_inputs(model)
+    runs = [(name, settings, None) for name, settings in SETTINGS.items()]
+    runs += [(name, settings, data) for name, settings in CALIBRATED.items()]
+    result = {}
+    for name, settings, calibration in runs:
+        if only and name not in only:
+            continue
+        compressed = jlcm_onnx.compress(model, jlcm_onnx.CompressionConfig(**settings), calibration)
+        result[name] = hashlib.sha256(compressed.model.SerializeToString(deterministic=True)).hexdigest()
+        print(f"{name:<36} {result[name][:16]}", file=sys.stderr)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--json", type=Path, help="write the digests here")
+    parser.add_argument("--only", nargs="*", help="setting names to run (default: all)")
+    args = parser.parse_args(argv)
+    result = digests(args.model, args.only)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""How much memory a run may use, how the work inside one tensor is cut to fit it, and what a run will need.
+
+**Chunks.** The encoders' working arrays (float64 k-means values, sort orders, prefix sums, codes) cost about
+:data:`WORKING_BYTES_PER_WEIGHT` bytes per weight they hold at once. Row groups are independent, so an encoder takes a
+tensor a *chunk* of whole groups at a time, writes that chunk's codes and codebooks into the tensor's arrays and drops
+its working arrays: the peak grows with the chunk, not with the tensor, and the result is byte-identical to encoding
+the tensor at once. Each of the ``workers`` threads encoding tensors side by side gets an equal share of
+:data:`WORKING_SHARE` of the budget::
+
+    chunk weights = clip(WORKING_SHARE * max_memory / (workers * WORKING_BYTES_PER_WEIGHT), MIN, MAX)
+
+**Estimate.** Before any work a run's peak is estimated from the shapes alone::
+
+    peak ~ BASELINE + RESIDENT_COPIES * model bytes + workers * chunk bytes + largest unchunked work + Grams
+
+where the unchunked work is the one k-means of a multi-scaling tensor's shared codebook (all its weights at once) and
+the Grams are the calibration statistics of every compressed tensor (fp64 [cols, cols] each). A run whose estimate
+exceeds ``max_memory`` is refused before it starts, with the estimate in the message, rather than killed part-way.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from jlcm_onnx.errors import MemoryBudgetError
+from jlcm_onnx.report import format_bytes
+
+#: Peak bytes per weight of an encoder's chunk (input blocks with importances; plain k-means needs about 100).
+WORKING_BYTES_PER_WEIGHT = 160
+#: Share of the budget the encoding chunks of all workers may use together.
+WORKING_SHARE = 0.25
+MIN_CHUNK_WEIGHTS = 1 << 16
+#: Larger chunks gain nothing measurable in speed (the per-chunk overhead is a few numpy calls).
+MAX_CHUNK_WEIGHTS = 1 << 21
+#: Default budget: this share of the memory available when the run starts.
+DEFAULT_SHARE = 0.8
+#: The interpreter with numpy, torch and onnxruntime imported.
+BASELINE_BYTES = 600 << 20
+#: Copies of the input's weights a run holds at its peak: the loaded model and one onnxruntime session (the input's
+#: reference outputs, or the calibration's).
+RESIDENT_COPIES = 2.0
+#: Peak bytes per weight of the one k-means over all of a multi-scaling tensor's weights (its shared codebook).
+UNCHUNKED_BYTES_PER_WEIGHT = 140
+
+
+def available_memory() -> int:
+    """Bytes of memory the kernel says are available (``MemAvailable``), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_max_memory() -> int:
+    """The budget when none is given: :data:`DEFAULT_SHARE` of the available memory."""
+    return int(DEFAULT_SHARE * available_memory())
+
+
+def peak_rss() -> int:
+    """The process's peak resident set size so far, in bytes (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def chunk_weights(max_memory: int, workers: int) -> int:
+    """Weights an encoder may hold in one chunk under ``max_memory`` with ``workers`` threads (see the module
+    docstring)."""
+    share = WORKING_SHARE * max_memory / (max(workers, 1) * WORKING_BYTES_PER_WEIGHT)
+    return int(min(max(share, MIN_CHUNK_WEIGHTS), MAX_CHUNK_WEIGHTS))
+
+
+@dataclass(frozen=True)
+class RowChunk:
+    """Rows ``[row_start, row_stop)`` of a matrix, which are exactly its groups ``[group_start, group_stop)``."""
+
+    row_start: int
+    row_stop: int
+    group_start: int
+    group_stop: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row_start, self.row_stop)
+
+    @property
+    def groups(self) -> slice:
+        return slice(self.group_start, self.group_stop)
+
+
+def group_chunks(group_sizes: tuple[int, ...], cols: int, max_weights: int) -> Iterator[RowChunk]:
+    """Consecutive runs of whole groups of about ``max_weights`` weights or fewer (a group larger than that is a chunk
+    of its own)."""
+    row = group = 0
+    while group < len(group_sizes):
+        first_row, first_group = row, group
+        row += group_sizes[group]
+        group += 1
+        while group < len(group_sizes) and (row - first_row + group_sizes[group]) * cols <= max_weights:
+            row += group_sizes[group]
+            group += 1
+        yield RowChunk(first_row, row, first_group, group)
+
+
+def row_chunks(rows: int, cols: int, max_weights: int) -> Iterator[slice]:
+    """Consecutive row ranges of at most ``max_weights`` weights (at least one row each)."""
+    step = max(1, max_weights // max(cols, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def estimated_peak(model_bytes: int, chunk: int, workers: int, unchunked_weights: int = 0, gram_bytes: int = 0) -> int:
+    """The estimate of the module docstring, in bytes."""
+    return int(BASELINE_BYTES + RESIDENT_COPIES * model_bytes + workers * chunk * WORKING_BYTES_PER_WEIGHT
+               + unchunked_weights * UNCHUNKED_BYTES_PER_WEIGHT + gram_bytes)
+
+
+def check_budget(estimate: int, budget: int) -> None:
+    """Raises :class:`MemoryBudgetError` when ``estimate`` exceeds ``budget``."""
+    if estimate > budget:
+        raise MemoryBudgetError(
+            f"this run needs about {format_bytes(estimate)} of memory (estimated from the model's shapes), more than "
+            f"max_memory {format_bytes(budget)}: raise --max-memory or free memory")

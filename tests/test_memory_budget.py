@@ -1,0 +1,149 @@
+"""Encoders work on a tensor a chunk of rows at a time: the output is byte-identical to the unchunked encoding, and the
+peak memory grows with the chunk, not with the tensor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, equal_group_sizes, select_outliers
+from jlcm_onnx.encodings.affine_blocks import fit_affine_blocks
+from jlcm_onnx.memory_budget import chunk_weights, group_chunks, row_chunks
+
+ROWS, COLS = 96, 80
+WHOLE = 1 << 30
+
+
+def weight(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    matrix = rng.standard_normal((ROWS, COLS)) * rng.lognormal(0, 0.5, (ROWS, 1))
+    matrix.reshape(-1)[rng.choice(matrix.size, 40, replace=False)] *= 12  # outliers
+    return matrix.astype(np.float32)
+
+
+def assert_identical(first: EncodedMatrix, second: EncodedMatrix) -> None:
+    for name in ("codebooks", "codes", "outlier_index", "outlier_values", "scales", "shared_codebook", "block_scales",
+                 "block_offsets"):
+        a, b = getattr(first, name), getattr(second, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+    assert first.group_sizes == second.group_sizes
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"bits": 4, "groups": None},
+        {"bits": 3, "groups": 7},
+        {"bits": 2, "groups": 5, "outlier_fraction": 0.01},
+        {"bits": 3, "groups": 1, "block_size": 32},
+        {"bits": 3, "groups": 6, "block_size": 16, "outlier_fraction": 0.005},
+        {"bits": 4, "groups": None, "importance": True},
+        {"bits": 3, "groups": 4, "importance": True, "outlier_fraction": 0.01, "block_size": 32},
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("chunk", [COLS, 3 * COLS + 7, 20 * COLS])
+def test_chunked_multi_codebook_is_byte_identical(options: dict, chunk: int) -> None:
+    options = dict(options)
+    sizes = equal_group_sizes(ROWS, options.pop("groups"))
+    importance = None
+    if options.pop("importance", False):
+        importance = np.broadcast_to(np.random.default_rng(1).uniform(0.1, 2.0, COLS), (ROWS, COLS))
+    bits = options.pop("bits")
+    whole = encode_matrix(weight(), bits, sizes, np.dtype(np.float16), importance=importance, chunk_weights=WHOLE,
+                          **options)
+    chunked = encode_matrix(weight(), bits, sizes, np.dtype(np.float16), importance=importance, chunk_weights=chunk,
+                            **options)
+    assert_identical(whole, chunked)
+
+
+@pytest.mark.parametrize("chunk", [COLS, 5 * COLS])
+def test_chunked_multi_scaling_is_byte_identical(chunk: int) -> None:
+    sizes = equal_group_sizes(ROWS, 8)
+    whole = encode_scaled_matrix(weight(), 3, sizes, np.dtype(np.float16), outlier_fraction=0.01, chunk_weights=WHOLE)
+    chunked = encode_scaled_matrix(weight(), 3, sizes, np.dtype(np.float16), outlier_fraction=0.01,
+                                   chunk_weights=chunk)
+    assert_identical(whole, chunked)
+
+
+def test_chunked_outliers_match_a_global_selection_with_ties_to_the_lower_index() -> None:
+    matrix = weight()
+    values = matrix.astype(np.float64)
+    score = np.abs(values - values.mean(1, keepdims=True)) / values.std(1, keepdims=True)
+    expected = np.sort(np.lexsort((np.arange(score.size), -score.reshape(-1)))[:77])
+    for chunk in (COLS, 7 * COLS, WHOLE):
+        assert np.array_equal(select_outliers(matrix, 77 / matrix.size, chunk), expected)
+    tied = np.zeros((4, 8), np.float32)
+    tied[:, 0] = 1.0  # every row has the same score pattern: four tied outliers, the lowest two indices win
+    assert select_outliers(tied, 2 / tied.size, 8).tolist() == [0, 8]
+
+
+def test_affine_blocks_fit_is_chunk_invariant() -> None:
+    for float_offsets in (False, True):
+        whole = fit_affine_blocks(weight(), 4, 16, np.dtype(np.float16), float_offsets=float_offsets,
+                                  chunk_weights=WHOLE)
+        chunked = fit_affine_blocks(weight(), 4, 16, np.dtype(np.float16), float_offsets=float_offsets,
+                                    chunk_weights=3 * COLS)
+        for name in ("codes", "scales", "zero_points", "offsets"):
+            assert np.array_equal(getattr(whole, name), getattr(chunked, name)), name
+
+
+def test_group_chunks_cover_every_group_once_and_respect_the_size() -> None:
+    sizes = (3, 1, 4, 1, 5, 9, 2, 6)
+    chunks = list(group_chunks(sizes, 10, 60))
+    assert [c.group_start for c in chunks] == [0, *[c.group_stop for c in chunks[:-1]]]
+    assert chunks[-1].group_stop == len(sizes) and chunks[-1].row_stop == sum(sizes)
+    for chunk in chunks:
+        assert chunk.row_stop - chunk.row_start == sum(sizes[chunk.groups])
+        assert (chunk.row_stop - chunk.row_start) * 10 <= 60 or chunk.group_stop - chunk.group_start == 1
+    assert [(s.start, s.stop) for s in row_chunks(10, 4, 12)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+
+
+def test_the_chunk_shrinks_with_the_budget_and_the_workers() -> None:
+    assert chunk_weights(16 << 30, 2) > chunk_weights(1 << 30, 2) >= chunk_weights(1 << 30, 8)
+    assert chunk_weights(1, 1) > 0
+
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from jlcm_onnx.codebook import encode_matrix, equal_group_sizes
+
+    rows, cols, chunk, blocks = (int(a) for a in sys.argv[1:5])
+    matrix = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+
+    def status(key):
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+    before = status("VmRSS:")
+    encode_matrix(matrix, 4, equal_group_sizes(rows, None), np.dtype(np.float16), max_iterations=3,
+                  block_size=blocks or None, chunk_weights=chunk)
+    print(json.dumps({"peak": status("VmHWM:") - before}))
+""")
+
+
+def encoding_peak(rows: int, cols: int, chunk: int, block_size: int = 0) -> int:
+    """Peak RSS above the baseline of encoding a [rows, cols] matrix in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(rows), str(cols), str(chunk), str(block_size)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)["peak"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("block_size", [0, 32], ids=["per-row", "input blocks"])
+def test_encoding_peak_grows_with_the_chunk_not_with_the_tensor(block_size: int) -> None:
+    cols, chunk = 256, 1 << 16
+    small, large = encoding_peak(2048, cols, chunk, block_size), encoding_peak(16384, cols, chunk, block_size)
+    grown = (large - small) / ((16384 - 2048) * cols)
+    # The larger tensor adds its codes (1 byte per weight) and allocator slack; unchunked it adds ~100+ bytes/weight.
+    assert grown < 12, f"peak grew by {grown:.1f} bytes per extra weight"
+    unchunked = encoding_peak(16384, cols, 1 << 30, block_size)
+    assert unchunked > 4 * large, (unchunked, large)
