@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 import jlcm_onnx
-from jlcm_onnx.model_io import synthetic_feed
+from jlcm_onnx.model_io import gather_rows, synthetic_feed
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "bits 4": {"bits": 4},
@@ -48,7 +49,8 @@ CALIBRATION_SAMPLES = 8
 def calibration_inputs(model: Path, samples: int = CALIBRATION_SAMPLES) -> list[dict[str, np.ndarray]]:
     """Deterministic synthetic inputs for ``model`` (the output gate's generator, one seed per sample)."""
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    return [synthetic_feed(session, seed=seed) for seed in range(samples)]
+    rows = gather_rows(onnx.load(str(model)))
+    return [synthetic_feed(session, rows, seed=seed) for seed in range(samples)]
 
 
 def digests(model: Path, only: list[str] | None = None) -> dict[str, str]:

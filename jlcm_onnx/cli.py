@@ -105,6 +105,9 @@ def main() -> None:
               help="With --calibration: optimiser steps per layer after the init  [default: 0]")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="With --calibration: where onnxruntime collects statistics and torch learns.")
+@click.option("--max-memory", help="Memory the run may use, e.g. 4GB; it sizes the encoders' chunks (not the output), "
+                                   "and a run estimated above it is refused before it starts  [default: 80% of the "
+                                   "available memory]")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_reporting_errors

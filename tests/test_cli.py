@@ -128,3 +128,10 @@ def test_inspect_compressed_and_plain_models(model_path: Path, tmp_path: Path) -
     assert code == 0 and "uncompressed model" in stdout and "compress" in stdout
     code, stdout, _ = invoke("inspect", out)
     assert code == 0 and "codebook values" in stdout
+
+
+def test_a_run_estimated_above_max_memory_is_refused_before_it_starts(model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    code, _, stderr = invoke("compress", str(model_path), "-o", str(out), "--max-memory", "10MB")
+    assert code == 2 and stderr.startswith("error: this run needs about ") and "max_memory 10.00 MB" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not out.exists()

@@ -9,11 +9,14 @@ import sys
 import textwrap
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, equal_group_sizes, select_outliers
 from jlcm_onnx.encodings.affine_blocks import fit_affine_blocks
 from jlcm_onnx.memory_budget import chunk_weights, group_chunks, row_chunks
+from jlcm_onnx.model_skeleton import skeleton
 
 ROWS, COLS = 96, 80
 WHOLE = 1 << 30
@@ -140,10 +143,38 @@ def encoding_peak(rows: int, cols: int, chunk: int, block_size: int = 0) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("block_size", [0, 32], ids=["per-row", "input blocks"])
 def test_encoding_peak_grows_with_the_chunk_not_with_the_tensor(block_size: int) -> None:
-    cols, chunk = 256, 1 << 16
-    small, large = encoding_peak(2048, cols, chunk, block_size), encoding_peak(16384, cols, chunk, block_size)
-    grown = (large - small) / ((16384 - 2048) * cols)
+    cols, chunk = 256, 1 << 15
+    small, large = encoding_peak(512, cols, chunk, block_size), encoding_peak(4096, cols, chunk, block_size)
+    grown = (large - small) / ((4096 - 512) * cols)
     # The larger tensor adds its codes (1 byte per weight) and allocator slack; unchunked it adds ~100+ bytes/weight.
     assert grown < 12, f"peak grew by {grown:.1f} bytes per extra weight"
-    unchunked = encoding_peak(16384, cols, 1 << 30, block_size)
+    unchunked = encoding_peak(4096, cols, 1 << 30, block_size)
     assert unchunked > 4 * large, (unchunked, large)
+
+
+def big_weight_model(inner: int = 256) -> onnx.ModelProto:
+    """Y = Reshape(X @ W, shape): a 256 KB weight and a small shape constant that shape inference reads."""
+    weight = np.random.default_rng(0).standard_normal((inner, 256)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["H"]), helper.make_node("Reshape", ["H", "shape"], ["Y"])],
+        "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 256])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, None, None])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array([-1, 16, 16], np.int64), "shape")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_skeleton_keeps_structure_and_small_constants_but_no_large_weight() -> None:
+    model = big_weight_model()
+    light = skeleton(model)
+    assert light.ByteSize() < 2048 < model.ByteSize()
+    assert [t.name for t in light.graph.initializer] == ["shape"] and "W" in [i.name for i in light.graph.input]
+    onnx.checker.check_model(light, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(light, strict_mode=True)
+    assert inferred.graph.output[0].type == onnx.shape_inference.infer_shapes(model).graph.output[0].type
+
+
+def test_the_skeleton_fails_the_full_check_where_the_model_does() -> None:
+    broken = big_weight_model(inner=128)  # X [N, 256] @ W [128, 256]: the inner dimensions differ
+    for model in (broken, skeleton(broken)):
+        with pytest.raises(onnx.shape_inference.InferenceError):
+            onnx.checker.check_model(model, full_check=True)
