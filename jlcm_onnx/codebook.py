@@ -195,7 +195,7 @@ def _chunk_importance(
     if local.size == 0:
         return importance if importance is None else importance[chunk.rows]
     weights = np.ones((chunk.row_stop - chunk.row_start, cols)) if importance is None else np.array(
-        importance[chunk.rows], dtype=np.float64)
+        importance[chunk.rows], dtype=np.float64, order="C")  # C order: the flat view below must not be a copy
     weights.reshape(-1)[local] = 0.0
     return weights
 
@@ -206,7 +206,7 @@ def _fit_blocked_groups(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Codebooks, codes, block scales and block offsets of rows in input blocks (see the module docstring)."""
     rows, cols = matrix.shape
-    weights = np.ones(matrix.shape) if importance is None else importance.astype(np.float64)
+    weights = np.ones(matrix.shape) if importance is None else np.array(importance, dtype=np.float64, order="C")
     values = matrix.astype(np.float64)
     scales, offsets = _min_max_blocks(values, weights, block_size, codebook_dtype)
     codebooks = np.tile(np.linspace(0.0, 1.0, 1 << bits), (len(sizes), 1))
@@ -327,7 +327,7 @@ def encode_scaled_matrix(
     """
     rows, cols = matrix.shape
     outliers = select_outliers(matrix, outlier_fraction, chunk_weights)
-    weights = np.ones(matrix.shape) if importance is None else importance.astype(np.float64)
+    weights = np.ones(matrix.shape) if importance is None else np.array(importance, dtype=np.float64, order="C")
     weights.reshape(-1)[outliers] = 0.0
     values = matrix.astype(np.float64)
     group_of_row = np.repeat(np.arange(len(group_sizes)), group_sizes)

@@ -178,3 +178,15 @@ def test_the_skeleton_fails_the_full_check_where_the_model_does() -> None:
     for model in (broken, skeleton(broken)):
         with pytest.raises(onnx.shape_inference.InferenceError):
             onnx.checker.check_model(model, full_check=True)
+
+
+@pytest.mark.parametrize("encode", [encode_matrix, encode_scaled_matrix], ids=["multi-codebook", "multi-scaling"])
+def test_importances_as_a_broadcast_view_encode_like_a_full_array(encode) -> None:  # noqa: ANN001
+    """Calibration hands the encoders one row of importances broadcast over the rows (no copy); outliers must still
+    get zero weight in it."""
+    row = np.random.default_rng(2).uniform(0.1, 2.0, COLS)
+    sizes = equal_group_sizes(ROWS, 8)
+    view = encode(weight(), 3, sizes, np.dtype(np.float16), importance=np.broadcast_to(row, (ROWS, COLS)),
+                  outlier_fraction=0.01)
+    full = encode(weight(), 3, sizes, np.dtype(np.float16), importance=np.tile(row, (ROWS, 1)), outlier_fraction=0.01)
+    assert_identical(view, full)
