@@ -28,6 +28,7 @@ from jlcm_onnx.memory_budget import (
     default_max_memory,
     estimated_peak,
     peak_rss,
+    release_freed_memory,
 )
 from jlcm_onnx.model_io import (
     check_input,
@@ -156,7 +157,8 @@ def compress(
     else:
         working, records, plan, run_notes = _run_to_target(source, original_bytes, config, progress, data, device,
                                                            chunk)
-    del source  # the input's weights: the output gate's onnxruntime session must not sit beside them
+    del source  # the input's weights: the output gate's onnxruntime sessions must not sit beside them
+    release_freed_memory()
     notes.extend(run_notes)
     if config.decode_at_load:
         notes.append("decode_at_load: the decoders that would run on every run have no run-time gate; onnxruntime "
@@ -206,7 +208,9 @@ def _run(
     if config.decode_at_load:
         fold_at_load(working)
     _write_metadata(working, config, records)
-    return working, records, notes
+    compact = onnx.ModelProto()  # a fresh message: the input's buffers, which the edited one still holds, can go
+    compact.CopyFrom(working)
+    return compact, records, notes
 
 
 def _reordered(source: onnx.ModelProto, config: CompressionConfig, plan: CompressionPlan) -> onnx.ModelProto:

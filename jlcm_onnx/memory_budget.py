@@ -20,6 +20,8 @@ exceeds ``max_memory`` is refused before it starts, with the estimate in the mes
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import resource
 from collections.abc import Iterator
@@ -28,13 +30,17 @@ from dataclasses import dataclass
 from jlcm_onnx.errors import MemoryBudgetError
 from jlcm_onnx.report import format_bytes
 
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # musl, macOS: no malloc_trim
+    _LIBC = None
+
 #: Peak bytes per weight of an encoder's chunk (input blocks with importances; plain k-means needs about 100).
 WORKING_BYTES_PER_WEIGHT = 160
 #: Share of the budget the encoding chunks of all workers may use together.
 WORKING_SHARE = 0.25
 MIN_CHUNK_WEIGHTS = 1 << 16
 #: Larger chunks gain nothing measurable in speed (the per-chunk overhead is a few numpy calls).
-MAX_CHUNK_WEIGHTS = 1 << 21
+MAX_CHUNK_WEIGHTS = 1 << 20
 #: Default budget: this share of the memory available when the run starts.
 DEFAULT_SHARE = 0.8
 #: The interpreter with numpy, torch and onnxruntime imported.
@@ -66,6 +72,13 @@ def default_max_memory() -> int:
 def peak_rss() -> int:
     """The process's peak resident set size so far, in bytes (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def release_freed_memory() -> None:
+    """Hands memory the process has freed back to the system (glibc's ``malloc_trim``; nothing elsewhere), so the
+    next large step starts from what is really in use rather than from the allocator's free lists."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def chunk_weights(max_memory: int, workers: int) -> int:

@@ -21,7 +21,7 @@ import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 
@@ -33,6 +33,7 @@ from onnx import external_data_helper
 
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.errors import ModelError, OutputError
+from jlcm_onnx.memory_budget import release_freed_memory
 from jlcm_onnx.model_skeleton import skeleton
 from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
 
@@ -143,38 +144,64 @@ def check_input(model: onnx.ModelProto, config: CompressionConfig | None = None)
 
 @dataclass
 class Reference:
-    """The input as the output gate compares against it: its output names, whether it passes the full
-    ``onnx.checker`` check (strict shape inference) itself (when it does not, the output is held to the basic check),
-    and its outputs on one synthetic batch (``feed`` and ``outputs``), or why it runs on none (``skipped``). Only
-    these are kept, not an onnxruntime session: the input's weights are not held twice while it is compressed."""
+    """The input as the output gate compares against it: whether it passes the full ``onnx.checker`` check (strict
+    shape inference) itself (when it does not, the output is held to the basic check), and its outputs on one
+    synthetic batch (``feed``, ``output_names`` and ``outputs``), or why it runs on none (``skipped``). Only these are
+    kept, never an onnxruntime session, so the input's weights are not held twice while it is compressed; a model read
+    from a file is run from that file once it is needed (``pending``), when the compressed model has replaced it in
+    memory."""
 
-    output_names: list[str]
     full_check: bool
+    table_rows: int | None
+    seed: int = 0
+    pending: Path | None = None
+    output_names: list[str] = field(default_factory=list)
     feed: dict[str, np.ndarray] = field(default_factory=dict)
     outputs: list[np.ndarray] = field(default_factory=list)
     skipped: str = ""
 
+    def run(self, loadable: bytes | str) -> None:
+        """Runs the input (serialized, or the path of its file) on the synthetic batch and keeps what it gave."""
+        try:
+            session = ort.InferenceSession(loadable, _reference_options(), providers=["CPUExecutionProvider"])
+        except _ORT_ERRORS as error:
+            raise ModelError(f"onnxruntime {ort.__version__} cannot load the input model: {ort_message(error)}") \
+                from None
+        ran = _run_reference(session, self.table_rows, self.seed)
+        self.output_names = [o.name for o in session.get_outputs()]
+        if isinstance(ran, str):
+            self.skipped = ran
+        else:
+            self.feed, self.outputs = ran
+        self.pending = None
+
 
 def reference_for(model: onnx.ModelProto, seed: int = 0, path: Path | None = None) -> Reference:
     """The input's :class:`Reference`; raises :class:`ModelError` when stock onnxruntime cannot load it (an opset or IR
-    version newer than it supports, an operator of an unknown custom domain, a type without a CPU kernel). The session
-    runs unoptimised and without pre-packed weights, so it holds the weights once; given the ``path`` the model was
-    read from, onnxruntime reads that file rather than a serialized copy."""
+    version newer than it supports, an operator of an unknown custom domain, a type without a CPU kernel).
+
+    Given the ``path`` the model was read from, only its structure is loaded now (:mod:`jlcm_onnx.model_skeleton`: the
+    large weights as graph inputs, the same kernels) and the outputs wait for :func:`check_output`; otherwise the model
+    runs now. The run is unoptimised and without pre-packed weights, so onnxruntime holds the weights once.
+    """
+    structure = skeleton(model).SerializeToString()
+    reference = Reference(_passes_full_check(structure), gather_rows(model), seed, path)
+    if path is None:
+        with _loadable(model) as loadable:
+            reference.run(loadable)
+        return reference
+    try:
+        ort.InferenceSession(structure, _reference_options(), providers=["CPUExecutionProvider"])
+    except _ORT_ERRORS as error:
+        raise ModelError(f"onnxruntime {ort.__version__} cannot load the input model: {ort_message(error)}") from None
+    return reference
+
+
+def _reference_options() -> ort.SessionOptions:
     options = _quiet_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.add_session_config_entry("session.disable_prepacking", "1")
-    try:
-        with nullcontext(str(path)) if path is not None else _loadable(model) as loadable:
-            session = ort.InferenceSession(loadable, options, providers=["CPUExecutionProvider"])
-            ran = _run_reference(session, gather_rows(model), seed)
-            names = [o.name for o in session.get_outputs()]
-            del session
-    except _ORT_ERRORS as error:
-        raise ModelError(f"onnxruntime {ort.__version__} cannot load the input model: {ort_message(error)}") from None
-    full_check = _passes_full_check(skeleton(model).SerializeToString())
-    if isinstance(ran, str):
-        return Reference(names, full_check, skipped=ran)
-    return Reference(names, full_check, *ran)
+    return options
 
 
 def _passes_full_check(loadable: bytes | str) -> bool:
@@ -213,6 +240,9 @@ def check_output(model: onnx.ModelProto, reference: Reference | None = None) -> 
     when the spot check could not be run.
     """
     full_check = reference is None or reference.full_check
+    if reference is not None and reference.pending is not None:  # before the output's session, not beside it
+        reference.run(str(reference.pending))
+        release_freed_memory()
     try:
         with _loadable(model) as loadable:
             onnx.checker.check_model(loadable, full_check=full_check)

@@ -171,7 +171,7 @@ def codebook_dtype(config: CompressionConfig, site: WeightSite, matrix: np.ndarr
     float16 cannot hold the weights (overflow above 65504, or magnitudes lost in float16's subnormal range)."""
     if site.tensor.data_type == onnx.TensorProto.FLOAT16:
         return np.dtype(np.float16)
-    magnitude = float(np.abs(matrix).max(initial=0.0))
+    magnitude = max(-float(matrix.min(initial=0.0)), float(matrix.max(initial=0.0)))  # no |matrix| temporary
     if config.codebook_dtype == "float16" and (magnitude > FLOAT16_MAX or 0.0 < magnitude < FLOAT16_MIN_NORMAL * 1024):
         return np.dtype(np.float32)
     return np.dtype(config.codebook_dtype)
