@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import onnx
 from jlcm_onnx.calibration import DEFAULT_SAMPLES, CalibrationData, load_calibration
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import check_device, cpu_cores, execution_providers, torch_device
-from jlcm_onnx.distortion import estimate_errors
+from jlcm_onnx.distortion import ErrorTable, estimate_errors
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.memory_budget import (
     MAX_CHUNK_WEIGHTS,
@@ -47,11 +48,12 @@ from jlcm_onnx.passes.placeholder_encodings import PlaceholderEncodings
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
 from jlcm_onnx.passes.untie_heads import UntieHeads
 from jlcm_onnx.passes.upgrade_opset import UpgradeOpset
-from jlcm_onnx.plan import CompressionPlan
+from jlcm_onnx.plan import CompressionPlan, TensorChoice
 from jlcm_onnx.report import CompressionReport, TensorRecord
 from jlcm_onnx.runtime import fold_at_load
 from jlcm_onnx.sensitivity import output_sensitivities, weight_errors
 from jlcm_onnx.size_target import (
+    WeightShape,
     adjust_fine,
     largest_cost,
     plan_for_budget,
@@ -154,10 +156,12 @@ def compress(
     if config.target is None:
         plan = CompressionPlan(config, device=device, chunk_weights=chunk)
         working, records, run_notes = _run(source, config, plan, progress, data, copy=False)
+        del source  # consumed: the output gate's onnxruntime sessions must not sit beside the input's weights
     else:
-        working, records, plan, run_notes = _run_to_target(source, original_bytes, config, progress, data, device,
-                                                           chunk)
-    del source  # the input's weights: the output gate's onnxruntime sessions must not sit beside them
+        target = _resolve_target(source, original_bytes, config, progress, data, device)
+        del source  # every run of the target loads its own copy
+        working, records, plan, run_notes = _run_to_target(lambda: load_model(model)[0], target, config, progress,
+                                                           data, device, chunk)
     release_freed_memory()
     notes.extend(run_notes)
     if config.decode_at_load:
@@ -213,30 +217,30 @@ def _run(
     return compact, records, notes
 
 
-def _reordered(source: onnx.ModelProto, config: CompressionConfig, plan: CompressionPlan) -> onnx.ModelProto:
-    """A copy of ``source`` with the rows of the plan's grouped weights re-ordered (fills ``plan.groupings``)."""
-    working = onnx.ModelProto()
-    working.CopyFrom(source)
-    return ReorderNeurons(config, plan)(working).model
+@dataclass(frozen=True)
+class _Target:
+    """A size target resolved against the input: the goal in bytes, the bytes outside the compressed tensors
+    (``fixed``), the shapes and measured option errors of the tensors, and the first per-tensor choices."""
+
+    kind: str
+    value: float
+    goal: float
+    fixed: int
+    shapes: list[WeightShape]
+    errors: ErrorTable
+    choices: dict[str, TensorChoice]
+
+    @property
+    def aim(self) -> float:
+        return 0.995 * self.goal
 
 
-def _run_to_target(
-    source: onnx.ModelProto,
-    original_bytes: int,
-    config: CompressionConfig,
-    progress: bool,
-    data: CalibrationData | None = None,
-    device: str = "cpu",
-    chunk: int = MAX_CHUNK_WEIGHTS,
-) -> tuple[onnx.ModelProto, list[TensorRecord], CompressionPlan, list[str]]:
-    """Compresses with per-tensor bits and groups chosen to meet the config's size target within 1%; returns the
-    model, its records, the plan and the notes (the target's first).
-
-    The planner budgets the tensors' stored bytes; the rest of the file (graph, decoders, uncompressed tensors) is
-    measured after each run and the budget corrected, aiming half a percent under the target. The choices are first
-    rehearsed on stand-in encodings, which measure the file exactly in a fraction of a run's time, until they land;
-    then the real run (with calibration and learning) makes the same bytes.
-    """
+def _resolve_target(
+    source: onnx.ModelProto, original_bytes: int, config: CompressionConfig, progress: bool,
+    data: CalibrationData | None, device: str,
+) -> _Target:
+    """The config's size target for ``source``: the goal, the option errors (weighed by their effect on the outputs
+    with calibration data) and the planner's first choices; a goal out of reach is a :class:`JlcmError`."""
     shapes = weight_shapes(source, config)
     kind, value = config.target
     if kind == "target_bits_per_weight":
@@ -250,42 +254,62 @@ def _run_to_target(
             f"{kind}={value} asks for {goal:,.0f} bytes, outside what can be reached: {lowest:,.0f} (1 bit, one "
             f"codebook per tensor) to {highest:,.0f} (8 bits, one codebook per row)" + _unit(kind)
         )
-    aim = 0.995 * goal
     errors = estimate_errors(source, config, progress)
     if data is not None:  # weigh each tensor's error by what it does to the outputs
         errors = weight_errors(errors, output_sensitivities(source, config, data, execution_providers(device),
                                                             progress))
-    choices = plan_for_budget(shapes, int(aim - fixed), config, errors)
+    choices = plan_for_budget(shapes, int(0.995 * goal - fixed), config, errors)
+    return _Target(kind, value, goal, fixed, shapes, errors, choices)
+
+
+def _run_to_target(
+    load: Callable[[], onnx.ModelProto],
+    target: _Target,
+    config: CompressionConfig,
+    progress: bool,
+    data: CalibrationData | None = None,
+    device: str = "cpu",
+    chunk: int = MAX_CHUNK_WEIGHTS,
+) -> tuple[onnx.ModelProto, list[TensorRecord], CompressionPlan, list[str]]:
+    """Compresses with per-tensor bits and groups chosen to meet the config's size target within 1%; returns the
+    model, its records, the plan and the notes (the target's first).
+
+    The planner budgets the tensors' stored bytes; the rest of the file (graph, decoders, uncompressed tensors) is
+    measured after each run and the budget corrected, aiming half a percent under the target. The choices are first
+    rehearsed on stand-in encodings, which measure the file exactly in a fraction of a run's time, until they land;
+    then the real run (with calibration and learning) makes the same bytes. Every run works on its own copy of the
+    input from ``load`` and consumes it, so one copy is in memory at a time.
+    """
+    goal, fixed, shapes, choices = target.goal, target.fixed, target.shapes, target.choices
     rehearsed = runs = 0
-    landed = None  # the landed rehearsal's re-ordered model and groups
+    landed = False  # a rehearsal met the target: the real run next, with the same choices
     for attempt in range(MAX_REHEARSALS + MAX_TARGET_RUNS):
-        rehearsal = runs == 0 and landed is None and rehearsed < MAX_REHEARSALS
+        rehearsal = runs == 0 and not landed and rehearsed < MAX_REHEARSALS
         plan = CompressionPlan(config, choices=choices, device=device, chunk_weights=chunk)
-        start = source
-        if rehearsal:  # re-ordered first, so a rehearsal that lands hands its re-ordering to the real run
-            start = _reordered(source, config, plan)
-        elif landed is not None:  # the re-ordering pass then finds every group made and leaves the model as it is
-            (start, plan.groupings), landed = landed, None
-        working, records, run_notes = _run(start, config, plan, progress and not rehearsal, data, rehearsal)
+        working = records = None  # the previous run's model goes before the next copy comes
+        release_freed_memory()
+        working, records, run_notes = _run(load(), config, plan, progress and not rehearsal, data, rehearsal,
+                                           copy=False)
         achieved = sum(r.compressed_bytes or 0 for r in records) if fixed == 0 else working.ByteSize()
         rehearsed, runs = rehearsed + rehearsal, runs + (not rehearsal)
         if 0.99 * goal <= achieved <= goal:
             if not rehearsal:
                 break
-            landed = (start, plan.groupings)  # the real run next, with the same choices
+            landed = True
             continue
         # fine: change group counts only, so the decoders (and their bytes) stay as measured; else coarse: re-plan
         # with the bytes the planner did not see (graph, uncompressed tensors, its own estimates)
-        adjusted, unabsorbed = adjust_fine(shapes, choices, int(aim - achieved), config)
+        adjusted, unabsorbed = adjust_fine(shapes, choices, int(target.aim - achieved), config)
         if attempt > 0 and abs(unabsorbed) < 0.004 * goal:
             choices = adjusted
         else:
-            spent = int(aim - (achieved - total_cost(shapes, choices, config)))
-            choices = plan_for_budget(shapes, spent, config, errors)
+            spent = int(target.aim - (achieved - total_cost(shapes, choices, config)))
+            choices = plan_for_budget(shapes, spent, config, target.errors)
     else:
-        raise JlcmError(f"could not meet {kind}={value}: {achieved:,.0f} bytes for a goal of {goal:,.0f}")
-    note = (f"{kind}={value}: goal {goal:,.0f} bytes, achieved {achieved:,} ({achieved / goal - 1:+.2%}) after "
-            f"{rehearsed} rehearsal{'s' if rehearsed != 1 else ''} and {runs} run{'s' if runs != 1 else ''}")
+        raise JlcmError(f"could not meet {target.kind}={target.value}: {achieved:,.0f} bytes for a goal of "
+                        f"{goal:,.0f}")
+    note = (f"{target.kind}={target.value}: goal {goal:,.0f} bytes, achieved {achieved:,} ({achieved / goal - 1:+.2%})"
+            f" after {rehearsed} rehearsal{'s' if rehearsed != 1 else ''} and {runs} run{'s' if runs != 1 else ''}")
     return working, records, plan, [note, *run_notes]
 
 

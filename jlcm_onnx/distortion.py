@@ -55,7 +55,7 @@ def estimate_errors(model: onnx.ModelProto, config: CompressionConfig, progress:
         site, row_axis = site_and_axis
         weight = site.array()
         rows = weight.shape[row_axis]
-        matrix = np.moveaxis(weight, row_axis, 0).reshape(rows, -1).astype(np.float32)
+        matrix = np.ascontiguousarray(np.moveaxis(weight, row_axis, 0).reshape(rows, -1), dtype=np.float32)
         fp16 = site.tensor.data_type == onnx.TensorProto.FLOAT16 or config.codebook_dtype == "float16"
         return _tensor_errors(site.name, matrix, config, np.dtype(np.float16 if fp16 else np.float32))
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS, row_chunks
+
 QUANTILE_LEVELS = 16
 
 
@@ -31,9 +33,12 @@ class RowGroups:
 
 
 def row_descriptors(matrix: np.ndarray, levels: int = QUANTILE_LEVELS) -> np.ndarray:
-    """The quantiles of each row at ``(i + 1/2) / levels``: [rows, levels]."""
+    """The quantiles of each row at ``(i + 1/2) / levels``: [rows, levels] (a chunk of rows at a time)."""
     quantiles = (np.arange(levels) + 0.5) / levels
-    return np.quantile(matrix.astype(np.float64), quantiles, axis=1).T
+    descriptors = np.empty((matrix.shape[0], levels))
+    for rows in row_chunks(*matrix.shape, MAX_CHUNK_WEIGHTS):
+        descriptors[rows] = np.quantile(matrix[rows].astype(np.float64), quantiles, axis=1).T
+    return descriptors
 
 
 def cluster_rows(matrix: np.ndarray, groups: int, iterations: int = 50) -> RowGroups:
@@ -47,12 +52,12 @@ def cluster_descriptors(row_quantiles: np.ndarray, groups: int, iterations: int 
     groups = min(groups, rows)
     descriptors = torch.from_numpy(row_quantiles)
     centers = _farthest_point_start(descriptors, groups)
-    labels = torch.cdist(descriptors, centers).argmin(dim=1)
+    labels = _nearest_centers(descriptors, centers)
     for _ in range(iterations):
         counts = torch.bincount(labels, minlength=groups).to(torch.float64)
         sums = torch.zeros_like(centers).index_add_(0, labels, descriptors)
         centers = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centers)
-        new_labels = torch.cdist(descriptors, centers).argmin(dim=1)
+        new_labels = _nearest_centers(descriptors, centers)
         if torch.equal(new_labels, labels):
             break
         labels = new_labels
@@ -64,6 +69,13 @@ def cluster_descriptors(row_quantiles: np.ndarray, groups: int, iterations: int 
     order = torch.argsort(rank[labels] * rows + torch.arange(rows))
     sizes = torch.bincount(rank[labels], minlength=used.numel())
     return RowGroups(permutation=order.numpy(), sizes=tuple(int(s) for s in sizes))
+
+
+def _nearest_centers(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """The nearest center of every point, a chunk of points at a time (the distances are [points, centers])."""
+    step = max(1, MAX_CHUNK_WEIGHTS // max(centers.shape[0], 1))
+    return torch.cat([torch.cdist(points[start:start + step], centers).argmin(dim=1)
+                      for start in range(0, points.shape[0], step)])
 
 
 def _farthest_point_start(points: torch.Tensor, count: int) -> torch.Tensor:

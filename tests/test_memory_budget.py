@@ -190,3 +190,15 @@ def test_importances_as_a_broadcast_view_encode_like_a_full_array(encode) -> Non
                   outlier_fraction=0.01)
     full = encode(weight(), 3, sizes, np.dtype(np.float16), importance=np.tile(row, (ROWS, 1)), outlier_fraction=0.01)
     assert_identical(view, full)
+
+
+def test_row_descriptors_and_clusters_do_not_depend_on_the_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jlcm_onnx import grouping
+
+    matrix = np.repeat(weight(), 4, axis=0)
+    whole = grouping.row_descriptors(matrix)
+    groups = grouping.cluster_descriptors(whole, 12)
+    monkeypatch.setattr(grouping, "MAX_CHUNK_WEIGHTS", 3 * COLS + 1)
+    assert np.array_equal(grouping.row_descriptors(matrix), whole)
+    chunked = grouping.cluster_descriptors(whole, 12)
+    assert np.array_equal(chunked.permutation, groups.permutation) and chunked.sizes == groups.sizes
