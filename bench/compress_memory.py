@@ -9,7 +9,9 @@ nothing). Results go to ``bench/results/compress_memory.json`` and the "compress
 
 Command line::
 
-    python bench/compress_memory.py [--model build/llama268m.onnx] [--only LABEL ...] [--no-write]
+    python bench/compress_memory.py [--model build/llama268m.onnx] [--only LABEL ...] [--no-write] [--render-only]
+
+``--render-only`` rewrites the BENCHMARKS.md and README.md sections from the stored results without running.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "models"))
+import llama_shaped  # noqa: E402
 from readme_section import write_section  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "compress_memory.json"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 DEFAULT_MODEL = ROOT / "build" / "llama268m.onnx"
 CALIBRATION_SHAPE = (64, 256)
+PARAMETERS = llama_shaped.Shape().parameters()
 #: Option label -> CLI arguments (``CALIBRATION`` is replaced by the calibration file).
 OPTIONS: dict[str, list[str]] = {
     "--bits 4": ["--bits", "4"],
@@ -110,18 +115,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--only", nargs="*", help="option labels to run (default: all)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the results and BENCHMARKS.md")
+    parser.add_argument("--render-only", action="store_true", help="render the stored results; run nothing")
     args = parser.parse_args(argv)
+    if args.render_only:
+        render(args.model, json.loads(RESULTS.read_text()))
+        return 0
     if not args.model.exists():
         subprocess.run([sys.executable, str(ROOT / "models" / "llama_shaped.py"), str(args.model)], check=True)
     with tempfile.TemporaryDirectory() as folder:
-        calibration = calibration_file(Path(folder), 262_144)
+        calibration = calibration_file(Path(folder), llama_shaped.Shape().vocab)
         rows = [measure(args.model, label, arguments, Path(folder), calibration)
                 for label, arguments in OPTIONS.items() if not args.only or label in args.only]
     if not args.no_write:
         RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
-        write_section("compress-memory", markdown(args.model, rows), BENCHMARKS)
+        render(args.model, rows)
     print(markdown(args.model, rows))
     return 0
+
+
+def render(model: Path, rows: list[dict]) -> None:
+    """The BENCHMARKS.md table and the README's memory line."""
+    write_section("compress-memory", markdown(model, rows), BENCHMARKS)
+    write_section("memory", readme_line(model, rows))
+
+
+def readme_line(model: Path, rows: list[dict]) -> str:
+    """The memory a user needs per billion parameters, from the data-free options that finished."""
+    finished = [row for row in rows if row["exit_code"] == 0 and "calibration" not in row["option"]]
+    calibrated = [row for row in rows if row["exit_code"] == 0 and "calibration" in row["option"]]
+    peak = max(row["peak_rss_bytes"] for row in finished)
+    billions = PARAMETERS / 1e9
+    line = (f"Measured by `python bench/compress_memory.py` on a {PARAMETERS / 1e6:.0f}M-parameter fp32 model "
+            f"({model.stat().st_size / 1e9:.2f} GB, a 262,144 x 640 tied table): every data-free option peaks at "
+            f"{peak / 1e9:.2f} GB or less, about {peak / model.stat().st_size:.1f}x the fp32 file or "
+            f"{peak / 1e9 / billions:.1f} GB per billion fp32 parameters")
+    if calibrated:
+        worst = max(row["peak_rss_bytes"] for row in calibrated)
+        tokens = f"{CALIBRATION_SHAPE[0]} x {CALIBRATION_SHAPE[1]} tokens"
+        line += f"; with calibration ({tokens}) up to {worst / 1e9:.2f} GB"
+    return line + " (BENCHMARKS.md has every option)."
 
 
 if __name__ == "__main__":

@@ -5,28 +5,77 @@ is another gigabyte beside the loaded one. Shape inference needs the weights' ty
 small constants only (shapes, axes, pads), so the skeleton keeps every initializer of at most
 :data:`SKELETON_MAX_BYTES` and declares each larger one of the main graph as a graph input of the same type and shape
 instead: the same nodes, the same inferred shapes, a few kilobytes.
+
+For onnxruntime sessions that must see the weights as constants (so its constant folding and fusions, and thus its
+numbers, are those of the full model) :func:`session_with_weights` keeps the large initializers declared with
+external data and hands their values to onnxruntime from arrays already in memory (``add_external_initializers``),
+instead of a serialized copy.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 from google.protobuf.message import Message
-from onnx import helper
+from onnx import helper, numpy_helper
 
 #: Initializers above this size are replaced by graph inputs in the skeleton.
 SKELETON_MAX_BYTES = 1 << 16
+#: The external-data location of weights handed to onnxruntime from memory (never a file).
+IN_MEMORY = "jlcm-onnx-in-memory"
 
 
-def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose main-graph initializers above :data:`SKELETON_MAX_BYTES` are graph inputs."""
+def skeleton(model: onnx.ModelProto, as_inputs: set[str] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` whose main-graph initializers above :data:`SKELETON_MAX_BYTES` (or, given ``as_inputs``,
+    those named there) are graph inputs; the others are copied, the moved ones never are."""
+    moved = _moved(model, as_inputs)
+    graph = _graph_without(model, moved)
+    declared = {value.name for value in graph.input}
+    graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer
+                       if t.name in moved and t.name not in declared)
+    return _model_with(model, graph)
+
+
+def session_with_weights(
+    model: onnx.ModelProto, options: ort.SessionOptions, providers: list[str],
+    outputs: list[onnx.ValueInfoProto] | None = None,
+) -> tuple[ort.InferenceSession, list[np.ndarray]]:
+    """An onnxruntime session of ``model`` (with ``outputs`` as its graph outputs, when given) whose large
+    initializers reach onnxruntime as arrays rather than inside the serialized model; returns the session and the
+    arrays, which must live as long as the session."""
+    moved = _moved(model, None)
+    graph = _graph_without(model, moved)
+    if outputs is not None:
+        del graph.output[:]
+        graph.output.extend(outputs)
+    names, arrays = [], []
+    for tensor in model.graph.initializer:
+        if tensor.name in moved:
+            arrays.append(numpy_helper.to_array(tensor))
+            names.append(tensor.name)
+            declared = graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                             data_location=onnx.TensorProto.EXTERNAL)
+            declared.external_data.add(key="location", value=IN_MEMORY)
+    options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+    return ort.InferenceSession(_model_with(model, graph).SerializeToString(), options, providers=providers), arrays
+
+
+def _moved(model: onnx.ModelProto, names: set[str] | None) -> set[str]:
+    if names is not None:
+        return names
+    return {t.name for t in model.graph.initializer if t.ByteSize() > SKELETON_MAX_BYTES}
+
+
+def _graph_without(model: onnx.ModelProto, moved: set[str]) -> onnx.GraphProto:
+    """The main graph with every field but the initializers ``moved``."""
     graph = onnx.GraphProto()
     _copy_fields(model.graph, graph, skip="initializer")
-    declared = {value.name for value in graph.input}
-    for tensor in model.graph.initializer:
-        if tensor.ByteSize() <= SKELETON_MAX_BYTES:
-            graph.initializer.append(tensor)
-        elif tensor.name not in declared:
-            graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    graph.initializer.extend(t for t in model.graph.initializer if t.name not in moved)
+    return graph
+
+
+def _model_with(model: onnx.ModelProto, graph: onnx.GraphProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     _copy_fields(model, copy, skip="graph")
     copy.graph.CopyFrom(graph)

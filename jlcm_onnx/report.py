@@ -49,7 +49,8 @@ class TensorRecord:
 
 @dataclass
 class CompressionReport:
-    """Per-tensor records, whole-file sizes and the settings used."""
+    """Per-tensor records, whole-file sizes, the settings used, and the memory budget and peak resident set size of
+    the process (bytes; the peak is the whole process's, so an API caller's own use counts in it)."""
 
     tensors: list[TensorRecord]
     original_file_bytes: int

@@ -10,30 +10,36 @@ where ``E_t`` is the output error with tensor t alone replaced by a probe encodi
 configured encoding) and every other weight exact, over up to ``SAMPLES`` calibration samples. The planner then
 minimises ``sum_t a_t * D_t(b_t, G_t)`` (:func:`weight_errors`), so bits move to the tensors the outputs feel most.
 
-One onnxruntime session serves every probe: the measured initializers become graph inputs, fed the original arrays
-except the probed one. Weights that cannot be fed this way (inside ``If``/``Loop``/``Scan`` bodies, in ``Constant``
-nodes) get the median coefficient of the others.
+One onnxruntime session serves every probe: the measured initializers become graph inputs (never copied into it), fed
+the original arrays except the probed one. Weights that cannot be fed this way (inside ``If``/``Loop``/``Scan``
+bodies, in ``Constant`` nodes) get the median coefficient of the others. The reference outputs of the samples are kept
+for every probe, so the samples are as many as fit in ``OUTPUT_BUDGET_BYTES`` of outputs (at least one): a
+language model's logits over a vocabulary of 262,144 are 1 MB per token.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
 from tqdm import tqdm
 
 from jlcm_onnx.calibration import CalibrationData
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.distortion import ErrorTable
+from jlcm_onnx.model_skeleton import skeleton
 from jlcm_onnx.passes.site_encoding import encode_site
 from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
 from jlcm_onnx.plan import CompressionPlan, TensorChoice
 
 #: Bits of the probe encoding whose output error is measured (the planner's usual range at 3-4 bits average).
 PROBE_BITS = 3
-#: Calibration samples the probes are run on.
+#: Calibration samples the probes are run on, at most.
 SAMPLES = 16
+#: The reference outputs kept for the probes hold at most this many bytes (fewer samples when they are large).
+OUTPUT_BUDGET_BYTES = 256 << 20
 
 
 def output_sensitivities(
@@ -44,11 +50,16 @@ def output_sensitivities(
     sites = [(site, compressible_row_axis(site, config)[0]) for site in find_weight_sites(model)]
     sites = [(site, axis) for site, axis in sites if axis is not None]
     feedable = [(site, axis) for site, axis in sites if site.graph is model.graph and site.constant_node is None]
-    probed = _weights_as_inputs(model, {site.name for site, _ in feedable})
+    probed = skeleton(model, {site.name for site, _ in feedable})
     session = ort.InferenceSession(probed.SerializeToString(), providers=providers)
+    del probed
     originals = {site.name: site.array() for site, _ in feedable}
-    samples = list(data)[:SAMPLES]
-    reference = [session.run(None, {**sample, **originals}) for sample in samples]
+    samples, reference = [], []
+    for sample in itertools.islice(data, SAMPLES):
+        reference.append(session.run(None, {**sample, **originals}))
+        samples.append(sample)
+        if len(samples) * sum(np.asarray(o).nbytes for o in reference[0]) >= OUTPUT_BUDGET_BYTES:
+            break
     energy = sum(_energy(outputs) for outputs in reference)
     coefficients: dict[str, float] = {}
     for site, row_axis in tqdm(feedable, desc="output sensitivity", unit="tensor", disable=not progress, leave=False):
@@ -69,21 +80,6 @@ def weight_errors(errors: ErrorTable, coefficients: dict[str, float]) -> ErrorTa
     """The planner's table with every tensor's errors scaled by its output sensitivity."""
     return {name: {option: coefficients[name] * error for option, error in options.items()}
             for name, options in errors.items()}
-
-
-def _weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers ``names`` are graph inputs instead."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    graph = copy.graph
-    kept = [tensor for tensor in graph.initializer if tensor.name not in names]
-    moved = [tensor for tensor in graph.initializer if tensor.name in names]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    listed = {value.name for value in graph.input}  # IR < 4 models may list initializers as inputs already
-    graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved
-                       if t.name not in listed)
-    return copy
 
 
 def _energy(outputs: list[np.ndarray]) -> float:

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from jlcm_onnx.model_io import _loadable
+from jlcm_onnx.model_skeleton import session_with_weights
 from jlcm_onnx.passes.weight_sites import Consumer, WeightSite, find_weight_sites, transposed_matmul, weight_row_axis
 
 #: Activations are turned into float64 matrices in chunks of at most this many elements (64 MB).
@@ -370,7 +370,7 @@ def _accumulate(
     readers = defaultdict(list)
     for activation in sums:
         readers[activation.tensor].append(activation)
-    session = _session(model, tensors, providers)
+    session, weights = _session(model, tensors, providers)  # weights: the arrays behind the session's initializers
     total = len(feeds) if hasattr(feeds, "__len__") else None
     for feed in tqdm(feeds, desc="statistics", unit="batch", total=total, disable=not progress, leave=False):
         _reduce_batch(session.run(tensors, feed), tensors, readers, sums)  # activations die before the next batch
@@ -387,21 +387,22 @@ def _reduce_batch(
             sums[reader].add(*reader.reduce(activation))
 
 
-def _session(model: onnx.ModelProto, tensors: list[str], providers: list[str] | None) -> ort.InferenceSession:
-    """A session of a copy of ``model`` whose outputs are exactly ``tensors`` (so nothing else is computed)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    types = _elem_types(copy.graph)
-    del copy.graph.output[:]
+def _session(
+    model: onnx.ModelProto, tensors: list[str], providers: list[str] | None
+) -> tuple[ort.InferenceSession, list[np.ndarray]]:
+    """A session of ``model`` whose outputs are exactly ``tensors`` (so nothing else is computed), built without a
+    serialized copy of the weights (:func:`~jlcm_onnx.model_skeleton.session_with_weights`); the weights' arrays
+    must outlive it."""
+    types = _elem_types(model.graph)
+    outputs = []
     for name in tensors:
         value = onnx.ValueInfoProto(name=name)
         if name in types:
             value.type.tensor_type.elem_type = types[name]
-        copy.graph.output.append(value)
+        outputs.append(value)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    with _loadable(copy) as loadable:
-        return ort.InferenceSession(loadable, options, providers=providers or ["CPUExecutionProvider"])
+    return session_with_weights(model, options, providers or ["CPUExecutionProvider"], outputs)
 
 
 def _statistics(entry: WeightActivations, sums: dict[ActivationInput, _Sum]) -> LayerStatistics:

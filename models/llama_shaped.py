@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+import model_cli
+
 LOG = logging.getLogger("llama_shaped")
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
@@ -103,20 +105,12 @@ def export(path: Path, shape: Shape, fp16: bool = False, seed: int = 0) -> None:
     if fp16:
         model = model.half()
 
-    class Logits(torch.nn.Module):
-        def __init__(self, lm: torch.nn.Module) -> None:
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
     ids = torch.randint(0, shape.vocab, (2, 16), generator=torch.Generator().manual_seed(seed))
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=4096)
     external = shape.parameters() * (2 if fp16 else 4) >= PROTOBUF_LIMIT
     with torch.no_grad():
         program = torch.onnx.export(
-            Logits(model).eval(), (ids, torch.ones_like(ids)), input_names=list(INPUT_NAMES),
+            model_cli.logits_only(model), (ids, torch.ones_like(ids)), input_names=list(INPUT_NAMES),
             output_names=[OUTPUT_NAME], dynamic_shapes={name: {0: batch, 1: seq} for name in INPUT_NAMES},
             dynamo=True, external_data=external, verbose=False)
     del model

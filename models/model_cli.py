@@ -51,6 +51,22 @@ def export_dynamo(
     strip_debug_metadata(path)
 
 
+def logits_only(language_model: Any) -> Any:
+    """A torch module (eval mode) running a transformers causal LM on ``(input_ids, attention_mask)`` and returning
+    only its logits as a plain tensor (no KV cache): the shape exporters and ``evaluate`` expect."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self, lm: torch.nn.Module) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return Logits(language_model).eval()
+
+
 def strip_debug_metadata(path: Path) -> Any:
     """Keeps the weights inside the .onnx file and drops the exporter's per-node debug metadata (Python stack traces
     with local paths, FX node dumps), which a deployed model does not carry; checks and rewrites the file and returns

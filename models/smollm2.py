@@ -149,19 +149,7 @@ def export(path: Path, *, dynamo: bool = True) -> None:
     hf_logging.disable_progress_bar()
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    model = load_torch_model()
-
-    class Logits(torch.nn.Module):
-        """Wrapper returning only the logits as a plain tensor (no KV cache)."""
-
-        def __init__(self, lm: torch.nn.Module) -> None:
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    wrapper = Logits(model).eval()
+    wrapper = model_cli.logits_only(load_torch_model())
 
     export_ids = torch.from_numpy(_token_batch(["The capital of France is Paris, and the capital of Italy is Rome."
                                                 for _ in range(2)]))

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from onnx import helper
 
 import jlcm_onnx
-from jlcm_onnx import CompressionConfig, ConfigError, JlcmError
+from jlcm_onnx import CompressionConfig, ConfigError, JlcmError, sensitivity
 from jlcm_onnx.calibration import load_calibration
 from jlcm_onnx.cli import main
 from jlcm_onnx.compress import build_pipeline
@@ -165,16 +165,21 @@ def test_cli_target_size(tmp_path: Path) -> None:
     assert 0.99 * goal <= out.stat().st_size <= goal
 
 
-def test_with_calibration_the_planner_gives_bits_to_the_tensors_the_outputs_feel() -> None:
-    """``Y = 100 * (X @ A) + X @ B`` with A and B alike: an error in A moves the output 10^4 times more (in squared
-    terms), so with calibration data A gets more bits than B, and the output error drops at the same size."""
-    rng = np.random.default_rng(3)
+def loud_and_quiet_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """``Y = 100 * (X @ A) + X @ B`` with A and B alike [128, 128]."""
     a, b = (rng.standard_normal((128, 128)).astype(np.float32) for _ in range(2))
-    model = make_model(
+    return make_model(
         [helper.make_node("MatMul", ["X", "A"], ["ya"]), helper.make_node("MatMul", ["X", "B"], ["yb"]),
          helper.make_node("Mul", ["ya", "gain"], ["big"]), helper.make_node("Add", ["big", "yb"], ["Y"])],
         [value("X", FLOAT, ["N", 128])], [value("Y", FLOAT, ["N", 128])],
         [tensor("A", a), tensor("B", b), tensor("gain", np.array(100.0, np.float32))])
+
+
+def test_with_calibration_the_planner_gives_bits_to_the_tensors_the_outputs_feel() -> None:
+    """``Y = 100 * (X @ A) + X @ B`` with A and B alike: an error in A moves the output 10^4 times more (in squared
+    terms), so with calibration data A gets more bits than B, and the output error drops at the same size."""
+    rng = np.random.default_rng(3)
+    model = loud_and_quiet_model(rng)
     config = CompressionConfig(target_bits_per_weight=4.0)
     samples = [{"X": rng.standard_normal((4, 128)).astype(np.float32)} for _ in range(8)]
     coefficients = output_sensitivities(model, config, load_calibration(samples, model), ["CPUExecutionProvider"])
@@ -189,3 +194,18 @@ def test_with_calibration_the_planner_gives_bits_to_the_tensors_the_outputs_feel
         return float(np.sum((run(result.model, held_out)[0] - expected) ** 2) / np.sum(expected**2))
 
     assert output_error(calibrated) < 0.5 * output_error(jlcm_onnx.compress(model, config))
+
+
+def test_sensitivities_keep_the_reference_outputs_within_their_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large outputs (an LLM's logits) limit the probe samples to what the budget holds, at least one; the
+    coefficients still rank the tensors."""
+    rng = np.random.default_rng(3)
+    model = loud_and_quiet_model(rng)
+    samples = [{"X": rng.standard_normal((4, 128)).astype(np.float32)} for _ in range(8)]
+    data = load_calibration(samples, model)
+    read = []
+    monkeypatch.setattr(sensitivity, "OUTPUT_BUDGET_BYTES", 1)
+    monkeypatch.setattr(type(data), "__iter__", lambda self: (read.append(s) or s for s in samples))
+    coefficients = output_sensitivities(model, CompressionConfig(), data, ["CPUExecutionProvider"])
+    assert coefficients["A"] > 1000 * coefficients["B"]
+    assert len(read) == 1
