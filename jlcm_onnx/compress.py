@@ -153,15 +153,18 @@ def compress(
         samples = None if isinstance(calibration, CalibrationData) else DEFAULT_SAMPLES
         data = load_calibration(calibration, source, samples=samples, seed=config.seed)
     notes = [note for note in (quantization_note(source),) if note]
-    if config.target is None:
+    target = None if config.target is None else _resolve_target(source, original_bytes, config, progress, data,
+                                                                  device)
+    del source  # every run loads and consumes its own copy: the input's weights are in memory once
+
+    def load() -> onnx.ModelProto:
+        return load_model(model)[0]
+
+    if target is None:
         plan = CompressionPlan(config, device=device, chunk_weights=chunk)
-        working, records, run_notes = _run(source, config, plan, progress, data, copy=False)
-        del source  # consumed: the output gate's onnxruntime sessions must not sit beside the input's weights
+        working, records, run_notes = _run(load(), config, plan, progress, data)
     else:
-        target = _resolve_target(source, original_bytes, config, progress, data, device)
-        del source  # every run of the target loads its own copy
-        working, records, plan, run_notes = _run_to_target(lambda: load_model(model)[0], target, config, progress,
-                                                           data, device, chunk)
+        working, records, plan, run_notes = _run_to_target(load, target, config, progress, data, device, chunk)
     release_freed_memory()
     notes.extend(run_notes)
     if config.decode_at_load:
@@ -193,15 +196,11 @@ def _run(
     progress: bool,
     data: CalibrationData | None = None,
     rehearsal: bool = False,
-    copy: bool = True,
 ) -> tuple[onnx.ModelProto, list[TensorRecord], list[str]]:
-    """One pass of the pipeline over a copy of ``source`` (over ``source`` itself when not ``copy``: its weights are
-    then dropped as they are encoded), with metadata written: the model, its tensor records and the notes of the
-    passes."""
+    """One pass of the pipeline over ``source``, which it consumes (edits in place or replaces), with metadata
+    written: the compressed model (a fresh message), its tensor records and the notes of the passes."""
     working = source
-    if copy:
-        working = onnx.ModelProto()
-        working.CopyFrom(source)
+    del source  # passes may return a new model: the one they replaced must go
     records: list[TensorRecord] = []
     notes: list[str] = []
     for graph_pass in build_pipeline(config, plan, progress, data, rehearsal):
@@ -288,8 +287,7 @@ def _run_to_target(
         plan = CompressionPlan(config, choices=choices, device=device, chunk_weights=chunk)
         working = records = None  # the previous run's model goes before the next copy comes
         release_freed_memory()
-        working, records, run_notes = _run(load(), config, plan, progress and not rehearsal, data, rehearsal,
-                                           copy=False)
+        working, records, run_notes = _run(load(), config, plan, progress and not rehearsal, data, rehearsal)
         achieved = sum(r.compressed_bytes or 0 for r in records) if fixed == 0 else working.ByteSize()
         rehearsed, runs = rehearsed + rehearsal, runs + (not rehearsal)
         if 0.99 * goal <= achieved <= goal:

@@ -55,6 +55,7 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
     """Encodes ``site`` with the plan's bits, groups, row order and statistics (learned when a Gram is there)."""
     weight = site.array()
     matrix = np.ascontiguousarray(np.moveaxis(weight, row_axis, 0).reshape(weight.shape[row_axis], -1), np.float32)
+    del weight  # when the rows had to be moved to the front, the copy is all that is needed
     choice = plan.choice(site.name)
     grouping = plan.groupings.get(site.name)
     stored_order = None if grouping is None else grouping.stored_order

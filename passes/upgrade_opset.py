@@ -5,6 +5,10 @@ codes (opset 25, IR 11). A model exported at an older opset is converted first; 
 whose semantics changed between the two opsets, so the model computes the same function (the output gate of
 :func:`jlcm_onnx.compress` compares it with the original). A model the converter cannot upgrade is refused with the
 converter's reason, rather than written in a format its runtime would reject.
+
+Only the model's structure goes through the converter (:mod:`jlcm_onnx.model_skeleton`: large weights as graph
+inputs, small constants kept for the adapters that read them); the weights are then moved into the converted model
+as they were, so a 1 GB model is not serialized, parsed and copied by the converter.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from onnx import version_converter
 
 from jlcm_onnx.errors import ModelError
 from jlcm_onnx.model_io import default_opset
+from jlcm_onnx.model_skeleton import skeleton
 from jlcm_onnx.passes.base import Pass, PassResult
 
 
@@ -31,7 +36,7 @@ class UpgradeOpset(Pass):
         records = []
         if current < self.opset:
             try:
-                model = version_converter.convert_version(model, self.opset)
+                model = _with_weights_of(model, version_converter.convert_version(skeleton(model), self.opset))
             except Exception as error:  # noqa: BLE001 - the converter raises bare RuntimeErrors and its own types
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise ModelError(f"speed 'fast' needs ai.onnx opset {self.opset}, and onnx.version_converter cannot "
@@ -42,3 +47,20 @@ class UpgradeOpset(Pass):
             records.append(f"IR version {model.ir_version} -> {self.ir_version}")
             model.ir_version = self.ir_version
         return PassResult(model, modified=True, records=records)
+
+
+def _with_weights_of(original: onnx.ModelProto, converted: onnx.ModelProto) -> onnx.ModelProto:
+    """``converted`` (a converted skeleton of ``original``) with ``original``'s large initializers back in place of
+    the graph inputs that stood for them, every initializer in ``original``'s order."""
+    result = onnx.ModelProto()
+    result.CopyFrom(converted)
+    converted_tensors = {t.name: t for t in converted.graph.initializer}
+    moved = {t.name for t in original.graph.initializer} - set(converted_tensors)
+    declared = {v.name for v in original.graph.input}
+    inputs = [v for v in converted.graph.input if v.name not in moved or v.name in declared]
+    del result.graph.input[:]
+    result.graph.input.extend(inputs)
+    tensors = [converted_tensors.pop(t.name, t) for t in original.graph.initializer]
+    del result.graph.initializer[:]
+    result.graph.initializer.extend([*tensors, *converted_tensors.values()])  # then any the converter added
+    return result
