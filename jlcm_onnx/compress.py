@@ -318,8 +318,9 @@ def _estimated_peak(source: onnx.ModelProto, model_bytes: int, config: Compressi
     unchunked = 0
     if config.encoding == "multi-scaling" and config.speed != "fast":
         unchunked = max((shape.size for shape in shapes), default=0)
+    learned = max((shape.size for shape in shapes if not shape.row_decoded), default=0) if calibrated else 0
     grams = sum((shape.size // shape.rows) ** 2 * 8 for shape in shapes) if calibrated else 0
-    return estimated_peak(model_bytes, chunk, cpu_cores(), unchunked, grams)
+    return estimated_peak(model_bytes, chunk, cpu_cores(), unchunked, learned, grams)
 
 
 def _unit(kind: str) -> str:

@@ -13,7 +13,8 @@ the tensor at once. Each of the ``workers`` threads encoding tensors side by sid
 
     peak ~ BASELINE + RESIDENT_COPIES * model bytes + workers * chunk bytes + largest unchunked work + Grams
 
-where the unchunked work is the one k-means of a multi-scaling tensor's shared codebook (all its weights at once) and
+where the unchunked work is the one k-means of a multi-scaling tensor's shared codebook (all its weights at once) or,
+with calibration data, the learning of the largest tensor that has a Gram (its whole matrix at once, for now), and
 the Grams are the calibration statistics of every compressed tensor (fp64 [cols, cols] each). A run whose estimate
 exceeds ``max_memory`` is refused before it starts, with the estimate in the message, rather than killed part-way.
 """
@@ -50,6 +51,9 @@ BASELINE_BYTES = 600 << 20
 RESIDENT_COPIES = 2.0
 #: Peak bytes per weight of the one k-means over all of a multi-scaling tensor's weights (its shared codebook).
 UNCHUNKED_BYTES_PER_WEIGHT = 140
+#: Peak bytes per weight of learning one tensor's codes and codebooks from its Gram (whole tensor at once; measured
+#: 120 on 10M- and 42M-weight matrices).
+LEARNING_BYTES_PER_WEIGHT = 125
 
 
 def available_memory() -> int:
@@ -127,10 +131,12 @@ def row_chunks(rows: int, cols: int, max_weights: int) -> Iterator[slice]:
         yield slice(start, min(start + step, rows))
 
 
-def estimated_peak(model_bytes: int, chunk: int, workers: int, unchunked_weights: int = 0, gram_bytes: int = 0) -> int:
+def estimated_peak(model_bytes: int, chunk: int, workers: int, unchunked_weights: int = 0, learned_weights: int = 0,
+                   gram_bytes: int = 0) -> int:
     """The estimate of the module docstring, in bytes."""
-    return int(BASELINE_BYTES + RESIDENT_COPIES * model_bytes + workers * chunk * WORKING_BYTES_PER_WEIGHT
-               + unchunked_weights * UNCHUNKED_BYTES_PER_WEIGHT + gram_bytes)
+    unchunked = max(unchunked_weights * UNCHUNKED_BYTES_PER_WEIGHT, learned_weights * LEARNING_BYTES_PER_WEIGHT)
+    return int(BASELINE_BYTES + RESIDENT_COPIES * model_bytes + workers * chunk * WORKING_BYTES_PER_WEIGHT + unchunked
+               + gram_bytes)
 
 
 def check_budget(estimate: int, budget: int) -> None:

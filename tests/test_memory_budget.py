@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, equal_group_sizes, select_outliers
 from jlcm_onnx.encodings.affine_blocks import fit_affine_blocks
-from jlcm_onnx.memory_budget import chunk_weights, group_chunks, row_chunks
+from jlcm_onnx.memory_budget import chunk_weights, estimated_peak, group_chunks, row_chunks
 from jlcm_onnx.model_skeleton import skeleton
 
 ROWS, COLS = 96, 80
@@ -202,3 +202,10 @@ def test_row_descriptors_and_clusters_do_not_depend_on_the_chunk(monkeypatch: py
     assert np.array_equal(grouping.row_descriptors(matrix), whole)
     chunked = grouping.cluster_descriptors(whole, 12)
     assert np.array_equal(chunked.permutation, groups.permutation) and chunked.sizes == groups.sizes
+
+
+def test_the_estimate_counts_the_chunks_the_learning_and_the_grams() -> None:
+    base = estimated_peak(1 << 30, 1 << 20, 2)
+    assert estimated_peak(1 << 30, 1 << 20, 4) > base
+    assert estimated_peak(1 << 30, 1 << 20, 2, learned_weights=10**6) - base == 125 * 10**6
+    assert estimated_peak(1 << 30, 1 << 20, 2, gram_bytes=5) - base == 5
