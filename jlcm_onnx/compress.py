@@ -206,6 +206,7 @@ def _run(
     for graph_pass in build_pipeline(config, plan, progress, data, rehearsal):
         result = graph_pass(working)
         working = result.model
+        release_freed_memory()  # a replaced model's buffers go back to the system before the next pass
         records.extend(r for r in result.records if isinstance(r, TensorRecord))
         notes.extend(r for r in result.records if isinstance(r, str))
     if config.decode_at_load:

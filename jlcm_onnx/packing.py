@@ -74,27 +74,38 @@ PACK_CHUNK_WORDS = 1 << 18
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Packs integer codes in ``[0, 2**bits)`` along their last axis: [..., m] -> uint8 byte planes [..., B, N], a
-    run of :data:`PACK_CHUNK_WORDS` words at a time (the working words are 8 bytes per code)."""
+    """Packs integer codes in ``[0, 2**bits)`` along their last axis: [..., m] -> uint8 byte planes [..., B, N], about
+    :data:`PACK_CHUNK_WORDS` words (of all leading rows together) at a time: the working words are 8 bytes per code."""
     layout = WordLayout(bits)
     codes = np.asarray(codes)
     lead, count = codes.shape[:-1], codes.shape[-1]
     if codes.size and (int(codes.max()) >= 1 << bits or int(codes.min()) < 0):
         raise ValueError(f"codes range [{int(codes.min())}, {int(codes.max())}] does not fit in {bits} bits")
     words = layout.num_words(count)
-    packed = np.empty((*lead, layout.bytes_per_word, words), dtype=np.uint8)
-    per_word = layout.codes_per_word
-    shifts = np.arange(per_word, dtype=np.uint64)[:, None] * np.uint64(bits)
-    for first in range(0, words, PACK_CHUNK_WORDS):  # word w holds codes w, w + N, w + 2N, ...
-        last = min(first + PACK_CHUNK_WORDS, words)
-        planes = np.zeros((*lead, per_word, last - first), dtype=np.uint64)
-        for slot in range(per_word):
-            part = codes[..., min(slot * words + first, count):min(slot * words + last, count)]
-            planes[..., slot, :part.shape[-1]] = part
-        chunk_words = np.bitwise_or.reduce(planes << shifts, axis=-2).astype("<u8")
-        word_bytes = chunk_words.view(np.uint8).reshape(*chunk_words.shape, 8)[..., : layout.bytes_per_word]
-        packed[..., first:last] = np.moveaxis(word_bytes, -1, -2)
-    return packed
+    rows = codes.reshape(int(np.prod(lead, dtype=np.int64)), count)
+    packed = np.empty((rows.shape[0], layout.bytes_per_word, words), dtype=np.uint8)
+    word_step = min(words, PACK_CHUNK_WORDS) or 1
+    row_step = max(1, PACK_CHUNK_WORDS // word_step)
+    for row in range(0, rows.shape[0], row_step):
+        for first in range(0, words, word_step):
+            last = min(first + word_step, words)
+            packed[row:row + row_step, :, first:last] = _pack_words(rows[row:row + row_step], layout, first, last)
+    return packed.reshape(*lead, layout.bytes_per_word, words)
+
+
+def _pack_words(rows: np.ndarray, layout: WordLayout, first: int, last: int) -> np.ndarray:
+    """Words ``[first, last)`` of each row of codes [R, m] as byte planes [R, B, last - first]; word w holds codes w,
+    w + N, w + 2N, ... (N words per row)."""
+    count, per_word = rows.shape[1], layout.codes_per_word
+    words = layout.num_words(count)
+    planes = np.zeros((rows.shape[0], per_word, last - first), dtype=np.uint64)
+    for slot in range(per_word):
+        part = rows[:, min(slot * words + first, count):min(slot * words + last, count)]
+        planes[:, slot, :part.shape[1]] = part
+    shifts = np.arange(per_word, dtype=np.uint64)[:, None] * np.uint64(layout.bits)
+    chunk_words = np.bitwise_or.reduce(planes << shifts, axis=1).astype("<u8")
+    word_bytes = chunk_words.view(np.uint8).reshape(*chunk_words.shape, 8)[..., : layout.bytes_per_word]
+    return np.moveaxis(word_bytes, -1, -2)
 
 
 def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:

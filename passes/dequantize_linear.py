@@ -64,6 +64,10 @@ def required_ir_version(bits: int) -> int:
     return 11 if bits == 2 else 10
 
 
+#: Bytes packed at once by :func:`pack_sub_byte`.
+PACK_CHUNK_BYTES = 1 << 22
+
+
 def pack_sub_byte(values: np.ndarray, bits: int) -> bytes:
     """ONNX raw data of a UINT2/UINT4 tensor: element i in bits ``[(i % L) b, (i % L + 1) b)`` of byte ``i // L``,
     ``L = 8 / b`` (the onnx layout); UINT8 as it is."""
@@ -71,10 +75,16 @@ def pack_sub_byte(values: np.ndarray, bits: int) -> bytes:
     if bits == 8:
         return flat.tobytes()
     per_byte = 8 // bits
-    padded = np.zeros(-(-flat.size // per_byte) * per_byte, np.uint8)
-    padded[:flat.size] = flat
-    slots = padded.reshape(-1, per_byte).astype(np.uint16) << (bits * np.arange(per_byte, dtype=np.uint16))
-    return slots.sum(axis=1).astype(np.uint8).tobytes()
+    packed = np.empty(-(-flat.size // per_byte), np.uint8)
+    shifts = (bits * np.arange(per_byte)).astype(np.uint8)
+    step = PACK_CHUNK_BYTES
+    for first in range(0, packed.size, step):  # a run of bytes at a time: the work is a few bytes per code
+        part = flat[first * per_byte:(first + step) * per_byte]
+        padded = np.zeros(-(-part.size // per_byte) * per_byte, np.uint8)
+        padded[:part.size] = part
+        packed[first:first + padded.size // per_byte] = np.bitwise_or.reduce(
+            padded.reshape(-1, per_byte) << shifts, axis=1)
+    return packed.tobytes()
 
 
 def build_fused_decoder(spec: DecodeSpec, names: NameAllocator, pool: ConstantPool) -> DecodeGraph:

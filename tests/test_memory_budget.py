@@ -209,3 +209,13 @@ def test_the_estimate_counts_the_chunks_the_learning_and_the_grams() -> None:
     assert estimated_peak(1 << 30, 1 << 20, 4) > base
     assert estimated_peak(1 << 30, 1 << 20, 2, learned_weights=10**6) - base == 125 * 10**6
     assert estimated_peak(1 << 30, 1 << 20, 2, gram_bytes=5) - base == 5
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_sub_byte_packing_in_runs_is_byte_identical(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jlcm_onnx.passes import dequantize_linear
+
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, 1001)
+    whole = dequantize_linear.pack_sub_byte(codes, bits)
+    monkeypatch.setattr(dequantize_linear, "PACK_CHUNK_BYTES", 3)
+    assert dequantize_linear.pack_sub_byte(codes, bits) == whole
