@@ -70,6 +70,8 @@ METADATA_PREFIX = "jlcm_onnx."
 MAX_REHEARSALS = 4
 #: Real compression runs allowed to converge on a size target (the first one lands when a rehearsal did).
 MAX_TARGET_RUNS = 4
+#: A size target's runs aim this share of the goal (half a percent under it).
+AIM = 0.995
 
 
 @dataclass
@@ -155,10 +157,11 @@ def compress(
     notes = [note for note in (quantization_note(source),) if note]
     target = None if config.target is None else _resolve_target(source, original_bytes, config, progress, data,
                                                                   device)
-    del source  # every run loads and consumes its own copy: the input's weights are in memory once
+    loaded = [source]  # the first run consumes this copy; a size target's later runs read the input again
+    del source  # so the input's weights are in memory once
 
     def load() -> onnx.ModelProto:
-        return load_model(model)[0]
+        return loaded.pop() if loaded else load_model(model)[0]
 
     if target is None:
         plan = CompressionPlan(config, device=device, chunk_weights=chunk)
@@ -232,7 +235,7 @@ class _Target:
 
     @property
     def aim(self) -> float:
-        return 0.995 * self.goal
+        return AIM * self.goal
 
 
 def _resolve_target(
@@ -258,7 +261,7 @@ def _resolve_target(
     if data is not None:  # weigh each tensor's error by what it does to the outputs
         errors = weight_errors(errors, output_sensitivities(source, config, data, execution_providers(device),
                                                             progress))
-    choices = plan_for_budget(shapes, int(0.995 * goal - fixed), config, errors)
+    choices = plan_for_budget(shapes, int(AIM * goal - fixed), config, errors)
     return _Target(kind, value, goal, fixed, shapes, errors, choices)
 
 
