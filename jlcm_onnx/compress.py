@@ -22,6 +22,7 @@ from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import check_device, cpu_cores, execution_providers, torch_device
 from jlcm_onnx.distortion import ErrorTable, estimate_errors
 from jlcm_onnx.errors import JlcmError
+from jlcm_onnx.lazy_weights import materialize
 from jlcm_onnx.memory_budget import (
     MAX_CHUNK_WEIGHTS,
     check_budget,
@@ -149,7 +150,7 @@ def compress(
     budget = config.max_memory or default_max_memory()
     chunk = chunk_weights(budget, cpu_cores())
     check_budget(_estimated_peak(source, original_bytes, config, chunk, calibrated=calibration is not None), budget)
-    reference = reference_for(source, config.seed, None if isinstance(model, onnx.ModelProto) else Path(model))
+    reference = reference_for(source, config.seed, deferred=not isinstance(model, onnx.ModelProto))
     data = None
     if calibration is not None:  # a CalibrationData is re-checked against this model but keeps all its samples
         samples = None if isinstance(calibration, CalibrationData) else DEFAULT_SAMPLES
@@ -292,7 +293,9 @@ def _run_to_target(
         working = records = None  # the previous run's model goes before the next copy comes
         release_freed_memory()
         working, records, run_notes = _run(load(), config, plan, progress and not rehearsal, data, rehearsal)
-        achieved = sum(r.compressed_bytes or 0 for r in records) if fixed == 0 else working.ByteSize()
+        if fixed:
+            materialize(working)  # the weights left dense count as they will be written
+        achieved = working.ByteSize() if fixed else sum(r.compressed_bytes or 0 for r in records)
         rehearsed, runs = rehearsed + rehearsal, runs + (not rehearsal)
         if 0.99 * goal <= achieved <= goal:
             if not rehearsal:

@@ -33,8 +33,9 @@ from onnx import external_data_helper
 
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.errors import ModelError, OutputError
+from jlcm_onnx.lazy_weights import defer_external_data, defer_payloads, materialize, read_structure
 from jlcm_onnx.memory_budget import release_freed_memory
-from jlcm_onnx.model_skeleton import skeleton
+from jlcm_onnx.model_skeleton import session_with_weights, skeleton
 from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
 
 #: Serialized protobuf messages cannot exceed 2 GiB; stay clearly below it.
@@ -68,7 +69,9 @@ _ORT_SOURCE = re.compile(r"^\S*onnxruntime_src\S*:\d+ .*?\) (?=[A-Z])")
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """(a private copy of the model, its size in bytes: file size(s) on disk, or serialized size of a proto)."""
+    """(a private copy of the model, its size in bytes: file size(s) on disk, or serialized size of a proto).
+
+    A model read from a file keeps its large weights in their files (:mod:`jlcm_onnx.lazy_weights`) until read."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -85,13 +88,14 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     if path.stat().st_size == 0:
         raise ModelError(f"{path} is empty: not an ONNX model")
     try:
-        model = onnx.load(path, load_external_data=False)
+        model, payloads = read_structure(path)
     except (DecodeError, ValueError, RuntimeError, OSError) as error:
         raise ModelError(f"{path} is not a readable ONNX model: {_first_line(error)}") from None
     check_external_locations(model, path.parent)
     external = _external_files(model, path.parent)
+    defer_payloads(model, path, payloads)
     try:
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
+        defer_external_data(model, path.parent)
     except (OSError, ValueError, onnx.checker.ValidationError) as error:
         raise ModelError(f"cannot read external data of {path}: {_first_line(error)}") from None
     return model, path.stat().st_size + sum(f.stat().st_size for f in external)
@@ -148,25 +152,27 @@ class Reference:
     shape inference) itself (when it does not, the output is held to the basic check), and its outputs on one
     synthetic batch (``feed``, ``output_names`` and ``outputs``), or why it runs on none (``skipped``). Only these are
     kept, never an onnxruntime session, so the input's weights are not held twice while it is compressed; a model read
-    from a file is run from that file once it is needed (``pending``), when the compressed model has replaced it in
-    memory."""
+    from a file keeps its structure (its weights left in the file, :mod:`jlcm_onnx.lazy_weights`) and runs once it is
+    needed (``pending``), when the compressed model has replaced the input in memory."""
 
     full_check: bool
     table_rows: int | None
     seed: int = 0
-    pending: Path | None = None
+    pending: onnx.ModelProto | None = None
     output_names: list[str] = field(default_factory=list)
     feed: dict[str, np.ndarray] = field(default_factory=dict)
     outputs: list[np.ndarray] = field(default_factory=list)
     skipped: str = ""
 
-    def run(self, loadable: bytes | str) -> None:
-        """Runs the input (serialized, or the path of its file) on the synthetic batch and keeps what it gave."""
-        try:
-            session = ort.InferenceSession(loadable, _reference_options(), providers=["CPUExecutionProvider"])
-        except _ORT_ERRORS as error:
-            raise ModelError(f"onnxruntime {ort.__version__} cannot load the input model: {ort_message(error)}") \
-                from None
+    def run_pending(self) -> None:
+        """Runs the input kept as ``pending``, its weights memory-mapped from their files."""
+        if self.pending is not None:
+            session, weights = session_with_weights(self.pending, _reference_options(), ["CPUExecutionProvider"])
+            self.run(session)
+            del session, weights
+
+    def run(self, session: ort.InferenceSession) -> None:
+        """Runs the input's ``session`` on the synthetic batch and keeps what it gave."""
         ran = _run_reference(session, self.table_rows, self.seed)
         self.output_names = [o.name for o in session.get_outputs()]
         if isinstance(ran, str):
@@ -176,24 +182,28 @@ class Reference:
         self.pending = None
 
 
-def reference_for(model: onnx.ModelProto, seed: int = 0, path: Path | None = None) -> Reference:
+def reference_for(model: onnx.ModelProto, seed: int = 0, deferred: bool = False) -> Reference:
     """The input's :class:`Reference`; raises :class:`ModelError` when stock onnxruntime cannot load it (an opset or IR
     version newer than it supports, an operator of an unknown custom domain, a type without a CPU kernel).
 
-    Given the ``path`` the model was read from, only its structure is loaded now (:mod:`jlcm_onnx.model_skeleton`: the
-    large weights as graph inputs, the same kernels) and the outputs wait for :func:`check_output`; otherwise the model
-    runs now. The run is unoptimised and without pre-packed weights, so onnxruntime holds the weights once.
+    ``deferred`` (a model read from a file, its large weights lazy): only its structure is loaded now
+    (:mod:`jlcm_onnx.model_skeleton`: the large weights as graph inputs, the same kernels), a copy of it is kept and
+    the outputs wait for :func:`check_output`; otherwise the model runs now. The run is unoptimised and without
+    pre-packed weights, so onnxruntime holds the weights once.
     """
     structure = skeleton(model).SerializeToString()
-    reference = Reference(_passes_full_check(structure), gather_rows(model), seed, path)
-    if path is None:
-        with _loadable(model) as loadable:
-            reference.run(loadable)
-        return reference
+    reference = Reference(_passes_full_check(structure), gather_rows(model), seed)
     try:
-        ort.InferenceSession(structure, _reference_options(), providers=["CPUExecutionProvider"])
+        if deferred:
+            ort.InferenceSession(structure, _reference_options(), providers=["CPUExecutionProvider"])
+            reference.pending = onnx.ModelProto()
+            reference.pending.CopyFrom(model)
+            return reference
+        with _loadable(model) as loadable:
+            session = ort.InferenceSession(loadable, _reference_options(), providers=["CPUExecutionProvider"])
     except _ORT_ERRORS as error:
         raise ModelError(f"onnxruntime {ort.__version__} cannot load the input model: {ort_message(error)}") from None
+    reference.run(session)
     return reference
 
 
@@ -241,7 +251,7 @@ def check_output(model: onnx.ModelProto, reference: Reference | None = None) -> 
     """
     full_check = reference is None or reference.full_check
     if reference is not None and reference.pending is not None:  # before the output's session, not beside it
-        reference.run(str(reference.pending))
+        reference.run_pending()
         release_freed_memory()
     try:
         with _loadable(model) as loadable:
@@ -366,6 +376,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, protect: Path | 
 
 
 def _write(model: onnx.ModelProto, path: Path) -> None:
+    materialize(model)
     if model.ByteSize() <= INLINE_LIMIT_BYTES:
         path.write_bytes(model.SerializeToString())
         return
@@ -377,7 +388,9 @@ def _write(model: onnx.ModelProto, path: Path) -> None:
 
 @contextmanager
 def _loadable(model: onnx.ModelProto) -> Iterator[bytes | str]:
-    """What ``onnx.checker`` and onnxruntime can load: the serialized model, or a temporary file past 2 GB."""
+    """What ``onnx.checker`` and onnxruntime can load: the serialized model, or a temporary file past 2 GB (lazy
+    weights are read into ``model`` first)."""
+    materialize(model)
     if model.ByteSize() <= INLINE_LIMIT_BYTES:
         yield model.SerializeToString()
         return

@@ -3,13 +3,14 @@
 ``onnx.checker``'s full check parses the model once more in C++ and runs strict shape inference; on a 1 GB model that
 is another gigabyte beside the loaded one. Shape inference needs the weights' types and shapes, and the *values* of
 small constants only (shapes, axes, pads), so the skeleton keeps every initializer of at most
-:data:`SKELETON_MAX_BYTES` and declares each larger one of the main graph as a graph input of the same type and shape
-instead: the same nodes, the same inferred shapes, a few kilobytes.
+:data:`SKELETON_MAX_BYTES` and declares each larger one of the main graph (and each one still in its file,
+:mod:`jlcm_onnx.lazy_weights`) as a graph input of the same type and shape instead: the same nodes, the same inferred
+shapes, a few kilobytes.
 
 For onnxruntime sessions that must see the weights as constants (so its constant folding and fusions, and thus its
 numbers, are those of the full model) :func:`session_with_weights` keeps the large initializers declared with
-external data and hands their values to onnxruntime from arrays already in memory (``add_external_initializers``),
-instead of a serialized copy.
+external data and hands their values to onnxruntime as arrays, in memory or memory-mapped from their files
+(``add_external_initializers``), instead of a serialized copy.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from google.protobuf.message import Message
-from onnx import helper, numpy_helper
+from onnx import helper
+
+from jlcm_onnx.lazy_weights import is_lazy, materialize, tensor_array
+from jlcm_onnx.tensor_size import stored_bytes
 
 #: Initializers above this size are replaced by graph inputs in the skeleton.
 SKELETON_MAX_BYTES = 1 << 16
@@ -28,13 +32,15 @@ IN_MEMORY = "jlcm-onnx-in-memory"
 
 def skeleton(model: onnx.ModelProto, as_inputs: set[str] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` whose main-graph initializers above :data:`SKELETON_MAX_BYTES` (or, given ``as_inputs``,
-    those named there) are graph inputs; the others are copied, the moved ones never are."""
+    those named there) are graph inputs; the others are copied (lazy ones read), the moved ones never are."""
     moved = _moved(model, as_inputs)
     graph = _graph_without(model, moved)
     declared = {value.name for value in graph.input}
     graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer
                        if t.name in moved and t.name not in declared)
-    return _model_with(model, graph)
+    structure = _model_with(model, graph)
+    materialize(structure)
+    return structure
 
 
 def session_with_weights(
@@ -52,7 +58,7 @@ def session_with_weights(
     names, arrays = [], []
     for tensor in model.graph.initializer:
         if tensor.name in moved:
-            arrays.append(numpy_helper.to_array(tensor))
+            arrays.append(tensor_array(tensor))
             names.append(tensor.name)
             declared = graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
                                              data_location=onnx.TensorProto.EXTERNAL)
@@ -64,7 +70,7 @@ def session_with_weights(
 def _moved(model: onnx.ModelProto, names: set[str] | None) -> set[str]:
     if names is not None:
         return names
-    return {t.name for t in model.graph.initializer if t.ByteSize() > SKELETON_MAX_BYTES}
+    return {t.name for t in model.graph.initializer if is_lazy(t) or stored_bytes(t) > SKELETON_MAX_BYTES}
 
 
 def _graph_without(model: onnx.ModelProto, moved: set[str]) -> onnx.GraphProto:

@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from jlcm_onnx.lazy_weights import materialize
 from jlcm_onnx.model_io import load_model
 from jlcm_onnx.passes.dequant_graph import GATE_PREFIX
 from jlcm_onnx.passes.weight_sites import iter_graphs
@@ -35,6 +36,7 @@ def inference_session(
     working, _ = load_model(model)
     if not keep_compressed:
         fold_at_load(working)
+    materialize(working)
     return ort.InferenceSession(working.SerializeToString(), sess_options, providers=providers)
 
 

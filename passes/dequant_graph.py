@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 
 from jlcm_onnx.codebook import EncodedMatrix
 from jlcm_onnx.packing import WordLayout, pack_codes
+from jlcm_onnx.tensor_size import stored_bytes
 
 #: Name prefix of the gate nodes (see :func:`build_gate`).
 GATE_PREFIX = "jlcm/gate"
@@ -104,12 +105,7 @@ class DecodeGraph:
 
     @property
     def stored_bytes(self) -> int:
-        return sum(tensor_bytes(t) for t in self.initializers)
-
-
-def tensor_bytes(tensor: onnx.TensorProto) -> int:
-    """Bytes of a tensor's data as stored (sub-byte types such as UINT4 packed two to a byte)."""
-    return len(tensor.raw_data) if tensor.raw_data else numpy_helper.to_array(tensor).nbytes
+        return sum(stored_bytes(t) for t in self.initializers)
 
 
 def build_gate(activation: str, names: NameAllocator) -> tuple[str, list[onnx.NodeProto]]:

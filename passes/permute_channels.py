@@ -33,6 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from jlcm_onnx.errors import ModelError
+from jlcm_onnx.lazy_weights import tensor_array
 from jlcm_onnx.passes.weight_sites import FLOAT_TYPES, find_weight_sites, names_read_in_bodies, weight_row_axis
 
 #: Ops that act elementwise (with broadcasting) on all their inputs, so every output carries the permutation.
@@ -107,7 +108,7 @@ def apply_permutation(model: onnx.ModelProto, path: ChannelPath, permutation: np
             raise ModelError(f"tensor {name} of the channel path of {path.weight} is not in the model")
         proto = tensors[name]
         index = (permutation[:, None] * block + np.arange(block)).ravel()
-        permuted = np.take(numpy_helper.to_array(proto), index, axis=axis)
+        permuted = np.take(tensor_array(proto), index, axis=axis)
         proto.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(permuted), name))
 
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from jlcm_onnx.config import WEIGHT_SLOTS, CompressionConfig
+from jlcm_onnx.lazy_weights import tensor_array
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
@@ -58,7 +58,7 @@ class WeightSite:
         return int(np.prod(self.shape, dtype=np.int64))
 
     def array(self) -> np.ndarray:
-        return numpy_helper.to_array(self.tensor)
+        return tensor_array(self.tensor)
 
 
 def find_weight_sites(model: onnx.ModelProto) -> list[WeightSite]:
