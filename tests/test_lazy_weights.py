@@ -114,8 +114,8 @@ def test_loading_holds_the_structure_not_the_weights(tmp_path: Path) -> None:
     weights = [tensor(f"W{i}", np.full((1024, 8192), i, np.float32)) for i in range(3)]
     model = make_model(
         [helper.make_node("MatMul", ["X", f"W{i}"], [f"Y{i}"]) for i in range(3)],
-        [value("X", TensorProto.FLOAT, ["N", 1024])], [value(f"Y{i}", TensorProto.FLOAT, ["N", 8192]) for i in range(3)],
-        weights,
+        [value("X", TensorProto.FLOAT, ["N", 1024])],
+        [value(f"Y{i}", TensorProto.FLOAT, ["N", 8192]) for i in range(3)], weights,
     )
     path = tmp_path / "big.onnx"
     onnx.save(model, str(path))
