@@ -100,6 +100,25 @@ class EncodedMatrix:
                              self.outlier_index[keep] - start * cols, self.outlier_values[keep],
                              None if self.scales is None else self.scales[first:last], self.shared_codebook, **blocks)
 
+    @classmethod
+    def stacked(cls, blocks: list[EncodedMatrix]) -> EncodedMatrix:
+        """The encoding of ``blocks`` (consecutive row blocks of one matrix, as :meth:`row_block` cuts them) one
+        under the other."""
+        first = blocks[0]
+        cols = first.codes.shape[1]
+        starts = np.cumsum([0, *(block.codes.shape[0] for block in blocks)])[:-1]
+        affine = {} if first.block_size is None else dict(
+            block_size=first.block_size, block_scales=np.concatenate([b.block_scales for b in blocks]),
+            block_offsets=np.concatenate([b.block_offsets for b in blocks]))
+        return cls(
+            np.concatenate([b.codebooks for b in blocks]), np.concatenate([b.codes for b in blocks]),
+            tuple(size for b in blocks for size in b.group_sizes),
+            np.concatenate([b.outlier_index + start * cols for b, start in zip(blocks, starts, strict=True)]),
+            np.concatenate([b.outlier_values for b in blocks]),
+            None if first.scales is None else np.concatenate([b.scales for b in blocks]), first.shared_codebook,
+            **affine,
+        )
+
     def block_boundaries(self, max_weights: int) -> list[int]:
         """Group-aligned row boundaries cutting the matrix into blocks of about ``max_weights`` weights or fewer."""
         rows, cols = self.codes.shape

@@ -51,6 +51,7 @@ from jlcm_onnx.passes.untie_heads import UntieHeads
 from jlcm_onnx.passes.upgrade_opset import UpgradeOpset
 from jlcm_onnx.plan import CompressionPlan, TensorChoice
 from jlcm_onnx.report import CompressionReport, TensorRecord
+from jlcm_onnx.row_block_learning import LEARNING_BLOCK_WEIGHTS
 from jlcm_onnx.runtime import fold_at_load
 from jlcm_onnx.sensitivity import output_sensitivities, weight_errors
 from jlcm_onnx.size_target import (
@@ -150,7 +151,7 @@ def compress(
     budget = config.max_memory or default_max_memory()
     chunk = chunk_weights(budget, cpu_cores())
     check_budget(_estimated_peak(source, original_bytes, config, chunk, calibrated=calibration is not None), budget)
-    reference = reference_for(source, config.seed, deferred=not isinstance(model, onnx.ModelProto))
+    reference = reference_for(source, config.seed, None if isinstance(model, onnx.ModelProto) else Path(model))
     data = None
     if calibration is not None:  # a CalibrationData is re-checked against this model but keeps all its samples
         samples = None if isinstance(calibration, CalibrationData) else DEFAULT_SAMPLES
@@ -325,9 +326,11 @@ def _estimated_peak(source: onnx.ModelProto, model_bytes: int, config: Compressi
     unchunked = 0
     if config.encoding == "multi-scaling" and config.speed != "fast":
         unchunked = max((shape.size for shape in shapes), default=0)
-    learned = max((shape.size for shape in shapes if not shape.row_decoded), default=0) if calibrated else 0
+    blocked = config.encoding != "multi-scaling"  # learned a block of row groups at a time past the block size
+    learned = max((min(shape.size, LEARNING_BLOCK_WEIGHTS) if blocked else shape.size
+                   for shape in shapes if not shape.row_decoded), default=0) if calibrated else 0
     grams = sum((shape.size // shape.rows) ** 2 * 8 for shape in shapes) if calibrated else 0
-    return estimated_peak(model_bytes, chunk, cpu_cores(), unchunked, learned, grams)
+    return estimated_peak(model_bytes, chunk, cpu_cores(), unchunked, learned, grams, calibrated)
 
 
 def _unit(kind: str) -> str:

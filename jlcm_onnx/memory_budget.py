@@ -11,11 +11,13 @@ the tensor at once. Each of the ``workers`` threads encoding tensors side by sid
 
 **Estimate.** Before any work a run's peak is estimated from the shapes alone::
 
-    peak ~ BASELINE + RESIDENT_COPIES * model bytes + workers * chunk bytes + largest unchunked work + Grams
+    peak ~ BASELINE + (RESIDENT_COPIES [+ CALIBRATION_COPIES]) * model bytes + workers * chunk bytes
+           + largest unchunked work + Grams
 
 where the unchunked work is the one k-means of a multi-scaling tensor's shared codebook (all its weights at once) or,
-with calibration data, the learning of the largest tensor that has a Gram (its whole matrix at once, for now), and
-the Grams are the calibration statistics of every compressed tensor (fp64 [cols, cols] each). A run whose estimate
+with calibration data, the learning of the largest tensor that has a Gram (a block of at most
+:data:`jlcm_onnx.row_block_learning.LEARNING_BLOCK_WEIGHTS` weights, or a whole multi-scaling tensor), and the Grams
+are the calibration statistics of every compressed tensor (fp64 [cols, cols] each). A run whose estimate
 exceeds ``max_memory`` is refused before it starts, with the estimate in the message, rather than killed part-way.
 """
 
@@ -46,9 +48,13 @@ MAX_CHUNK_WEIGHTS = 1 << 20
 DEFAULT_SHARE = 0.8
 #: The interpreter with numpy, torch and onnxruntime imported.
 BASELINE_BYTES = 600 << 20
-#: Copies of the input's weights a run holds at its peak: the loaded model and one onnxruntime session (the input's
-#: reference outputs, or the calibration's).
-RESIDENT_COPIES = 2.0
+#: The input's weights a run holds at its peak, in model sizes: the weights stay in their file until read
+#: (:mod:`jlcm_onnx.lazy_weights`), and the onnxruntime session of the input's reference outputs holds them once, with
+#: its activations (a tied LM head's transposed table: measured 1.26 on a 268M-parameter LLM).
+RESIDENT_COPIES = 1.5
+#: And with calibration data: the calibration sessions hold the weights twice (their memory-mapped pages and
+#: onnxruntime's copy of them).
+CALIBRATION_COPIES = 1.0
 #: Peak bytes per weight of the one k-means over all of a multi-scaling tensor's weights (its shared codebook).
 UNCHUNKED_BYTES_PER_WEIGHT = 140
 #: Peak bytes per weight of learning one tensor's codes and codebooks from its Gram (whole tensor at once; measured
@@ -132,10 +138,11 @@ def row_chunks(rows: int, cols: int, max_weights: int) -> Iterator[slice]:
 
 
 def estimated_peak(model_bytes: int, chunk: int, workers: int, unchunked_weights: int = 0, learned_weights: int = 0,
-                   gram_bytes: int = 0) -> int:
+                   gram_bytes: int = 0, calibrated: bool = False) -> int:
     """The estimate of the module docstring, in bytes."""
     unchunked = max(unchunked_weights * UNCHUNKED_BYTES_PER_WEIGHT, learned_weights * LEARNING_BYTES_PER_WEIGHT)
-    return int(BASELINE_BYTES + RESIDENT_COPIES * model_bytes + workers * chunk * WORKING_BYTES_PER_WEIGHT + unchunked
+    copies = RESIDENT_COPIES + CALIBRATION_COPIES * calibrated
+    return int(BASELINE_BYTES + copies * model_bytes + workers * chunk * WORKING_BYTES_PER_WEIGHT + unchunked
                + gram_bytes)
 
 

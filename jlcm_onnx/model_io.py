@@ -35,7 +35,7 @@ from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.errors import ModelError, OutputError
 from jlcm_onnx.lazy_weights import defer_external_data, defer_payloads, materialize, read_structure
 from jlcm_onnx.memory_budget import release_freed_memory
-from jlcm_onnx.model_skeleton import session_with_weights, skeleton
+from jlcm_onnx.model_skeleton import skeleton
 from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
 
 #: Serialized protobuf messages cannot exceed 2 GiB; stay clearly below it.
@@ -152,24 +152,23 @@ class Reference:
     shape inference) itself (when it does not, the output is held to the basic check), and its outputs on one
     synthetic batch (``feed``, ``output_names`` and ``outputs``), or why it runs on none (``skipped``). Only these are
     kept, never an onnxruntime session, so the input's weights are not held twice while it is compressed; a model read
-    from a file keeps its structure (its weights left in the file, :mod:`jlcm_onnx.lazy_weights`) and runs once it is
-    needed (``pending``), when the compressed model has replaced the input in memory."""
+    from a file is run from that file once it is needed (``pending``), when the compressed model has replaced it in
+    memory. (onnxruntime copies initializers handed to it as arrays, memory-mapped or not, so a session of the lazy
+    model would hold the weights twice: the mapped pages and the copy.)"""
 
     full_check: bool
     table_rows: int | None
     seed: int = 0
-    pending: onnx.ModelProto | None = None
+    pending: Path | None = None
     output_names: list[str] = field(default_factory=list)
     feed: dict[str, np.ndarray] = field(default_factory=dict)
     outputs: list[np.ndarray] = field(default_factory=list)
     skipped: str = ""
 
     def run_pending(self) -> None:
-        """Runs the input kept as ``pending``, its weights memory-mapped from their files."""
+        """Runs the input from its file, ``pending``."""
         if self.pending is not None:
-            session, weights = session_with_weights(self.pending, _reference_options(), ["CPUExecutionProvider"])
-            self.run(session)
-            del session, weights
+            self.run(_reference_session(str(self.pending)))
 
     def run(self, session: ort.InferenceSession) -> None:
         """Runs the input's ``session`` on the synthetic batch and keeps what it gave."""
@@ -182,29 +181,29 @@ class Reference:
         self.pending = None
 
 
-def reference_for(model: onnx.ModelProto, seed: int = 0, deferred: bool = False) -> Reference:
+def reference_for(model: onnx.ModelProto, seed: int = 0, path: Path | None = None) -> Reference:
     """The input's :class:`Reference`; raises :class:`ModelError` when stock onnxruntime cannot load it (an opset or IR
     version newer than it supports, an operator of an unknown custom domain, a type without a CPU kernel).
 
-    ``deferred`` (a model read from a file, its large weights lazy): only its structure is loaded now
-    (:mod:`jlcm_onnx.model_skeleton`: the large weights as graph inputs, the same kernels), a copy of it is kept and
-    the outputs wait for :func:`check_output`; otherwise the model runs now. The run is unoptimised and without
-    pre-packed weights, so onnxruntime holds the weights once.
+    Given the ``path`` the model was read from, only its structure is loaded now (:mod:`jlcm_onnx.model_skeleton`: the
+    large weights as graph inputs, the same kernels) and the outputs wait for :func:`check_output`; otherwise the model
+    runs now. The run is unoptimised and without pre-packed weights, so onnxruntime holds the weights once.
     """
     structure = skeleton(model).SerializeToString()
-    reference = Reference(_passes_full_check(structure), gather_rows(model), seed)
+    reference = Reference(_passes_full_check(structure), gather_rows(model), seed, path)
+    if path is not None:
+        _reference_session(structure)
+        return reference
+    with _loadable(model) as loadable:
+        reference.run(_reference_session(loadable))
+    return reference
+
+
+def _reference_session(loadable: bytes | str) -> ort.InferenceSession:
     try:
-        if deferred:
-            ort.InferenceSession(structure, _reference_options(), providers=["CPUExecutionProvider"])
-            reference.pending = onnx.ModelProto()
-            reference.pending.CopyFrom(model)
-            return reference
-        with _loadable(model) as loadable:
-            session = ort.InferenceSession(loadable, _reference_options(), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(loadable, _reference_options(), providers=["CPUExecutionProvider"])
     except _ORT_ERRORS as error:
         raise ModelError(f"onnxruntime {ort.__version__} cannot load the input model: {ort_message(error)}") from None
-    reference.run(session)
-    return reference
 
 
 def _reference_options() -> ort.SessionOptions:

@@ -3,7 +3,8 @@
 ``moveaxis(W, row_axis, 0).reshape(rows, -1)`` is re-ordered by the site's stored order (when the re-ordering could not
 be folded into the graph), encoded with k-means codebooks (importance ``diag(H)`` per column when calibration
 statistics hold a Gram, so the codewords sit where the layer's inputs are large) and, with a Gram, learned jointly
-(:func:`jlcm_onnx.learning.learn_layer`). Both the sequential calibration pass and the encoder use it, so a weight
+(:func:`jlcm_onnx.learning.learn_layer`; a large tensor a block of row groups at a time,
+:mod:`jlcm_onnx.row_block_learning`). Both the sequential calibration pass and the encoder use it, so a weight
 learned early is encoded exactly as the encoder would have.
 
 With ``speed="fast"`` the weights are encoded in affine blocks instead (a lone embedding table only with float offsets)
@@ -21,7 +22,7 @@ import onnx
 from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, encoding_sqnr_db, outlier_count
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.encodings.affine_blocks import AffineBlocks, fit_affine_blocks, learn_affine_blocks
-from jlcm_onnx.learning import learn_layer
+from jlcm_onnx.row_block_learning import learn_in_row_blocks
 from jlcm_onnx.passes.weight_sites import WeightSite, is_lone_matrix_input, is_lone_table_gather
 from jlcm_onnx.plan import CompressionPlan
 
@@ -79,7 +80,7 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
     )
     if gram is None:
         return SiteEncoding(_sqnr(matrix, encoded, plan), encoded, restore, False)
-    result = learn_layer(matrix, encoded, gram, mapping=config.mapping, init=config.init, steps=config.learning_steps,
+    result = learn_in_row_blocks(matrix, encoded, gram, mapping=config.mapping, init=config.init, steps=config.learning_steps,
                          seed=config.seed, device=plan.device)
     return SiteEncoding(_sqnr(matrix, result.encoded, plan), result.encoded, restore, True, result.final_objective)
 
