@@ -155,6 +155,10 @@ def readme_line(model: Path, rows: list[dict]) -> str:
             f"peak at {small / 1e9:.2f} GB or less, {small / size:.1f}x the file, about "
             f"{small / 1e9 / billions:.0f} GB per billion fp32 parameters; `--speed fast` at {fast / 1e9:.2f} GB (the "
             "table is stored twice)")
+    calibrated = [row for row in rows if row["exit_code"] == 0 and "calibration" in row["option"]]
+    if calibrated:
+        peak = max(row["peak_rss_bytes"] for row in calibrated)
+        line += f"; with calibration data (64 x 256 tokens) at {peak / 1e9:.2f} GB or less"
     refused = [row for row in rows if row["exit_code"] == 2]
     if refused:
         line += (f"; the calibrated options are refused up front ({refused[0]['error'].removeprefix('error: ')})")

@@ -99,7 +99,11 @@ def defer_external_data(model: onnx.ModelProto, folder: Path) -> None:
 
 
 def is_lazy(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_location == onnx.TensorProto.EXTERNAL and os.path.isabs(_location(tensor))
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and os.path.isabs(lazy_location(tensor))
+
+
+def lazy_location(tensor: onnx.TensorProto) -> str:
+    return next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
 
 
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
@@ -253,7 +257,4 @@ def _refer(tensor: onnx.TensorProto, location: str, offset: int, length: int) ->
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         tensor.external_data.add(key=key, value=value)
 
-
-def _location(tensor: onnx.TensorProto) -> str:
-    return next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
 

@@ -15,19 +15,23 @@ external data and hands their values to onnxruntime as arrays, in memory or memo
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 from google.protobuf.message import Message
 from onnx import helper
 
-from jlcm_onnx.lazy_weights import is_lazy, materialize, tensor_array
+from jlcm_onnx.lazy_weights import is_lazy, lazy_location, materialize, tensor_array
 from jlcm_onnx.tensor_size import stored_bytes
 
 #: Initializers above this size are replaced by graph inputs in the skeleton.
 SKELETON_MAX_BYTES = 1 << 16
 #: The external-data location of weights handed to onnxruntime from memory (never a file).
 IN_MEMORY = "jlcm-onnx-in-memory"
+#: The session option naming the folder of the external data of a model given as bytes.
+FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 def skeleton(model: onnx.ModelProto, as_inputs: set[str] | None = None) -> onnx.ModelProto:
@@ -48,8 +52,14 @@ def session_with_weights(
     outputs: list[onnx.ValueInfoProto] | None = None,
 ) -> tuple[ort.InferenceSession, list[np.ndarray]]:
     """An onnxruntime session of ``model`` (with ``outputs`` as its graph outputs, when given) whose large
-    initializers reach onnxruntime as arrays rather than inside the serialized model; returns the session and the
-    arrays, which must live as long as the session."""
+    initializers reach onnxruntime outside the serialized model; returns the session and the arrays handed over,
+    which must live as long as the session.
+
+    Weights still in their file (:mod:`jlcm_onnx.lazy_weights`) are declared as external data of that file, which
+    onnxruntime reads itself (``session.model_external_initializers_file_folder_path``, onnxruntime 1.17+; it
+    memory-maps what it can): it holds them once. The others are handed over as arrays
+    (``add_external_initializers``), which onnxruntime copies."""
+    folder = _common_folder(model)
     moved = _moved(model, None)
     graph = _graph_without(model, moved)
     if outputs is not None:
@@ -57,14 +67,28 @@ def session_with_weights(
         graph.output.extend(outputs)
     names, arrays = [], []
     for tensor in model.graph.initializer:
-        if tensor.name in moved:
-            arrays.append(tensor_array(tensor))
-            names.append(tensor.name)
-            declared = graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
-                                             data_location=onnx.TensorProto.EXTERNAL)
-            declared.external_data.add(key="location", value=IN_MEMORY)
+        if tensor.name not in moved:
+            continue
+        declared = graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                         data_location=onnx.TensorProto.EXTERNAL)
+        if folder is not None and is_lazy(tensor):
+            for entry in tensor.external_data:
+                value = os.path.basename(entry.value) if entry.key == "location" else entry.value
+                declared.external_data.add(key=entry.key, value=value)
+            continue
+        arrays.append(tensor_array(tensor))
+        names.append(tensor.name)
+        declared.external_data.add(key="location", value=IN_MEMORY)
+    if folder is not None:
+        options.add_session_config_entry(FOLDER_KEY, folder)
     options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
     return ort.InferenceSession(_model_with(model, graph).SerializeToString(), options, providers=providers), arrays
+
+
+def _common_folder(model: onnx.ModelProto) -> str | None:
+    """The one folder of the files that ``model``'s lazy weights are in, or None (none, or several)."""
+    folders = {os.path.dirname(lazy_location(t)) for t in model.graph.initializer if is_lazy(t)}
+    return folders.pop() if len(folders) == 1 else None
 
 
 def _moved(model: onnx.ModelProto, names: set[str] | None) -> set[str]:
