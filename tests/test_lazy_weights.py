@@ -108,6 +108,21 @@ def test_a_file_and_its_proto_compress_to_the_same_bytes(tmp_path: Path, rng: np
     assert from_file.SerializeToString() == from_proto.SerializeToString()
 
 
+def test_a_calibrated_reordered_run_reads_the_file_as_the_proto(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Calibration sessions over a model whose weights are partly in their file (lazy) and partly rewritten in
+    memory (the permuted consumer of a re-ordered weight) compute what they compute from the proto."""
+    original = two_matmuls(rng)
+    path = tmp_path / "model.onnx"
+    onnx.save(original, str(path))
+    data = [{"X": rng.normal(size=(16, 256)).astype(np.float32)} for _ in range(4)]
+    config = jlcm_onnx.CompressionConfig(bits=3, groups=8, reorder=True, learning_steps=5)
+    from_file = jlcm_onnx.compress(path, config, calibration=data, progress=False)
+    from_proto = jlcm_onnx.compress(original, config, calibration=data, progress=False)
+    records = {record.name: record for record in from_file.report.tensors}
+    assert records["W1"].row_order.startswith("re-ordered, folded")  # so W2 was permuted in memory
+    assert from_file.model.SerializeToString() == from_proto.model.SerializeToString()
+
+
 def test_loading_holds_the_structure_not_the_weights(tmp_path: Path) -> None:
     """Peak memory of a lazy load grows with the structure, not with the 96 MB of weights (an eager load holds the
     file's bytes and the parsed message at once: about twice the file)."""
