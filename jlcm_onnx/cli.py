@@ -108,11 +108,13 @@ def main() -> None:
 @click.option("--max-memory", help="Memory the run may use, e.g. 4GB; it sizes the encoders' chunks (not the output), "
                                    "and a run estimated above it is refused before it starts  [default: 80% of the "
                                    "available memory]")
+@click.option("--force", is_flag=True, help="Compress a model that jlcm-onnx already compressed (refused otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_reporting_errors
 def compress_command(model: Path, output: Path, config_file: Path | None, calibration: Path | None,
-                     calibration_samples: int, device: str, as_json: bool, quiet: bool, **overrides: Any) -> None:
+                     calibration_samples: int, device: str, force: bool, as_json: bool, quiet: bool,
+                     **overrides: Any) -> None:
     """Compress MODEL and write the result to the file named by -o."""
     check_destination(output, protect=model)
     config = CompressionConfig.from_file(config_file) if config_file else CompressionConfig()
@@ -121,7 +123,7 @@ def compress_command(model: Path, output: Path, config_file: Path | None, calibr
     data = None
     if calibration is not None:
         data = load_calibration(calibration, model, samples=calibration_samples, seed=config.seed)
-    result = compress(model, config, calibration=data, progress=not quiet, device=device)
+    result = compress(model, config, calibration=data, progress=not quiet, device=device, force=force)
     save(result, output)
     if as_json:
         click.echo(result.report.to_json())

@@ -116,6 +116,7 @@ def compress(
     *,
     progress: bool = False,
     device: str = "cpu",
+    force: bool = False,
 ) -> CompressionResult:
     """Compresses the float weights of an ONNX model into codebooks and bit-packed indices.
 
@@ -128,6 +129,8 @@ def compress(
         progress: show a progress bar on stderr.
         device: ``"cpu"`` or ``"cuda"``: where calibration runs in onnxruntime and the learning in torch (checked
             first: asking for CUDA without it is a :class:`JlcmError`).
+        force: compress a model that jlcm-onnx already compressed (its metadata says so) rather than refuse it with a
+            :class:`JlcmError`; only the float weights left dense can shrink.
 
     Returns:
         The compressed model (valid ONNX, loads in stock onnxruntime) and its report.
@@ -147,6 +150,8 @@ def compress(
         torch_device(device)
     started = time.perf_counter()
     source, original_bytes = load_model(model)
+    if not force:
+        _check_not_compressed(source)
     check_input(source, config)
     budget = config.max_memory or default_max_memory()
     chunk = chunk_weights(budget, cpu_cores())
@@ -342,6 +347,16 @@ def save(result: CompressionResult, path: str | os.PathLike) -> int:
     written = save_model(result.model, path, protect=result.source)
     result.report.compressed_file_bytes = written
     return written
+
+
+def _check_not_compressed(model: onnx.ModelProto) -> None:
+    """Raises :class:`JlcmError` when ``model`` carries jlcm-onnx's metadata: its weights are codes already."""
+    metadata = read_metadata(model)
+    if metadata is not None:
+        compressed = sum(1 for tensor in metadata["tensors"] if tensor.get("bits") is not None)
+        raise JlcmError(f"the input was already compressed by jlcm-onnx ({compressed} tensors encoded, metadata format "
+                        f"{metadata['format_version']}); compressing it again shrinks only the weights left dense: "
+                        "pass --force (force=True) to do it anyway")
 
 
 def read_metadata(model: onnx.ModelProto) -> dict[str, Any] | None:

@@ -228,9 +228,16 @@ def test_existing_metadata_is_kept() -> None:
     result = jlcm_onnx.compress(model, CONFIG)
     props = {p.key: p.value for p in result.model.metadata_props}
     assert props["author"] == "tests"
-    again = jlcm_onnx.compress(result.model, CONFIG)  # recompressing replaces, not duplicates, our own keys
+    again = jlcm_onnx.compress(result.model, CONFIG, force=True)  # replaces, not duplicates, our own keys
     keys = [p.key for p in again.model.metadata_props]
     assert len(keys) == len(set(keys))
+
+
+def test_a_compressed_input_is_refused_unless_forced() -> None:
+    compressed = jlcm_onnx.compress(two_layer_model(), CONFIG).model
+    with pytest.raises(JlcmError, match=r"already compressed by jlcm-onnx \(2 tensors encoded.*--force"):
+        jlcm_onnx.compress(compressed, CONFIG)
+    assert jlcm_onnx.compress(compressed, CONFIG, force=True).report.ratio == pytest.approx(1.0, abs=0.05)
 
 
 def test_report_json() -> None:

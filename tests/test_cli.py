@@ -102,6 +102,16 @@ def test_bad_inputs_exit_2(model_path: Path, tmp_path: Path) -> None:
     assert model_path.read_bytes() == before
 
 
+def test_a_compressed_input_exits_2_unless_forced(model_path: Path, tmp_path: Path) -> None:
+    once, twice = tmp_path / "once.onnx", tmp_path / "twice.onnx"
+    assert invoke("compress", model_path, "-o", once, "--min-elements", 16, "--quiet")[0] == 0
+    code, stdout, stderr = invoke("compress", once, "-o", twice, "--quiet")
+    assert code == 2 and not twice.exists() and stdout == ""
+    assert stderr.count("\n") == 1 and "already compressed by jlcm-onnx" in stderr and "--force" in stderr
+    code, _, _ = invoke("compress", once, "-o", twice, "--force", "--quiet")
+    assert code == 0 and twice.exists()
+
+
 def test_usage_error_exits_2(model_path: Path) -> None:
     code, _, _ = invoke("compress", model_path)  # missing -o
     assert code == 2

@@ -287,6 +287,11 @@ def test_missing_node_names_are_fine(tmp_path):
 # ---------------------------------------------------------------------------------------------- already quantized
 
 
+def test_a_model_compressed_by_jlcm_is_refused(tmp_path):
+    compressed = jlcm_onnx.compress(mlp(), CONFIG).model
+    assert_refused(save(compressed, tmp_path / "m"), tmp_path, JlcmError, "already compressed by jlcm-onnx")
+
+
 def test_qdq_model_is_left_alone(tmp_path):
     rng = np.random.default_rng(0)
     model = make_model(
