@@ -40,10 +40,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import helper
 
-from jlcm_onnx.errors import CalibrationError, ConfigError, ModelError
+from jlcm_onnx.errors import CalibrationError, ConfigError
 from jlcm_onnx.model_io import load_model
 
 #: Samples kept by default (the CLI's ``--calibration-samples``).
@@ -201,15 +200,11 @@ def load_calibration(
 
 
 def read_graph(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    """The model itself, or the model at a path read without its external data (enough for its inputs)."""
+    """The model itself, or the model at a path with its large weights left in their files (enough for its inputs;
+    raises the standard :class:`ModelError` naming the problem)."""
     if isinstance(model, onnx.ModelProto):
         return model
-    path = Path(model)
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except (OSError, DecodeError, ValueError, RuntimeError):
-        load_model(path)  # raises the standard ModelError naming the problem
-        raise ModelError(f"{path} is not a readable ONNX model") from None
+    return load_model(model)[0]
 
 
 def _read_feeds(source: Any) -> Iterator[tuple[str, Mapping[str, Any]]]:

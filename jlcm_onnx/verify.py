@@ -27,17 +27,17 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from jlcm_onnx.calibration import CalibrationData, CalibrationSource, load_calibration, model_inputs, read_graph
+from jlcm_onnx.calibration import CalibrationData, CalibrationSource, load_calibration, model_inputs
 from jlcm_onnx.errors import ConfigError, ModelError
+from jlcm_onnx.model_io import load_model
 from jlcm_onnx.report import align_columns, format_bytes
 from jlcm_onnx.runtime import inference_session
 
@@ -165,7 +165,7 @@ def verify(
     for name, number in (("threads", threads), ("repeats", repeats)):
         if isinstance(number, bool) or not isinstance(number, int) or number < 1:
             raise ConfigError(name, number, "a positive integer")
-    reference, candidate = read_graph(original), read_graph(compressed)
+    (reference, original_bytes), (candidate, compressed_bytes) = _read(original), _read(compressed)
     _check_same_inputs(reference, candidate)
     if data is None:
         count = 8 if samples is None else samples
@@ -186,8 +186,8 @@ def verify(
         original=_label(original),
         compressed=_label(compressed),
         outputs=outputs,
-        original_file_bytes=_file_bytes(original, reference),
-        compressed_file_bytes=_file_bytes(compressed, candidate),
+        original_file_bytes=original_bytes,
+        compressed_file_bytes=compressed_bytes,
         original_latency_ms=_median_ms(first, latency_feed, repeats),
         compressed_latency_ms=_median_ms(second, latency_feed, repeats),
         samples=len(feeds),
@@ -359,35 +359,11 @@ def _median_ms(session: ort.InferenceSession, feed: dict[str, np.ndarray], repea
     return statistics.median(timings)
 
 
-def _file_bytes(source: str | os.PathLike | onnx.ModelProto, graph: onnx.ModelProto) -> int:
+def _read(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """(the model, its bytes: the serialized proto, or the files on disk with external data)."""
     if isinstance(source, onnx.ModelProto):
-        return source.ByteSize()
-    path = Path(source)
-    locations = {location for tensor in _tensors(graph.graph) if (location := _external_location(tensor))}
-    files = {path.parent / location for location in locations}
-    return path.stat().st_size + sum(f.stat().st_size for f in files if f.is_file())
-
-
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in ``graph`` and its subgraphs: initializers, sparse initializers, attribute values."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield from (sparse.values, sparse.indices)
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("g"):
-                yield from _tensors(attribute.g)
-            for sub in attribute.graphs:
-                yield from _tensors(sub)
-
-
-def _external_location(tensor: onnx.TensorProto) -> str | None:
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return None
-    return next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
+        return source, source.ByteSize()
+    return load_model(source)
 
 
 def _label(source: str | os.PathLike | onnx.ModelProto) -> str:
