@@ -41,8 +41,11 @@ compressed one::
     stats = collect_statistics(partially_compressed, names, feeds, inputs=inputs)
 
 Memory: one onnxruntime run per batch returns only the needed activations (the copy's graph outputs are replaced by
-them); they are reduced into the Grams and dropped before the next batch is read, so the peak is one batch of
-activations plus the Grams. Feeds may be a generator.
+them, and the nodes they do not depend on are left out); they are reduced into the Grams and dropped before the next
+batch is read, so the peak is one batch of activations plus the Grams. :func:`batch_size` joins at most
+``MAX_BATCH`` samples and at most ``BATCH_ACTIVATION_BYTES`` of activations (estimated from the inferred shapes with
+the first sample's sizes) into one batch: a 268M-parameter LLM returns 80 MB of activations per sample of 256
+tokens. Feeds may be a generator.
 """
 
 from __future__ import annotations
@@ -58,11 +61,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from jlcm_onnx.model_skeleton import session_with_weights
+from jlcm_onnx.model_skeleton import session_with_weights, skeleton
 from jlcm_onnx.passes.weight_sites import Consumer, WeightSite, find_weight_sites, transposed_matmul, weight_row_axis
 
 #: Activations are turned into float64 matrices in chunks of at most this many elements (64 MB).
 CHUNK_ELEMENTS = 1 << 23
+#: Calibration samples joined into one onnxruntime run, at most, and the activations such a run may return.
+MAX_BATCH, BATCH_ACTIVATION_BYTES = 16, 256 << 20
 
 
 @dataclass
@@ -224,6 +229,41 @@ class WeightActivations:
 
     inputs: tuple[ActivationInput, ...]
     note: str = ""
+
+
+def batch_size(model: onnx.ModelProto, weights: Iterable[str], sample: Mapping[str, np.ndarray]) -> int:
+    """Calibration samples per onnxruntime run (see the module docstring): ``MAX_BATCH``, fewer when the activations
+    the weights' statistics read would pass ``BATCH_ACTIVATION_BYTES``."""
+    tensors = {i.tensor for entry in activation_inputs(model, weights).values() for i in entry.inputs}
+    per_sample = activation_bytes(model, tensors, sample)
+    return int(np.clip(BATCH_ACTIVATION_BYTES // max(per_sample, 1), 1, MAX_BATCH))
+
+
+def activation_bytes(model: onnx.ModelProto, tensors: set[str], sample: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the values of ``tensors`` when ``model`` runs on ``sample``, from the shapes onnx infers: a symbolic
+    dim of a graph input takes the sample's size, any other unknown dim the sample's largest size; a tensor of unknown
+    rank counts as nothing, and so does every tensor of a model onnx cannot infer shapes for."""
+    try:
+        graph = onnx.shape_inference.infer_shapes(skeleton(model)).graph
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError):
+        return 0
+    bound: dict[str, int] = {}
+    for value in graph.input:
+        if value.name in sample:
+            for dim, size in zip(value.type.tensor_type.shape.dim, np.shape(sample[value.name]), strict=False):
+                if dim.dim_param:
+                    bound[dim.dim_param] = size
+    largest = max((size for array in sample.values() for size in np.shape(array)), default=1)
+    total, counted = 0, set()
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        if value.name not in tensors or value.name in counted or not value.type.tensor_type.HasField("shape"):
+            continue
+        counted.add(value.name)
+        sizes = [d.dim_value if d.HasField("dim_value") else bound.get(d.dim_param, largest)
+                 for d in value.type.tensor_type.shape.dim]
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).itemsize
+        total += int(np.prod(sizes, dtype=np.int64)) * itemsize
+    return total
 
 
 def activation_inputs(model: onnx.ModelProto, weights: Iterable[str]) -> dict[str, WeightActivations]:

@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 
 from jlcm_onnx.devices import execution_providers
 from jlcm_onnx.passes.base import PassResult
-from jlcm_onnx.passes.collect_statistics import BATCH_SIZE, CalibrationPass
+from jlcm_onnx.passes.collect_statistics import CalibrationPass
 from jlcm_onnx.passes.site_encoding import encode_site
 from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites, names_read_in_bodies
-from jlcm_onnx.statistics import WeightActivations, activation_inputs, collect_statistics
+from jlcm_onnx.statistics import WeightActivations, activation_inputs, batch_size, collect_statistics
 
 
 class CalibrateSequentially(CalibrationPass):
@@ -49,6 +49,7 @@ class CalibrateSequentially(CalibrationPass):
         working.CopyFrom(model)
         sites = {site.name: site for site in find_weight_sites(working)}
         providers = execution_providers(self.plan.device)
+        batch = batch_size(model, measured, next(iter(self.data)))
         by_level = defaultdict(list)
         for name, level in weight_levels(working.graph, measured).items():
             by_level[level].append(name)
@@ -56,7 +57,7 @@ class CalibrateSequentially(CalibrationPass):
                           leave=False):
             names = by_level[level]
             self.plan.statistics.update(
-                collect_statistics(working, names, self.data.batches(BATCH_SIZE), inputs=measured, providers=providers))
+                collect_statistics(working, names, self.data.batches(batch), inputs=measured, providers=providers))
             self.plan.calibration_passes += 1
             for name in names:
                 site, row_axis = sites[name], row_axes[name]

@@ -15,10 +15,7 @@ from jlcm_onnx.devices import execution_providers
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
 from jlcm_onnx.plan import CompressionPlan
-from jlcm_onnx.statistics import collect_statistics
-
-#: Calibration samples joined into one onnxruntime run (bounded memory: one batch of activations at a time).
-BATCH_SIZE = 16
+from jlcm_onnx.statistics import batch_size, collect_statistics
 
 
 class CalibrationPass(Pass):
@@ -39,8 +36,9 @@ class CollectStatistics(CalibrationPass):
     def call(self, model: onnx.ModelProto) -> PassResult:
         sites = find_weight_sites(model)
         names = [site.name for site in sites if compressible_row_axis(site, self.config)[0] is not None]
+        batches = self.data.batches(batch_size(model, names, next(iter(self.data))))
         self.plan.statistics.update(
-            collect_statistics(model, names, self.data.batches(BATCH_SIZE), progress=self.progress,
+            collect_statistics(model, names, batches, progress=self.progress,
                                providers=execution_providers(self.plan.device)))
         self.plan.calibration_passes += 1
         return PassResult(model, modified=False)

@@ -22,9 +22,9 @@ import onnx
 from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, encoding_sqnr_db, outlier_count
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.encodings.affine_blocks import AffineBlocks, fit_affine_blocks, learn_affine_blocks
-from jlcm_onnx.row_block_learning import learn_in_row_blocks
 from jlcm_onnx.passes.weight_sites import WeightSite, is_lone_matrix_input, is_lone_table_gather
 from jlcm_onnx.plan import CompressionPlan
+from jlcm_onnx.row_block_learning import learn_in_row_blocks
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 FLOAT16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
@@ -80,8 +80,8 @@ def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan
     )
     if gram is None:
         return SiteEncoding(_sqnr(matrix, encoded, plan), encoded, restore, False)
-    result = learn_in_row_blocks(matrix, encoded, gram, mapping=config.mapping, init=config.init, steps=config.learning_steps,
-                         seed=config.seed, device=plan.device)
+    result = learn_in_row_blocks(matrix, encoded, gram, mapping=config.mapping, init=config.init,
+                                 steps=config.learning_steps, seed=config.seed, device=plan.device)
     return SiteEncoding(_sqnr(matrix, result.encoded, plan), result.encoded, restore, True, result.final_objective)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -17,6 +18,7 @@ import jlcm_onnx
 from jlcm_onnx.errors import ModelError
 from jlcm_onnx.lazy_weights import LAZY_MIN_BYTES, is_lazy, materialize, tensor_array
 from jlcm_onnx.model_io import load_model
+from jlcm_onnx.model_skeleton import session_with_weights
 from tests.conftest import make_model, tensor, value
 
 
@@ -121,6 +123,28 @@ def test_a_calibrated_reordered_run_reads_the_file_as_the_proto(tmp_path: Path, 
     records = {record.name: record for record in from_file.report.tensors}
     assert records["W1"].row_order.startswith("re-ordered, folded")  # so W2 was permuted in memory
     assert from_file.model.SerializeToString() == from_proto.model.SerializeToString()
+
+
+def test_a_session_for_some_activations_leaves_out_what_they_do_not_need(tmp_path: Path,
+                                                                        rng: np.random.Generator) -> None:
+    """Asked for H = X @ W1 only, the session neither runs the second MatMul nor receives W2 (onnxruntime would
+    compute every node otherwise)."""
+    model, _ = load_model(_saved(two_matmuls(rng), tmp_path))
+    for stored in model.graph.initializer:  # in memory, so the weights handed over are counted
+        if is_lazy(stored):
+            stored.CopyFrom(numpy_helper.from_array(np.asarray(tensor_array(stored)), stored.name))
+    session, arrays = session_with_weights(model, ort.SessionOptions(), ["CPUExecutionProvider"],
+                                           [helper.make_tensor_value_info("H", TensorProto.FLOAT, None)])
+    assert [o.name for o in session.get_outputs()] == ["H"]
+    assert [a.shape for a in arrays] == [(256, 256)]  # W1 only
+    x = rng.normal(size=(3, 256)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"X": x})[0], x @ arrays[0], rtol=1e-5, atol=1e-4)
+
+
+def _saved(model: onnx.ModelProto, folder: Path) -> Path:
+    path = folder / "model.onnx"
+    onnx.save(model, str(path))
+    return path
 
 
 def test_loading_holds_the_structure_not_the_weights(tmp_path: Path) -> None:

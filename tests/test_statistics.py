@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig
+from jlcm_onnx import statistics
 from jlcm_onnx.statistics import activation_inputs, collect_statistics
 
 from conftest import FLOAT, INT64, correlated_inputs, make_model, matmul_model, run, tensor, value
@@ -333,3 +334,17 @@ def test_conv1d(rng, groups):
     grams = [gram(columns[:, g * cols:(g + 1) * cols].reshape(-1, cols * 3)) for g in range(groups)]
     expected = grams[0] if groups == 1 else np.stack(grams)
     np.testing.assert_allclose(stats.gram, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_batches_hold_a_bounded_amount_of_activations(monkeypatch):
+    """``Y = X @ W`` with X [N, seq, 64]: a sample of seq 100 returns 100 * 64 * 4 bytes of X; the batch is as many
+    samples as fit the byte bound, at least one and at most MAX_BATCH."""
+    model = make_model([helper.make_node("MatMul", ["X", "W"], ["Y"])], [value("X", FLOAT, ["N", "seq", 64])],
+                       [value("Y", FLOAT, ["N", "seq", 32])], [tensor("W", np.ones((64, 32), np.float32))])
+    sample = {"X": np.zeros((1, 100, 64), np.float32)}
+    assert statistics.activation_bytes(model, {"X"}, sample) == 100 * 64 * 4
+    assert statistics.batch_size(model, ["W"], sample) == statistics.MAX_BATCH
+    monkeypatch.setattr(statistics, "BATCH_ACTIVATION_BYTES", 3 * 100 * 64 * 4 + 1)
+    assert statistics.batch_size(model, ["W"], sample) == 3
+    monkeypatch.setattr(statistics, "BATCH_ACTIVATION_BYTES", 10)
+    assert statistics.batch_size(model, ["W"], sample) == 1
