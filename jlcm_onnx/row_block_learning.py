@@ -28,8 +28,8 @@ import torch
 from jlcm_onnx.codebook import EncodedMatrix
 from jlcm_onnx.learning import LearnedLayer, damped_gram, learn_layer
 
-#: Tensors above this many weights are learned a block of row groups at a time (about 4 GB of learner state each).
-LEARNING_BLOCK_WEIGHTS = 1 << 25
+#: Tensors above this many weights are learned a block of row groups at a time (about 1 GB of learner state each).
+LEARNING_BLOCK_WEIGHTS = 1 << 23
 
 
 def learn_in_row_blocks(matrix: np.ndarray, initial: EncodedMatrix, gram: np.ndarray | None,

@@ -102,8 +102,8 @@ class EncodeWeights(Pass):
                 records.append(_record(site, SKIPPED, reason))
             else:
                 todo.append((site, row_axis))
-        encodings = map_on_cores(lambda item: encode_site(*item, self.config, self.plan), todo, description="encoding",
-                                 unit="tensor", progress=self.progress, postfix=_describe)
+        encodings = map_on_cores(self._encode_site, todo, description="encoding", unit="tensor",
+                                 progress=self.progress, postfix=_describe)
         for (site, row_axis), site_encoding in zip(todo, encodings, strict=True):
             pool = pools.setdefault(id(site.graph), ConstantPool(names))
             insertion, record = self._encode(site, row_axis, site_encoding, names, pool, constants)
@@ -111,6 +111,15 @@ class EncodeWeights(Pass):
             records.append(record)
         _apply(model.graph, insertions, pools, names)
         return PassResult(model, modified=bool(insertions), records=records)
+
+    def _encode_site(self, item: tuple[WeightSite, int]) -> SiteEncoding:
+        """Encodes one site; its statistics are released once it is encoded (a Gram shared by several weights when
+        the last of them is)."""
+        site, row_axis = item
+        try:
+            return encode_site(site, row_axis, self.config, self.plan)
+        finally:
+            self.plan.statistics.pop(site.name, None)
 
     def _encode(
         self, site: WeightSite, row_axis: int, site_encoding: SiteEncoding, names: NameAllocator, pool: ConstantPool,
