@@ -130,11 +130,6 @@ def materialize(model: onnx.ModelProto) -> None:
             del tensor.external_data[:]
 
 
-def lazy_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of ``model``'s lazy tensors: what its serialization adds to ``ByteSize()``, up to a few bytes a tensor."""
-    return sum(stored_bytes(t) for t in external_data_helper._get_all_tensors(model) if is_lazy(t))
-
-
 # ------------------------------------------------------------------------------------------------------ wire format
 
 
