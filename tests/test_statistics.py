@@ -10,8 +10,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import jlcm_onnx
-from jlcm_onnx import CompressionConfig
-from jlcm_onnx import statistics
+from jlcm_onnx import CompressionConfig, statistics
 from jlcm_onnx.statistics import activation_inputs, collect_statistics
 
 from conftest import FLOAT, INT64, correlated_inputs, make_model, matmul_model, run, tensor, value
