@@ -151,24 +151,15 @@ class Reference:
     """The input as the output gate compares against it: whether it passes the full ``onnx.checker`` check (strict
     shape inference) itself (when it does not, the output is held to the basic check), and its outputs on one
     synthetic batch (``feed``, ``output_names`` and ``outputs``), or why it runs on none (``skipped``). Only these are
-    kept, never an onnxruntime session, so the input's weights are not held twice while it is compressed; a model read
-    from a file is run from that file once it is needed (``pending``), when the compressed model has replaced it in
-    memory. (onnxruntime copies initializers handed to it as arrays, memory-mapped or not, so a session of the lazy
-    model would hold the weights twice: the mapped pages and the copy.)"""
+    kept, never an onnxruntime session, so the input's weights are not held twice while it is compressed."""
 
     full_check: bool
     table_rows: int | None
     seed: int = 0
-    pending: Path | None = None
     output_names: list[str] = field(default_factory=list)
     feed: dict[str, np.ndarray] = field(default_factory=dict)
     outputs: list[np.ndarray] = field(default_factory=list)
     skipped: str = ""
-
-    def run_pending(self) -> None:
-        """Runs the input from its file, ``pending``."""
-        if self.pending is not None:
-            self.run(_reference_session(str(self.pending)))
 
     def run(self, session: ort.InferenceSession) -> None:
         """Runs the input's ``session`` on the synthetic batch and keeps what it gave."""
@@ -178,24 +169,26 @@ class Reference:
             self.skipped = ran
         else:
             self.feed, self.outputs = ran
-        self.pending = None
 
 
 def reference_for(model: onnx.ModelProto, seed: int = 0, path: Path | None = None) -> Reference:
     """The input's :class:`Reference`; raises :class:`ModelError` when stock onnxruntime cannot load it (an opset or IR
     version newer than it supports, an operator of an unknown custom domain, a type without a CPU kernel).
 
-    Given the ``path`` the model was read from, only its structure is loaded now (:mod:`jlcm_onnx.model_skeleton`: the
-    large weights as graph inputs, the same kernels) and the outputs wait for :func:`check_output`; otherwise the model
-    runs now. The run is unoptimised and without pre-packed weights, so onnxruntime holds the weights once.
+    Given the ``path`` the model was read from, onnxruntime runs it from that file: the lazily read ``model`` holds few
+    of its weights yet, and onnxruntime copies initializers handed to it as arrays (memory-mapped or not), so a session
+    of ``model`` would hold them twice. The run is unoptimised and without pre-packed weights, so onnxruntime holds the
+    weights once, and only until the outputs are kept: before compression, while little else is in memory.
     """
     structure = skeleton(model).SerializeToString()
-    reference = Reference(_passes_full_check(structure), gather_rows(model), seed, path)
+    reference = Reference(_passes_full_check(structure), gather_rows(model), seed)
+    del structure
     if path is not None:
-        _reference_session(structure)
-        return reference
-    with _loadable(model) as loadable:
-        reference.run(_reference_session(loadable))
+        reference.run(_reference_session(str(path)))
+    else:
+        with _loadable(model) as loadable:
+            reference.run(_reference_session(loadable))
+    release_freed_memory()
     return reference
 
 
@@ -249,13 +242,13 @@ def check_output(model: onnx.ModelProto, reference: Reference | None = None) -> 
     when the spot check could not be run.
     """
     full_check = reference is None or reference.full_check
-    if reference is not None and reference.pending is not None:  # before the output's session, not beside it
-        reference.run_pending()
-        release_freed_memory()
     try:
         with _loadable(model) as loadable:
             onnx.checker.check_model(loadable, full_check=full_check)
+            release_freed_memory()  # the checker's parsed copy, before onnxruntime makes its own
             session = ort.InferenceSession(loadable, _quiet_options(), providers=["CPUExecutionProvider"])
+            del loadable  # the serialized copy, before the run decodes the weights
+        release_freed_memory()
     except Exception as error:  # noqa: BLE001 - whatever fails, the output is broken: an internal error
         raise RuntimeError(f"the compressed model fails its checks: {ort_message(error)}") from error
     if reference is None:
