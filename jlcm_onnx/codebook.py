@@ -132,10 +132,18 @@ class EncodedMatrix:
         return sorted({int(b) for b in picked} | {0, rows})
 
     def decode(self, rows: slice = slice(None)) -> np.ndarray:
-        """``W^`` [rows, cols] in float32 (of ``rows`` only, when given)."""
+        """``W^`` [rows, cols] in float32 (of ``rows`` only, when given), a chunk of rows at a time (the codes are
+        widened to indices chunk by chunk, never whole)."""
         start, stop, _ = rows.indices(self.codes.shape[0])
-        cols = self.codes.shape[1]
+        decoded = np.empty((stop - start, self.codes.shape[1]), np.float32)
         books = np.repeat(self.codebooks.astype(np.float32), self.group_sizes, axis=0)[start:stop]
+        for chunk in row_chunks(stop - start, self.codes.shape[1], MAX_CHUNK_WEIGHTS):
+            decoded[chunk] = self._decode_rows(start + chunk.start, start + chunk.stop, books[chunk])
+        return decoded
+
+    def _decode_rows(self, start: int, stop: int, books: np.ndarray) -> np.ndarray:
+        """Rows ``start:stop`` of ``W^``, given their codebooks row by row (``books``)."""
+        cols = self.codes.shape[1]
         decoded = np.take_along_axis(books, self.codes[start:stop].astype(np.intp), axis=1)
         if self.block_size is not None:
             scale, offset = self.block_affine(slice(start, stop))

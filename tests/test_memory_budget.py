@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from jlcm_onnx import codebook
 from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, equal_group_sizes, select_outliers
 from jlcm_onnx.encodings.affine_blocks import fit_affine_blocks
 from jlcm_onnx.memory_budget import chunk_weights, estimated_peak, group_chunks, row_chunks
@@ -96,6 +97,22 @@ def test_affine_blocks_fit_is_chunk_invariant() -> None:
                                     chunk_weights=3 * COLS)
         for name in ("codes", "scales", "zero_points", "offsets"):
             assert np.array_equal(getattr(whole, name), getattr(chunked, name)), name
+
+
+@pytest.mark.parametrize("options", [{"groups": 7, "outlier_fraction": 0.01}, {"groups": 4, "block_size": 16}], ids=str)
+def test_decoding_a_chunk_of_rows_at_a_time_is_exact(monkeypatch: pytest.MonkeyPatch, options: dict) -> None:
+    block = {"block_size": options["block_size"]} if "block_size" in options else {}
+    encoded = encode_matrix(weight(), 3, equal_group_sizes(ROWS, options["groups"]), np.dtype(np.float16),
+                            outlier_fraction=options.get("outlier_fraction", 0.0), **block)
+    whole = encoded.decode()
+    monkeypatch.setattr(codebook, "MAX_CHUNK_WEIGHTS", 3 * COLS + 5)  # chunks of 3 rows, the last one shorter
+    assert encoded.decode().tobytes() == whole.tobytes()
+    assert encoded.decode(slice(10, 50)).tobytes() == whole[10:50].tobytes()
+    expected = encoded.codebooks.astype(np.float32)[np.repeat(np.arange(len(encoded.group_sizes)),
+                                                              encoded.group_sizes)[:, None], encoded.codes]
+    if not block:  # the codebook entries the codes name, with the outliers in their places
+        expected.reshape(-1)[encoded.outlier_index] = encoded.outlier_values
+        assert np.array_equal(whole, expected)
 
 
 def test_group_chunks_cover_every_group_once_and_respect_the_size() -> None:
