@@ -22,6 +22,7 @@ from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import check_device, cpu_cores, execution_providers, torch_device
 from jlcm_onnx.distortion import ErrorTable, estimate_errors
 from jlcm_onnx.errors import JlcmError
+from jlcm_onnx.grouping import RowClusterings
 from jlcm_onnx.lazy_weights import materialize
 from jlcm_onnx.memory_budget import (
     MAX_CHUNK_WEIGHTS,
@@ -91,13 +92,13 @@ class CompressionResult:
 
 def build_pipeline(
     config: CompressionConfig, plan: CompressionPlan, progress: bool, data: CalibrationData | None = None,
-    rehearsal: bool = False,
+    rehearsal: bool = False, clusterings: RowClusterings | None = None,
 ) -> list[Pass]:
     """The passes of a compression run, in order; the re-ordering pass hands its group sizes to the encoder, and with
     calibration data the statistics of the re-ordered model's layers go to the encoder's joint learning. A
     ``rehearsal`` encodes stand-ins instead (no data used): the same file layout and bytes, nothing fitted. With
     ``speed="fast"`` the model's opset is first raised to what DequantizeLinear with blocks needs, and tables tied to
-    a language-model head get a copy for the head."""
+    a language-model head get a copy for the head. Runs over one model share its row ``clusterings``."""
     upgrade: list[Pass] = []
     if config.speed == "fast":
         upgrade = [UpgradeOpset(required_opset(config.bits), required_ir_version(config.bits)), UntieHeads(config)]
@@ -106,7 +107,8 @@ def build_pipeline(
     else:
         calibration = CalibrateSequentially if config.sequential else CollectStatistics
         middle = [] if data is None else [calibration(config, plan, data, progress)]
-    return [*upgrade, ReorderNeurons(config, plan), *middle, EncodeWeights(config, plan, progress=progress)]
+    reorder = ReorderNeurons(config, plan, clusterings)
+    return [*upgrade, reorder, *middle, EncodeWeights(config, plan, progress=progress)]
 
 
 def compress(
@@ -206,6 +208,7 @@ def _run(
     progress: bool,
     data: CalibrationData | None = None,
     rehearsal: bool = False,
+    clusterings: RowClusterings | None = None,
 ) -> tuple[onnx.ModelProto, list[TensorRecord], list[str]]:
     """One pass of the pipeline over ``source``, which it consumes (edits in place or replaces), with metadata
     written: the compressed model (a fresh message), its tensor records and the notes of the passes."""
@@ -213,7 +216,7 @@ def _run(
     del source  # passes may return a new model: the one they replaced must go
     records: list[TensorRecord] = []
     notes: list[str] = []
-    for graph_pass in build_pipeline(config, plan, progress, data, rehearsal):
+    for graph_pass in build_pipeline(config, plan, progress, data, rehearsal, clusterings):
         result = graph_pass(working)
         working = result.model
         release_freed_memory()  # a replaced model's buffers go back to the system before the next pass
@@ -230,7 +233,8 @@ def _run(
 @dataclass(frozen=True)
 class _Target:
     """A size target resolved against the input: the goal in bytes, the bytes outside the compressed tensors
-    (``fixed``), the shapes and measured option errors of the tensors, and the first per-tensor choices."""
+    (``fixed``), the shapes and measured option errors of the tensors, the first per-tensor choices and the row
+    clusterings met so far (which every run reuses)."""
 
     kind: str
     value: float
@@ -239,6 +243,7 @@ class _Target:
     shapes: list[WeightShape]
     errors: ErrorTable
     choices: dict[str, TensorChoice]
+    clusterings: RowClusterings
 
     @property
     def aim(self) -> float:
@@ -264,12 +269,13 @@ def _resolve_target(
             f"{kind}={value} asks for {goal:,.0f} bytes, outside what can be reached: {lowest:,.0f} (1 bit, one "
             f"codebook per tensor) to {highest:,.0f} (8 bits, one codebook per row)" + _unit(kind)
         )
-    errors = estimate_errors(source, config, progress)
+    clusterings = RowClusterings()
+    errors = estimate_errors(source, config, progress, clusterings)
     if data is not None:  # weigh each tensor's error by what it does to the outputs
         errors = weight_errors(errors, output_sensitivities(source, config, data, execution_providers(device),
                                                             progress))
     choices = plan_for_budget(shapes, int(AIM * goal - fixed), config, errors)
-    return _Target(kind, value, goal, fixed, shapes, errors, choices)
+    return _Target(kind, value, goal, fixed, shapes, errors, choices, clusterings)
 
 
 def _run_to_target(
@@ -298,7 +304,8 @@ def _run_to_target(
         plan = CompressionPlan(config, choices=choices, device=device, chunk_weights=chunk)
         working = records = None  # the previous run's model goes before the next copy comes
         release_freed_memory()
-        working, records, run_notes = _run(load(), config, plan, progress and not rehearsal, data, rehearsal)
+        working, records, run_notes = _run(load(), config, plan, progress and not rehearsal, data, rehearsal,
+                                           target.clusterings)
         if fixed:
             materialize(working)  # the weights left dense count as they will be written
         achieved = working.ByteSize() if fixed else sum(r.compressed_bytes or 0 for r in records)

@@ -19,13 +19,16 @@ codeword as a full one. Tensors are measured in parallel, one per CPU core.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numpy as np
 import onnx
 
 from jlcm_onnx.codebook import encode_matrix, encode_scaled_matrix, equal_group_sizes
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import map_on_cores
-from jlcm_onnx.grouping import cluster_descriptors, row_descriptors
+from jlcm_onnx.grouping import RowClusterings, RowGroups
 from jlcm_onnx.packing import MAX_BITS
 from jlcm_onnx.passes.weight_sites import WeightSite, compressible_row_axis, find_weight_sites
 from jlcm_onnx.plan import CompressionPlan, TensorChoice
@@ -46,8 +49,11 @@ def tensor_options(rows: int) -> list[TensorChoice]:
     return [TensorChoice(bits, g) for bits in range(1, MAX_BITS + 1) for g in groups]
 
 
-def estimate_errors(model: onnx.ModelProto, config: CompressionConfig, progress: bool = False) -> ErrorTable:
-    """``D_t`` of every option (:func:`tensor_options`) of every compressible tensor of ``model``."""
+def estimate_errors(model: onnx.ModelProto, config: CompressionConfig, progress: bool = False,
+                    clusterings: RowClusterings | None = None) -> ErrorTable:
+    """``D_t`` of every option (:func:`tensor_options`) of every compressible tensor of ``model``; the row
+    clusterings are kept in ``clusterings`` for the runs that follow."""
+    clusterings = RowClusterings() if clusterings is None else clusterings
     sites = [(site, compressible_row_axis(site, config)[0]) for site in find_weight_sites(model)]
     sites = [(site, axis) for site, axis in sites if axis is not None]
 
@@ -57,23 +63,24 @@ def estimate_errors(model: onnx.ModelProto, config: CompressionConfig, progress:
         rows = weight.shape[row_axis]
         matrix = np.ascontiguousarray(np.moveaxis(weight, row_axis, 0).reshape(rows, -1), dtype=np.float32)
         fp16 = site.tensor.data_type == onnx.TensorProto.FLOAT16 or config.codebook_dtype == "float16"
-        return _tensor_errors(site.name, matrix, config, np.dtype(np.float16 if fp16 else np.float32))
+        cluster = partial(clusterings.cluster, site.name, matrix) if config.reorder else None
+        return _tensor_errors(site.name, matrix, config, np.dtype(np.float16 if fp16 else np.float32), cluster)
 
     errors = map_on_cores(measure, sites, description="measuring options", unit="tensor", progress=progress)
     return {site.name: options for (site, _), options in zip(sites, errors, strict=True)}
 
 
 def _tensor_errors(
-    name: str, matrix: np.ndarray, config: CompressionConfig, codebook_dtype: np.dtype
+    name: str, matrix: np.ndarray, config: CompressionConfig, codebook_dtype: np.dtype,
+    cluster: Callable[[int], RowGroups] | None,
 ) -> dict[TensorChoice, float]:
     rows, cols = matrix.shape
-    descriptors = row_descriptors(matrix) if config.reorder else None
     errors: dict[TensorChoice, float] = {}
     groupings: dict[int, tuple[np.ndarray, tuple[int, ...]]] = {}
     for option in tensor_options(rows):
         count = CompressionPlan(config, choices={name: option}).groups(name, rows, cols)
         if count not in groupings:
-            groupings[count] = _sampled_groups(descriptors, rows, count)
+            groupings[count] = _sampled_groups(cluster, rows, count)
         sample_rows, sizes = groupings[count]
         sample = matrix[sample_rows]
         encode = encode_scaled_matrix if config.encoding == "multi-scaling" else encode_matrix
@@ -87,12 +94,13 @@ def _tensor_errors(
 
 
 def _sampled_groups(
-    descriptors: np.ndarray | None, rows: int, count: int
+    cluster: Callable[[int], RowGroups] | None, rows: int, count: int
 ) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The sampled rows in grouped order and the sample's group sizes, for ``count`` groups over ``rows`` rows."""
+    """The sampled rows in grouped order and the sample's group sizes, for ``count`` groups over ``rows`` rows
+    (clustered by ``cluster(count)``, else contiguous)."""
     sample = min(rows, SAMPLE_ROWS)
-    if 1 < count < rows and descriptors is not None:
-        order = cluster_descriptors(descriptors, count)
+    if 1 < count < rows and cluster is not None:
+        order = cluster(count)
         labels = np.repeat(np.arange(len(order.sizes)), order.sizes)
         picks = np.linspace(0, rows - 1, sample).round().astype(int)
         sizes = np.bincount(labels[picks], minlength=len(order.sizes))

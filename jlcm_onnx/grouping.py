@@ -41,6 +41,25 @@ def row_descriptors(matrix: np.ndarray, levels: int = QUANTILE_LEVELS) -> np.nda
     return descriptors
 
 
+class RowClusterings:
+    """:func:`cluster_rows` of the weights of one model, by weight name and group count, each computed once for all
+    the runs over that model (the size planner's option errors, its rehearsals, the real run). A weight's descriptors
+    are quantiles of its rows, which permuting its columns (the fold of the previous layer's re-ordering, which may
+    differ between runs) leaves unchanged, so its clusterings are the same in every run."""
+
+    def __init__(self) -> None:
+        self._descriptors: dict[str, np.ndarray] = {}
+        self._clusters: dict[tuple[str, int], RowGroups] = {}
+
+    def cluster(self, name: str, matrix: np.ndarray, groups: int) -> RowGroups:
+        """``cluster_rows(matrix, groups)`` of the weight ``name`` (``matrix``: its rows, columns in any order)."""
+        if (name, groups) not in self._clusters:
+            if name not in self._descriptors:
+                self._descriptors[name] = row_descriptors(matrix)
+            self._clusters[name, groups] = cluster_descriptors(self._descriptors[name], groups)
+        return self._clusters[name, groups]
+
+
 def cluster_rows(matrix: np.ndarray, groups: int, iterations: int = 50) -> RowGroups:
     """Clusters the rows of ``matrix`` [rows, cols] into at most ``groups`` non-empty groups of similar rows."""
     return cluster_descriptors(row_descriptors(matrix), groups, iterations)

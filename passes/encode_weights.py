@@ -102,8 +102,12 @@ class EncodeWeights(Pass):
                 records.append(_record(site, SKIPPED, reason))
             else:
                 todo.append((site, row_axis))
-        encodings = map_on_cores(self._encode_site, todo, description="encoding", unit="tensor",
-                                 progress=self.progress, postfix=_describe)
+        # largest last: by then the statistics of the others are released (an LLM's Grams are about as large as its
+        # embedding table's learning state)
+        order = sorted(range(len(todo)), key=lambda index: todo[index][0].num_elements)
+        encoded = map_on_cores(self._encode_site, [todo[index] for index in order], description="encoding",
+                               unit="tensor", progress=self.progress, postfix=_describe)
+        encodings = [encoding for _, encoding in sorted(zip(order, encoded, strict=True), key=lambda pair: pair[0])]
         for (site, row_axis), site_encoding in zip(todo, encodings, strict=True):
             pool = pools.setdefault(id(site.graph), ConstantPool(names))
             insertion, record = self._encode(site, row_axis, site_encoding, names, pool, constants)

@@ -1,7 +1,8 @@
 """Clusters the output neurons of each weight and re-orders them so every cluster is a contiguous group.
 
 With G codebooks per tensor (the plan's groups for that tensor), a weight's rows are clustered by distribution
-(:func:`jlcm_onnx.grouping.cluster_rows`) and sorted by cluster with a permutation ``P``; the permutation is folded
+(:func:`jlcm_onnx.grouping.cluster_rows`, once per weight and group count for all the runs over a model) and sorted by
+cluster with a permutation ``P``; the permutation is folded
 into the graph (:mod:`jlcm_onnx.passes.permute_channels`): ``x @ (W P) = (x @ W) P`` and the next contraction's input
 channels are permuted by ``P`` too, so the model computes the same function while each group of similar rows is a
 contiguous range that shares one codebook, at no per-weight mapping cost. The group sizes go to the encoder through the
@@ -23,7 +24,7 @@ import onnx
 
 from jlcm_onnx.codebook import equal_group_sizes
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.grouping import cluster_rows
+from jlcm_onnx.grouping import RowClusterings
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.passes.permute_channels import apply_permutation, find_channel_path
 from jlcm_onnx.passes.site_encoding import uses_affine_blocks
@@ -34,9 +35,11 @@ from jlcm_onnx.plan import CompressionPlan, RowGrouping
 class ReorderNeurons(Pass):
     """Clusters and re-orders output rows, folding the permutation into the graph; fills ``plan``."""
 
-    def __init__(self, config: CompressionConfig, plan: CompressionPlan) -> None:
+    def __init__(self, config: CompressionConfig, plan: CompressionPlan,
+                 clusterings: RowClusterings | None = None) -> None:
         self.config = config
         self.plan = plan
+        self.clusterings = RowClusterings() if clusterings is None else clusterings
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         if not self.config.reorder:
@@ -83,7 +86,7 @@ class ReorderNeurons(Pass):
     ) -> tuple[RowGrouping, list[str]]:
         rows = weight.shape[row_axis]
         matrix = np.moveaxis(weight, row_axis, 0).reshape(rows, -1)
-        clusters = cluster_rows(matrix, groups)
+        clusters = self.clusterings.cluster(name, matrix, groups)
         path = find_channel_path(model, name)
         if isinstance(path, str):
             note = f"stored re-ordered, restored by a Gather (cannot fold: {path})"

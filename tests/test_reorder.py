@@ -11,7 +11,7 @@ from onnx import helper
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig
 from jlcm_onnx.codebook import encode_matrix, encode_scaled_matrix, equal_group_sizes, sqnr_db
-from jlcm_onnx.grouping import cluster_rows
+from jlcm_onnx.grouping import RowClusterings, cluster_rows
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
 from jlcm_onnx.plan import CompressionPlan, TensorChoice
 
@@ -54,6 +54,19 @@ def test_cluster_rows_separates_scales(rng: np.random.Generator) -> None:
     assert sorted(groups.permutation.tolist()) == list(range(40))
     assert groups.sizes == (20, 20)
     assert set(groups.permutation[:20] % 2) == {0} and set(groups.permutation[20:] % 2) == {1}
+
+
+def test_row_clusterings_are_computed_once_and_ignore_the_column_order(rng: np.random.Generator) -> None:
+    matrix = mixed_scale_rows(rng, 40, 24)
+    clusterings = RowClusterings()
+    first = clusterings.cluster("w", matrix, 4)
+    expected = cluster_rows(matrix, 4)
+    assert np.array_equal(first.permutation, expected.permutation) and first.sizes == expected.sizes
+    shuffled = matrix[:, rng.permutation(24)]  # a later run: the previous layer's permutation folded into the columns
+    again = RowClusterings()
+    assert np.array_equal(again.cluster("w", shuffled, 4).permutation, expected.permutation)
+    assert clusterings.cluster("w", shuffled, 4) is first
+    assert clusterings.cluster("w", matrix, 2).sizes == cluster_rows(matrix, 2).sizes
 
 
 @pytest.mark.parametrize("residual", [False, True])
