@@ -102,9 +102,11 @@ class EncodeWeights(Pass):
                 records.append(_record(site, SKIPPED, reason))
             else:
                 todo.append((site, row_axis))
-        # largest last: by then the statistics of the others are released (an LLM's Grams are about as large as its
-        # embedding table's learning state)
-        order = sorted(range(len(todo)), key=lambda index: todo[index][0].num_elements)
+        # with calibration statistics, largest last: by then the others' statistics are released (an LLM's Grams take
+        # as much memory as its embedding table's learning state); data-free, in graph order (the table beside the rest)
+        order = list(range(len(todo)))
+        if self.plan.statistics:
+            order.sort(key=lambda index: todo[index][0].num_elements)
         encoded = map_on_cores(self._encode_site, [todo[index] for index in order], description="encoding",
                                unit="tensor", progress=self.progress, postfix=_describe)
         encodings = [encoding for _, encoding in sorted(zip(order, encoded, strict=True), key=lambda pair: pair[0])]
