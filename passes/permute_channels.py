@@ -76,24 +76,39 @@ class ChannelPath:
 def find_channel_path(model: onnx.ModelProto, weight: str) -> ChannelPath | str:
     """The tensors to permute so that permuting ``weight``'s output rows leaves the model's outputs unchanged, or the
     reason it can't (a one-line string naming the blocking node/op)."""
-    site = next((s for s in find_weight_sites(model) if s.name == weight), None)
-    if site is None:
-        return f"{weight} is not a float initializer or Constant of the model"
-    if site.graph is not model.graph:
-        return f"{weight} lives inside a subgraph (If/Loop/Scan body); only main-graph weights are permuted"
-    if any(c.graph is not site.graph for c in site.consumers):
-        return f"{weight} is read inside an If/Loop/Scan body; only weights read by main-graph nodes are permuted"
-    readers = [(c, weight_row_axis(c, len(site.shape))) for c in site.consumers]
-    if any(c.node.op_type == "Gather" and axis is not None for c, axis in readers):
-        return f"{weight} is a Gather table: its rows are looked up by id"
-    readers = [(c, axis) for c, axis in readers if axis is not None]
-    if not readers:
-        return f"{weight} is not the weight input of a MatMul/Gemm/Conv/ConvTranspose"
-    consumer, row_axis = readers[0]
-    try:
-        return _Search(_GraphIndex(model), consumer.node_index, site.shape[row_axis]).run(weight)
-    except _Blocked as blocked:
-        return blocked.reason
+    return ChannelPaths(model).find(weight)
+
+
+class ChannelPaths:
+    """:func:`find_channel_path` for many weights of one model: its weights and graph are indexed once. Permuting
+    tensors (:func:`apply_permutation`) keeps the index valid; editing the graph's nodes does not."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.sites = {site.name: site for site in find_weight_sites(model)}
+        self._index: _GraphIndex | None = None  # built at the first search: shape inference is the costly part
+
+    def find(self, weight: str) -> ChannelPath | str:
+        site = self.sites.get(weight)
+        if site is None:
+            return f"{weight} is not a float initializer or Constant of the model"
+        if site.graph is not self.model.graph:
+            return f"{weight} lives inside a subgraph (If/Loop/Scan body); only main-graph weights are permuted"
+        if any(c.graph is not site.graph for c in site.consumers):
+            return f"{weight} is read inside an If/Loop/Scan body; only weights read by main-graph nodes are permuted"
+        readers = [(c, weight_row_axis(c, len(site.shape))) for c in site.consumers]
+        if any(c.node.op_type == "Gather" and axis is not None for c, axis in readers):
+            return f"{weight} is a Gather table: its rows are looked up by id"
+        readers = [(c, axis) for c, axis in readers if axis is not None]
+        if not readers:
+            return f"{weight} is not the weight input of a MatMul/Gemm/Conv/ConvTranspose"
+        consumer, row_axis = readers[0]
+        if self._index is None:
+            self._index = _GraphIndex(self.model)
+        try:
+            return _Search(self._index, consumer.node_index, site.shape[row_axis]).run(weight)
+        except _Blocked as blocked:
+            return blocked.reason
 
 
 def apply_permutation(model: onnx.ModelProto, path: ChannelPath, permutation: np.ndarray) -> None:

@@ -26,9 +26,9 @@ from jlcm_onnx.codebook import equal_group_sizes
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.grouping import RowClusterings
 from jlcm_onnx.passes.base import Pass, PassResult
-from jlcm_onnx.passes.permute_channels import apply_permutation, find_channel_path
+from jlcm_onnx.passes.permute_channels import ChannelPaths, apply_permutation
 from jlcm_onnx.passes.site_encoding import uses_affine_blocks
-from jlcm_onnx.passes.weight_sites import WeightSite, compressible_row_axis, find_weight_sites
+from jlcm_onnx.passes.weight_sites import WeightSite, compressible_row_axis
 from jlcm_onnx.plan import CompressionPlan, RowGrouping
 
 
@@ -45,7 +45,8 @@ class ReorderNeurons(Pass):
         if not self.config.reorder:
             return PassResult(model, modified=False)
         modified = False
-        sites = find_weight_sites(model)
+        paths = ChannelPaths(model)
+        sites = list(paths.sites.values())
         by_name = {site.name: site for site in sites}
         row_axes = {site.name: (compressible_row_axis(site, self.config)[0], len(site.shape)) for site in sites}
         for site in sites:
@@ -56,7 +57,7 @@ class ReorderNeurons(Pass):
             groups = self.plan.groups(site.name, rows, site.num_elements // rows)
             if not 1 < groups < rows:
                 continue
-            grouping, permuted_with = self._group(model, site.name, site.array(), row_axis, groups, row_axes)
+            grouping, permuted_with = self._group(model, paths, site.name, site.array(), row_axis, groups, row_axes)
             self.plan.groupings[site.name] = grouping
             for sibling in permuted_with:
                 self.plan.groupings[sibling] = RowGrouping(sibling, self._sibling_sizes(by_name[sibling], grouping,
@@ -78,6 +79,7 @@ class ReorderNeurons(Pass):
     def _group(
         self,
         model: onnx.ModelProto,
+        paths: ChannelPaths,
         name: str,
         weight: np.ndarray,
         row_axis: int,
@@ -87,7 +89,7 @@ class ReorderNeurons(Pass):
         rows = weight.shape[row_axis]
         matrix = np.moveaxis(weight, row_axis, 0).reshape(rows, -1)
         clusters = self.clusterings.cluster(name, matrix, groups)
-        path = find_channel_path(model, name)
+        path = paths.find(name)
         if isinstance(path, str):
             note = f"stored re-ordered, restored by a Gather (cannot fold: {path})"
             return RowGrouping(name, clusters.sizes, False, note, clusters.permutation), []
