@@ -31,13 +31,14 @@ per-row codebooks alone cannot do when the scale changes every B inputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from jlcm_onnx.kmeans import fit_codebooks, nearest_codes
+from jlcm_onnx.kmeans import SortedGroups, fit_codebooks, lloyd, nearest_codes, rounded_codebooks
 from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS, RowChunk, group_chunks, row_chunks
 
 
@@ -210,6 +211,39 @@ def encode_matrix(
                                                                     refinements)
     return EncodedMatrix(codebooks=codebooks, codes=codes, group_sizes=sizes, outlier_index=outliers,
                          outlier_values=matrix.reshape(-1)[outliers].astype(codebook_dtype), **blocks)
+
+
+def codebook_errors(
+    matrix: np.ndarray,
+    bit_widths: Iterable[int],
+    group_sizes: tuple[int, ...],
+    codebook_dtype: np.dtype,
+    max_iterations: int = 100,
+    outlier_fraction: float = 0.0,
+) -> dict[int, float]:
+    """The squared error ``||W - W^||^2`` that :func:`encode_matrix` (no importances, no input blocks) reaches on
+    ``matrix`` at each of ``bit_widths``, without building the encodings: each group is sorted once for every width
+    (:class:`~jlcm_onnx.kmeans.SortedGroups`) and the error read off its prefix sums. For small matrices (the whole
+    matrix is one batch)."""
+    rows, cols = matrix.shape
+    outliers = select_outliers(matrix, outlier_fraction)
+    weights = np.ones(matrix.size)
+    weights[outliers] = 0.0
+    kept = matrix.reshape(-1)[outliers]
+    outlier_error = float(np.sum((kept.astype(codebook_dtype).astype(np.float64) - kept) ** 2))
+    sizes = np.asarray(group_sizes)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    batches = []
+    for members in _size_buckets(sizes):
+        element = np.concatenate([np.arange(starts[g] * cols, (starts[g] + sizes[g]) * cols) for g in members])
+        padded, padded_weights, _ = _padded_groups(matrix.reshape(-1)[element], weights[element], sizes[members] * cols)
+        batches.append(SortedGroups.of(torch.from_numpy(padded), torch.from_numpy(padded_weights)))
+    def error(bits: int) -> float:
+        fitted = (rounded_codebooks(lloyd(batch, 1 << bits, max_iterations), codebook_dtype) for batch in batches)
+        return outlier_error + sum(float(batch.squared_errors(books).sum())
+                                   for batch, books in zip(batches, fitted, strict=True))
+
+    return {bits: error(bits) for bits in bit_widths}
 
 
 def _chunk_importance(

@@ -14,7 +14,9 @@ each option the rows are grouped as the passes would group them (clustered on th
 when the re-ordering is on, else contiguous), ``SAMPLE_ROWS`` rows are taken evenly through that order, so every group
 keeps its share, and the sample is encoded with the configured encoding, codebook dtype and outliers. The group count
 of the sample is the full count scaled by the sampling fraction, so each sampled group holds about as many weights per
-codeword as a full one. Tensors are measured in parallel, one per CPU core.
+codeword as a full one. Plain codebooks (no input blocks) need no encoding: each sampled group is sorted once for all
+bit widths and the k-means error is read off its prefix sums (:func:`jlcm_onnx.codebook.codebook_errors`). Tensors are
+measured in parallel, one per CPU core.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from functools import partial
 import numpy as np
 import onnx
 
-from jlcm_onnx.codebook import encode_matrix, encode_scaled_matrix, equal_group_sizes
+from jlcm_onnx.codebook import codebook_errors, encode_matrix, encode_scaled_matrix, equal_group_sizes
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import map_on_cores
 from jlcm_onnx.grouping import RowClusterings, RowGroups
@@ -75,21 +77,34 @@ def _tensor_errors(
     cluster: Callable[[int], RowGroups] | None,
 ) -> dict[TensorChoice, float]:
     rows, cols = matrix.shape
-    errors: dict[TensorChoice, float] = {}
-    groupings: dict[int, tuple[np.ndarray, tuple[int, ...]]] = {}
+    by_count: dict[int, list[TensorChoice]] = {}
     for option in tensor_options(rows):
-        count = CompressionPlan(config, choices={name: option}).groups(name, rows, cols)
-        if count not in groupings:
-            groupings[count] = _sampled_groups(cluster, rows, count)
-        sample_rows, sizes = groupings[count]
+        by_count.setdefault(CompressionPlan(config, choices={name: option}).groups(name, rows, cols), []).append(option)
+    errors: dict[TensorChoice, float] = {}
+    for count, options in by_count.items():
+        sample_rows, sizes = _sampled_groups(cluster, rows, count)
         sample = matrix[sample_rows]
-        encode = encode_scaled_matrix if config.encoding == "multi-scaling" else encode_matrix
-        blocks = {} if config.codebook_block_size is None else {"block_size": config.codebook_block_size}
-        encoded = encode(sample, option.bits, sizes, codebook_dtype, max_iterations=ESTIMATE_ITERATIONS,
-                         outlier_fraction=config.outlier_fraction, **blocks)
         signal = float(np.sum(sample.astype(np.float64) ** 2))
-        noise = float(np.sum((encoded.decode().astype(np.float64) - sample) ** 2))
-        errors[option] = noise / signal if signal > 0 else 0.0
+        noise = _squared_errors(sample, [option.bits for option in options], sizes, config, codebook_dtype)
+        errors.update({option: noise[option.bits] / signal if signal > 0 else 0.0 for option in options})
+    return errors
+
+
+def _squared_errors(
+    sample: np.ndarray, bit_widths: list[int], sizes: tuple[int, ...], config: CompressionConfig,
+    codebook_dtype: np.dtype,
+) -> dict[int, float]:
+    """``||W - W^||^2`` of the sample encoded at each of ``bit_widths``: read off the sorted groups for plain
+    codebooks, else measured on the encoding."""
+    if config.encoding != "multi-scaling" and config.codebook_block_size is None:
+        return codebook_errors(sample, bit_widths, sizes, codebook_dtype, ESTIMATE_ITERATIONS, config.outlier_fraction)
+    encode = encode_scaled_matrix if config.encoding == "multi-scaling" else encode_matrix
+    blocks = {} if config.codebook_block_size is None else {"block_size": config.codebook_block_size}
+    errors = {}
+    for bits in bit_widths:
+        encoded = encode(sample, bits, sizes, codebook_dtype, max_iterations=ESTIMATE_ITERATIONS,
+                         outlier_fraction=config.outlier_fraction, **blocks)
+        errors[bits] = float(np.sum((encoded.decode().astype(np.float64) - sample) ** 2))
     return errors
 
 

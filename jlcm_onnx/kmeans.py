@@ -56,25 +56,52 @@ def _distinct_value_codebooks(sorted_values: torch.Tensor, num_codes: int) -> tu
     return fits, codebooks
 
 
+@dataclass(frozen=True)
+class SortedGroups:
+    """A batch of groups [G, m], each sorted, with the prefix sums of its importances ``h`` and of ``h w``: Lloyd
+    iterates on these, and the error of any codebooks is read off them (:meth:`squared_errors`), so one sort serves
+    every codebook size."""
+
+    values: torch.Tensor
+    weights: torch.Tensor
+    mass_prefix: torch.Tensor
+    moment_prefix: torch.Tensor
+
+    @classmethod
+    def of(cls, values: torch.Tensor, importance: torch.Tensor | None = None) -> SortedGroups:
+        values = values.to(torch.float64)
+        if importance is None:  # numpy's CPU sort is several times faster than torch's
+            sorted_values = torch.from_numpy(np.sort(values.numpy(), axis=1))
+            weights = torch.ones_like(values)
+        else:
+            order = torch.from_numpy(np.argsort(values.numpy(), axis=1))
+            sorted_values, weights = values.gather(1, order), importance.to(torch.float64).gather(1, order)
+        return cls(sorted_values, weights, _prefix(weights), _prefix(weights * sorted_values))
+
+    def squared_errors(self, codebooks: torch.Tensor) -> torch.Tensor:
+        """``sum_i h_i (w_i - c(w_i))^2`` of each group [G] for sorted codebooks [G, K], ``c(w)`` the nearest codeword
+        (ties to the lower one, as :func:`nearest_codes`): per cell, ``S2 - 2 c S1 + c^2 S0`` of its prefix sums."""
+        edges = _cell_edges(self.values, codebooks)
+        energy_prefix = _prefix(self.weights * self.values**2)
+        mass, moment, energy = (prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])
+                                for prefix in (self.mass_prefix, self.moment_prefix, energy_prefix))
+        return (energy - 2 * codebooks * moment + codebooks**2 * mass).sum(dim=1).clamp(min=0.0)
+
+
+def _prefix(values: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sums along the rows, [G, m] -> [G, m + 1]."""
+    return torch.cat([torch.zeros(values.shape[0], 1, dtype=values.dtype), values.cumsum(dim=1)], dim=1)
+
+
 def lloyd(
-    values: torch.Tensor,
+    groups: SortedGroups,
     num_codes: int,
-    importance: torch.Tensor | None = None,
     max_iterations: int = 100,
     start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sorted k-means codebooks [G, K] (float64) of each row of ``values`` [G, m], weighted by ``importance`` [G, m],
-    from the quantile start or from the sorted codebooks ``start`` [G, K]."""
-    values = values.to(torch.float64)
-    if importance is None:  # numpy's CPU sort is several times faster than torch's
-        sorted_values = torch.from_numpy(np.sort(values.numpy(), axis=1))
-        weights = torch.ones_like(values)
-    else:
-        order = torch.from_numpy(np.argsort(values.numpy(), axis=1))
-        sorted_values, weights = values.gather(1, order), importance.to(torch.float64).gather(1, order)
-    zero = torch.zeros(values.shape[0], 1, dtype=torch.float64)
-    mass_prefix = torch.cat([zero, weights.cumsum(dim=1)], dim=1)
-    moment_prefix = torch.cat([zero, (weights * sorted_values).cumsum(dim=1)], dim=1)
+    """Sorted k-means codebooks [G, K] (float64) of each group of ``groups``, from the quantile start or from the sorted
+    codebooks ``start`` [G, K]."""
+    sorted_values, mass_prefix, moment_prefix = groups.values, groups.mass_prefix, groups.moment_prefix
     codebooks = _quantile_init(sorted_values, mass_prefix, num_codes) if start is None else start.to(torch.float64)
     edges = None
     for _ in range(max_iterations):
@@ -118,8 +145,12 @@ def fit_codebooks(
     tensor = torch.from_numpy(np.asarray(values, dtype=np.float64))
     weights = None if importance is None else torch.from_numpy(np.asarray(importance, dtype=np.float64))
     first = None if start is None else torch.from_numpy(np.asarray(start, dtype=np.float64))
-    codebooks = lloyd(tensor, 1 << bits, weights, max_iterations, first)
-    rounded = torch.from_numpy(codebooks.numpy().astype(codebook_dtype).astype(np.float64))
-    rounded = rounded.sort(dim=1).values
+    rounded = rounded_codebooks(lloyd(SortedGroups.of(tensor, weights), 1 << bits, max_iterations, first),
+                                codebook_dtype)
     codes = nearest_codes(tensor, rounded)
     return Codebooks(values=rounded.numpy().astype(codebook_dtype), codes=codes.numpy().astype(np.uint8))
+
+
+def rounded_codebooks(codebooks: torch.Tensor, codebook_dtype: np.dtype) -> torch.Tensor:
+    """Codebooks [G, K] rounded to ``codebook_dtype`` (what the decoder reads), sorted, in float64."""
+    return torch.from_numpy(codebooks.numpy().astype(codebook_dtype).astype(np.float64)).sort(dim=1).values

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from jlcm_onnx.codebook import encode_matrix, equal_group_sizes, sqnr_db
+from jlcm_onnx.codebook import codebook_errors, encode_matrix, equal_group_sizes, sqnr_db
 from jlcm_onnx.kmeans import fit_codebooks
 
 #: SQNR (dB) of the Lloyd-Max scalar quantizer of a unit Gaussian with 2**b levels.
@@ -175,6 +175,19 @@ def test_encode_matrix_groups(group_sizes: tuple[int, ...]) -> None:
         np.testing.assert_array_equal(alone.values[0], encoded.codebooks[group])
         start += size
     assert 8.0 < sqnr_db(matrix, encoded.decode()) < 20.0
+
+
+@pytest.mark.parametrize("outlier_fraction", [0.0, 0.01])
+@pytest.mark.parametrize("group_sizes", [(40, 30, 30, 28), (128,), (3, 125)])
+def test_codebook_errors_match_the_encoding(group_sizes: tuple[int, ...], outlier_fraction: float) -> None:
+    """The error read off the sorted groups is the error of what encode_matrix writes, at every bit width."""
+    matrix = (np.random.default_rng(7).standard_t(4, size=(128, 96)) * 0.02).astype(np.float32)
+    errors = codebook_errors(matrix, range(1, 9), group_sizes, np.dtype(np.float16), 25, outlier_fraction)
+    for bits in range(1, 9):
+        encoded = encode_matrix(matrix, bits, group_sizes, np.dtype(np.float16), max_iterations=25,
+                                outlier_fraction=outlier_fraction)
+        measured = float(np.sum((encoded.decode().astype(np.float64) - matrix) ** 2))
+        assert errors[bits] == pytest.approx(measured, rel=1e-9, abs=1e-12)
 
 
 def test_encode_matrix_rejects_bad_groups() -> None:
