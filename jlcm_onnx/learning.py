@@ -21,9 +21,10 @@ solves the K x K normal equations of each group::
     b_g = sum_{r in g} E_r^T H (W_r - o_r)
     (A_g + λ Id) c_g = b_g + λ c_g_old          (ridge towards the current codebook, λ = 1e-6 mean diag A_g)
 
-The ridge keeps unused codewords where they were and makes ``L(c_new) <= L(c_old)`` exact (before rounding to the
-codebook dtype). Codebooks are re-sorted after each solve and the codes permuted with them, so "neighbouring codeword"
-keeps its meaning. Cost per solve: ``rows * K * cols^2`` (a dense product of the one-hot codes with H).
+The ridge keeps unused codewords where they were and makes ``L(c_new) <= L(c_old)`` (before rounding to the codebook
+dtype, and up to the float32 products of ``PRODUCT_DTYPE``). Codebooks are re-sorted after each solve and the codes
+permuted with them, so "neighbouring codeword" keeps its meaning. Cost per solve: ``rows * K * cols^2`` (a dense product
+of the one-hot codes with H).
 
 **Mapping step, proximal (the paper's).** A continuous latent ``V`` per weight is updated by Adam with the
 straight-through gradient ``dL/dW^`` (the gradient at the quantized point applied to the latent), and every weight is
@@ -91,7 +92,10 @@ DAMPING = 0.3
 BLOCK_ROUNDS = 1
 #: Ridge of the closed-form codebook solve, relative to the mean diagonal of the normal matrix.
 RIDGE = 1e-6
-#: One-hot blocks of the closed-form solve hold at most this many float64 elements (64 MB).
+#: The codebook step's one-hot products with H (``rows * K * cols^2``, its whole cost) run in float32, half float64's
+#: time; the K x K sums and solves stay in float64.
+PRODUCT_DTYPE = torch.float32
+#: One-hot blocks of the closed-form solve hold at most this many elements (32 MB in float32).
 CHUNK_ELEMENTS = 1 << 23
 
 Mapping = Literal["proximal", "naive", "frozen"]
@@ -227,15 +231,17 @@ class _Layer:
         rhs = torch.zeros(groups, num_codes, dtype=torch.float64, device=self.device)
         step = max(1, CHUNK_ELEMENTS // (num_codes * self.cols))
         for q in range(self.grams.shape[0]):
+            gram = self.grams[q].to(PRODUCT_DTYPE)
             for start in range(q * self.per_block, (q + 1) * self.per_block, step):
                 stop = min(start + step, (q + 1) * self.per_block)
-                onehot = torch.zeros(stop - start, num_codes, self.cols, dtype=torch.float64, device=self.device)
-                onehot.scatter_(1, codes[start:stop, None, :], (self.learnable * self.scale)[start:stop, None, :])
-                weighted = (onehot.reshape(-1, self.cols) @ self.grams[q]).view_as(onehot)
+                onehot = torch.zeros(stop - start, num_codes, self.cols, dtype=PRODUCT_DTYPE, device=self.device)
+                onehot.scatter_(1, codes[start:stop, None, :],
+                                (self.learnable * self.scale)[start:stop, None, :].to(PRODUCT_DTYPE))
+                weighted = (onehot.reshape(-1, self.cols) @ gram).view_as(onehot)
                 rows_normal = torch.bmm(weighted, onehot.transpose(1, 2))
-                rows_rhs = torch.bmm(weighted, self.target[start:stop, :, None])[..., 0]
-                normal.index_add_(0, self.group_of_row[start:stop], rows_normal)
-                rhs.index_add_(0, self.group_of_row[start:stop], rows_rhs)
+                rows_rhs = torch.bmm(weighted, self.target[start:stop, :, None].to(PRODUCT_DTYPE))[..., 0]
+                normal.index_add_(0, self.group_of_row[start:stop], rows_normal.to(torch.float64))
+                rhs.index_add_(0, self.group_of_row[start:stop], rows_rhs.to(torch.float64))
         ridge = RIDGE * torch.diagonal(normal, dim1=1, dim2=2).mean(dim=1).clamp(min=1e-30)
         eye = torch.eye(num_codes, dtype=torch.float64, device=self.device)
         solved = torch.linalg.solve(normal + ridge[:, None, None] * eye, rhs + ridge[:, None] * books)
@@ -374,9 +380,10 @@ def error_feedback_codes(
         exact[index] = True
         stored[index] = torch.as_tensor(np.asarray(outlier_values, dtype=np.float64))
     exact, stored = exact.view(rows, cols), stored.view(rows, cols)
-    scale, offset = (torch.ones(rows, cols, dtype=torch.float64), torch.zeros(rows, cols, dtype=torch.float64)) \
-        if block_affine is None else (torch.as_tensor(a, dtype=torch.float64) for a in block_affine)
-    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
+    affine = block_affine is not None
+    if affine:
+        scale, offset = (torch.as_tensor(a, dtype=torch.float64) for a in block_affine)
+        divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.zeros(rows, cols, dtype=torch.int64)
     midpoints = (row_books[:, 1:] + row_books[:, :-1]) / 2
     for q in range(grams.shape[0]):
@@ -387,16 +394,20 @@ def error_feedback_codes(
             stop = min(start + block, cols)
             columns = slice(start, stop)
             # the block's columns as contiguous rows: [stop - start, rows]
-            chunk, block_offset = work[:, columns].T.contiguous(), offset[part, columns].T.contiguous()
-            block_divisor, block_scale = divisor[part, columns].T.contiguous(), scale[part, columns].T.contiguous()
+            chunk = work[:, columns].T.contiguous()
+            if affine:
+                block_offset, block_divisor, block_scale = (a[part, columns].T.contiguous()
+                                                            for a in (offset, divisor, scale))
             block_exact, block_stored = exact[part, columns].T.contiguous(), stored[part, columns].T.contiguous()
             has_outliers = bool(block_exact.any())
             errors, indices = torch.zeros_like(chunk), torch.zeros(chunk.shape, dtype=torch.int64)
             for j in range(stop - start):
                 column = chunk[j]
-                normalized = (column - block_offset[j]) / block_divisor[j]
+                normalized = (column - block_offset[j]) / block_divisor[j] if affine else column
                 index = torch.searchsorted(part_midpoints, normalized[:, None])
-                quantized = part_books.gather(1, index)[:, 0] * block_scale[j] + block_offset[j]
+                quantized = part_books.gather(1, index)[:, 0]
+                if affine:
+                    quantized = quantized * block_scale[j] + block_offset[j]
                 if has_outliers:
                     quantized = torch.where(block_exact[j], block_stored[j], quantized)
                 indices[j] = index[:, 0]

@@ -7,8 +7,10 @@ approximation ``W^`` is::
 
     L(W^) = || (W - W^) X ||_F^2 = tr(ΔW H ΔW^T),   ΔW = W - W^,   H = X X^T = sum_x x x^T   [cols, cols]
 
-so ``H`` (summed over calibration batches in float64) replaces the activations, and ``diag(H) / N`` is the mean square
-of each input column, a cheap per-column sensitivity. What ``x`` is, per consumer kind:
+so ``H`` replaces the activations, and ``diag(H) / N`` is the mean square of each input column, a cheap per-column
+sensitivity. Each batch's ``H`` is a float32 product, the precision of the activations themselves (within ~1e-6 of
+float64's, far below the damping the learning adds, at half float64's time); the batches are summed in float64. What
+``x`` is, per consumer kind:
 
 - ``MatMul(A, W)``, W [in, out] (row_axis 1, cols = in): ``x`` is a row of ``A`` flattened over its leading axes,
   ``A.reshape(-1, in)``. Weights of rank > 2 (batched MatMul) are not handled.
@@ -133,7 +135,7 @@ class ActivationInput:
     tensor: str
 
     def reduce(self, activation: np.ndarray) -> tuple[torch.Tensor, int]:
-        """(this batch's float64 Gram [cols, cols] or [groups, cols, cols], or int64 counts; how many vectors or
+        """(this batch's float32 Gram [cols, cols] or [groups, cols, cols], or int64 counts; how many vectors or
         lookups it holds)."""
         raise NotImplementedError
 
@@ -149,10 +151,10 @@ class RowInput(ActivationInput):
         rows = activation.T if self.transposed else activation.reshape(-1, self.cols)
         if rows.shape[-1] != self.cols:
             raise ValueError(f"activation '{self.tensor}' has shape {activation.shape}, expected {self.cols} columns")
-        gram = torch.zeros(self.cols, self.cols, dtype=torch.float64)
+        gram = torch.zeros(self.cols, self.cols)
         step = max(1, CHUNK_ELEMENTS // self.cols)
         for start in range(0, rows.shape[0], step):
-            chunk = torch.from_numpy(np.ascontiguousarray(rows[start:start + step])).to(torch.float64)
+            chunk = torch.from_numpy(np.asarray(rows[start:start + step], dtype=np.float32))
             gram.addmm_(chunk.T, chunk)
         return gram, rows.shape[0]
 
@@ -171,13 +173,13 @@ class ConvInput(ActivationInput):
     def reduce(self, activation: np.ndarray) -> tuple[torch.Tensor, int]:
         samples, channels = activation.shape[:2]
         cols = channels // self.groups * int(np.prod(self.kernel))
-        gram = torch.zeros(self.groups, cols, cols, dtype=torch.float64)
+        gram = torch.zeros(self.groups, cols, cols)
         per_sample = channels * int(np.prod(self.kernel)) * int(np.prod(activation.shape[2:]))
         step = max(1, CHUNK_ELEMENTS // max(per_sample, 1))
         count = 0
         for start in range(0, samples, step):
             columns = self.im2col(torch.from_numpy(np.ascontiguousarray(activation[start:start + step])))
-            grouped = columns.to(torch.float64).reshape(columns.shape[0], self.groups, cols).transpose(0, 1)
+            grouped = columns.to(torch.float32).reshape(columns.shape[0], self.groups, cols).transpose(0, 1)
             gram.baddbmm_(grouped.transpose(1, 2), grouped)
             count += columns.shape[0]
         return gram, count
@@ -340,7 +342,11 @@ class _Sum:
     result: np.ndarray | None = field(default=None, repr=False)
 
     def add(self, value: torch.Tensor, count: int) -> None:
-        self.total = value if self.total is None else self.total.add_(value)
+        """Adds one batch's sum (a float32 Gram is summed in float64, counts as they are)."""
+        if self.total is None:
+            self.total = value.to(torch.float64) if value.is_floating_point() else value
+        else:
+            self.total.add_(value)
         self.count += count
 
     def array(self) -> np.ndarray | None:

@@ -21,6 +21,15 @@ def gram(rows: np.ndarray) -> np.ndarray:
     return rows.T @ rows
 
 
+def assert_gram_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal within the documented precision: products in float32, so each entry within 1e-6 of its Cauchy-Schwarz
+    scale ``sqrt(H_ii H_jj)``."""
+    diagonal = np.sqrt(np.abs(np.diagonal(expected, axis1=-2, axis2=-1)))
+    scale = diagonal[..., :, None] * diagonal[..., None, :]
+    assert actual.shape == expected.shape
+    assert np.all(np.abs(actual - expected) <= 1e-6 * scale + 1e-12), np.max(np.abs(actual - expected) / scale)
+
+
 def test_matmul_gram_over_all_leading_axes(rng):
     weight = rng.standard_normal((6, 5)).astype(np.float32)
     model = make_model(
@@ -33,14 +42,14 @@ def test_matmul_gram_over_all_leading_axes(rng):
     stats = collect_statistics(model, ["W"], [{"X": x} for x in batches])["W"]
     rows = np.concatenate([x.reshape(-1, 6) for x in batches])
     assert stats.gram.shape == (6, 6)
-    np.testing.assert_allclose(stats.gram, gram(rows), rtol=1e-12)
+    assert_gram_close(stats.gram, gram(rows))
     assert stats.count == 2 * 3 + 4 * 7
-    np.testing.assert_allclose(stats.mean_square, (rows.astype(np.float64) ** 2).mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.mean_square, (rows.astype(np.float64) ** 2).mean(axis=0), rtol=1e-6)
     assert stats.token_counts is None and stats.note == ""
     # The objective identity of the module docstring: ||dW X||^2 = tr(dW H dW^T) with dW in the encoder's layout.
     delta = rng.standard_normal(weight.shape)
     matrix = np.moveaxis(delta, 1, 0).reshape(5, -1)
-    np.testing.assert_allclose(((rows @ delta) ** 2).sum(), np.trace(matrix @ stats.gram @ matrix.T), rtol=1e-9)
+    np.testing.assert_allclose(((rows @ delta) ** 2).sum(), np.trace(matrix @ stats.gram @ matrix.T), rtol=1e-5)
 
 
 def test_gemm_transposed_weight_and_input(rng):
@@ -53,7 +62,7 @@ def test_gemm_transposed_weight_and_input(rng):
     )
     a = rng.standard_normal((6, 9)).astype(np.float32)
     stats = collect_statistics(model, ["W"], [{"A": a}])["W"]
-    np.testing.assert_allclose(stats.gram, gram(a.T), rtol=1e-12)
+    assert_gram_close(stats.gram, gram(a.T))
     assert stats.count == 9
 
 
@@ -74,7 +83,7 @@ def test_conv_gram_matches_torch_unfold(rng):
     columns = torch.nn.functional.unfold(torch.from_numpy(x), (3, 3), padding=1, stride=2)  # [N, C*9, L]
     columns = columns.transpose(1, 2).reshape(-1, 27).numpy()
     assert stats.gram.shape == (27, 27)
-    np.testing.assert_allclose(stats.gram, gram(columns), rtol=1e-10, atol=1e-10)
+    assert_gram_close(stats.gram, gram(columns))
     assert stats.count == 2 * 5 * 4
     # The layer output is W_mat @ x per position: the columns reproduce the conv.
     output = columns @ weight.reshape(4, -1).T
@@ -91,7 +100,7 @@ def test_conv_dilation(rng):
     columns = torch.nn.functional.unfold(torch.from_numpy(padded), (3, 2), dilation=(2, 1))
     columns = columns.transpose(1, 2).reshape(-1, 12).numpy()
     assert stats.count == 6 * 6
-    np.testing.assert_allclose(stats.gram, gram(columns), rtol=1e-10, atol=1e-10)
+    assert_gram_close(stats.gram, gram(columns))
 
 
 @pytest.mark.parametrize(("auto_pad", "width_pads"), [("SAME_UPPER", (0, 1)), ("SAME_LOWER", (1, 0))])
@@ -104,7 +113,7 @@ def test_conv_auto_pad(rng, auto_pad, width_pads):
     columns = torch.nn.functional.unfold(torch.from_numpy(padded), (3, 2), stride=(2, 1))
     columns = columns.transpose(1, 2).reshape(-1, 12).numpy()
     assert stats.count == 4 * 6
-    np.testing.assert_allclose(stats.gram, gram(columns), rtol=1e-10, atol=1e-10)
+    assert_gram_close(stats.gram, gram(columns))
 
 
 def test_depthwise_conv_one_gram_per_group(rng):
@@ -116,9 +125,7 @@ def test_depthwise_conv_one_gram_per_group(rng):
     assert stats.gram.shape == (channels, 9, 9) and stats.conv_groups == channels
     columns = torch.nn.functional.unfold(torch.from_numpy(x), (3, 3), padding=1).transpose(1, 2).numpy()
     for group in range(channels):
-        np.testing.assert_allclose(
-            stats.gram[group], gram(columns[:, :, group * 9:(group + 1) * 9].reshape(-1, 9)), rtol=1e-10, atol=1e-10
-        )
+        assert_gram_close(stats.gram[group], gram(columns[:, :, group * 9:(group + 1) * 9].reshape(-1, 9)))
     assert stats.count == 3 * 25
     assert stats.mean_square.shape == (channels, 9)
 
@@ -156,7 +163,7 @@ def test_tied_head_gets_the_gram_of_its_input_and_the_token_counts(rng):
     ids = np.array([[1, 2, 2]])
     h = rng.standard_normal((1, 3, 4)).astype(np.float32)
     stats = collect_statistics(tied_head_model(table), ["E"], [{"ids": ids, "H": h}])["E"]
-    np.testing.assert_allclose(stats.gram, gram((table[ids] + h).reshape(-1, 4)), rtol=1e-6)
+    assert_gram_close(stats.gram, gram((table[ids] + h).reshape(-1, 4)))
     np.testing.assert_array_equal(stats.token_counts, [0, 1, 2] + [0] * 7)
 
 
@@ -219,7 +226,7 @@ def test_shared_input_gram_computed_once(rng, monkeypatch):
     stats = collect_statistics(model, ["Q", "K", "O"], [{"X": x}])
     assert sorted(calls) == ["R", "YQ"]
     assert stats["Q"].gram is stats["K"].gram and not stats["Q"].gram.flags.writeable
-    np.testing.assert_allclose(stats["Q"].gram, gram(np.maximum(x, 0)), rtol=1e-12)
+    assert_gram_close(stats["Q"].gram, gram(np.maximum(x, 0)))
     q = numpy_helper.to_array(model.graph.initializer[0])
     np.testing.assert_allclose(stats["O"].gram, gram(np.maximum(x, 0) @ q), rtol=1e-5)
 
@@ -234,7 +241,7 @@ def test_weight_with_two_consumers_sums_them(rng):
     )
     x, z = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32)
     stats = collect_statistics(model, ["W"], [{"X": x, "Z": z}])["W"]
-    np.testing.assert_allclose(stats.gram, gram(x) + gram(z), rtol=1e-12)
+    assert_gram_close(stats.gram, gram(x) + gram(z))
     assert stats.count == 10
 
 
@@ -284,7 +291,7 @@ def test_sequential_mode_uses_activations_of_the_original(rng):
     x = rng.standard_normal((5, 8)).astype(np.float32)
     assert not collect_statistics(compressed, ["Q"], [{"X": x}])["Q"].available
     stats = collect_statistics(compressed, ["Q"], [{"X": x}], inputs=keys)["Q"]
-    np.testing.assert_allclose(stats.gram, gram(np.maximum(x, 0)), rtol=1e-12)
+    assert_gram_close(stats.gram, gram(np.maximum(x, 0)))
 
 
 def test_reasons_for_weights_without_statistics(rng):
@@ -332,7 +339,7 @@ def test_conv1d(rng, groups):
     cols = 4 // groups
     grams = [gram(columns[:, g * cols:(g + 1) * cols].reshape(-1, cols * 3)) for g in range(groups)]
     expected = grams[0] if groups == 1 else np.stack(grams)
-    np.testing.assert_allclose(stats.gram, expected, rtol=1e-10, atol=1e-10)
+    assert_gram_close(stats.gram, expected)
 
 
 def test_batches_hold_a_bounded_amount_of_activations(monkeypatch):
