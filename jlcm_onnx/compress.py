@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,10 +271,14 @@ def _resolve_target(
             f"codebook per tensor) to {highest:,.0f} (8 bits, one codebook per row)" + _unit(kind)
         )
     clusterings = RowClusterings()
-    errors = estimate_errors(source, config, progress, clusterings)
-    if data is not None:  # weigh each tensor's error by what it does to the outputs
-        errors = weight_errors(errors, output_sensitivities(source, config, data, execution_providers(device),
-                                                            progress))
+    if data is None:
+        errors = estimate_errors(source, config, progress, clusterings)
+    else:  # weigh each tensor's error by what it does to the outputs; the option table (mostly Python) is measured
+        # beside the output probes (onnxruntime), which leave part of the cores idle
+        with ThreadPoolExecutor(max_workers=1) as beside:
+            table = beside.submit(estimate_errors, source, config, False, clusterings)
+            coefficients = output_sensitivities(source, config, data, execution_providers(device), progress)
+            errors = weight_errors(table.result(), coefficients)
     choices = plan_for_budget(shapes, int(AIM * goal - fixed), config, errors)
     return _Target(kind, value, goal, fixed, shapes, errors, choices, clusterings)
 
