@@ -11,7 +11,8 @@ transposed (so onnxruntime can fuse it). A weight read by several nodes
 (tied embeddings) is stored and decoded once. Weights inside ``If``/``Loop``/``Scan`` bodies are handled in their own
 body; a weight defined outside a body and read inside it (an outer-scope reference) is decoded in its own graph, right
 before the node that holds the body, and the body reads the decoded tensor by the same name. The weights are
-encoded in parallel, one per CPU core; their decoders are then built and inserted in model order.
+encoded in parallel, one per CPU core (data-free in graph order, with calibration statistics smallest first with the
+largest started early, :func:`_encoding_order`); their decoders are then built and inserted in model order.
 """
 
 from __future__ import annotations
@@ -80,6 +81,34 @@ class _Insertion:
     replaces_node: bool = False
 
 
+#: With calibration statistics the largest tensor starts once the tensors after it hold at most this many bytes of
+#: statistics, so that it runs beside them rather than alone at the end with a core idle.
+OVERLAP_STATISTICS_BYTES = 256 << 20
+
+
+def _encoding_order(todo: list[tuple[WeightSite, int]], plan: CompressionPlan) -> list[int]:
+    """The order to encode ``todo`` in with calibration statistics: smallest first, so that the statistics of the
+    others are mostly released when the largest (an LLM's embedding table, whose learning state is the run's peak)
+    starts; it goes in as late as needed for the statistics still held beside it (a Gram shared by several tensors
+    counted once) to stay within :data:`OVERLAP_STATISTICS_BYTES`."""
+    order = sorted(range(len(todo)), key=lambda index: todo[index][0].num_elements)
+    if not order:
+        return order
+    largest = order.pop()
+    held, counted, position = 0, set(), len(order)
+    while position > 0:
+        statistics = plan.statistics.get(todo[order[position - 1]][0].name)
+        gram = None if statistics is None else statistics.gram
+        extra = 0 if gram is None or id(gram) in counted else gram.nbytes
+        if held + extra > OVERLAP_STATISTICS_BYTES:
+            break
+        held, position = held + extra, position - 1
+        if gram is not None:
+            counted.add(id(gram))
+    order.insert(position, largest)
+    return order
+
+
 class EncodeWeights(Pass):
     """The codebook-encoding pass; ``records`` of its result hold one :class:`TensorRecord` per float tensor."""
 
@@ -102,11 +131,8 @@ class EncodeWeights(Pass):
                 records.append(_record(site, SKIPPED, reason))
             else:
                 todo.append((site, row_axis))
-        # with calibration statistics, largest last: by then the others' statistics are released (an LLM's Grams take
-        # as much memory as its embedding table's learning state); data-free, in graph order (the table beside the rest)
-        order = list(range(len(todo)))
-        if self.plan.statistics:
-            order.sort(key=lambda index: todo[index][0].num_elements)
+        # data-free in graph order (the table beside the rest); with calibration statistics see _encoding_order
+        order = _encoding_order(todo, self.plan) if self.plan.statistics else list(range(len(todo)))
         encoded = map_on_cores(self._encode_site, [todo[index] for index in order], description="encoding",
                                unit="tensor", progress=self.progress, postfix=_describe)
         encodings = [encoding for _, encoding in sorted(zip(order, encoded, strict=True), key=lambda pair: pair[0])]
