@@ -16,6 +16,11 @@ divide cols).
 When the output rows are W's last axis (MatMul's B [in, out]) codes are stored in W's own order [cols, rows] and
 ``W^ = GatherElements(C_rows^T, codes, axis=0)``, which needs no transpose of the decoded weight.
 
+Codebooks stored in a narrower float type than W (fp16 codebooks of an fp32 model) are looked up, patched with
+outliers and re-ordered in that type, and ``W^`` is cast to W's type last: every step before the cast only moves values,
+so the result is the same bit for bit, and the largest transient (the int32 codes beside the gathered matrix) is 1.5x
+the dense weight instead of 2x. Multi-scaling tables and input blocks, which need arithmetic, are cast first.
+
 ``gate`` is ``Cast(Size(x) - Size(x), uint8)`` for an activation ``x`` of the consumer: shifting by it changes nothing,
 but it makes the decode depend on run-time data, so onnxruntime can neither constant-fold it into a dense initializer at
 load time nor run it before the layer's input exists. Weights stay packed in memory and are decoded one layer at a time.
@@ -209,21 +214,39 @@ def _weight_decoder(b: DecoderBuilder, spec: DecodeSpec, gate: str | None) -> No
     if gate is not None:
         packed = b.op("BitShift", [packed, gate], direction="LEFT")
     codes = unpack_codes(b, packed, layout, stored.size, rows=None)
-    row_codebooks = _row_codebooks(b, spec)
+    lookup = _lookup_dtype(spec)
+    row_codebooks = _row_codebooks(b, spec, lookup)
     if spec.rows_last:
         codes = b.op("Reshape", [codes, b.shape(stored.shape)])
         table = b.op("Transpose", [row_codebooks], perm=[1, 0])
         decoded = _block_affine(b, spec, b.op("GatherElements", [table, codes], axis=0))
-        finish_layout(b, _restored(b, _with_outliers(b, spec, decoded), axis=1), spec.shape, perm=None)
+        decoded = _restored(b, _with_outliers(b, spec, decoded, lookup), axis=1)
+        finish_layout(b, _cast(b, decoded, lookup, spec.dtype), spec.shape, perm=None)
         return
     codes = b.op("Reshape", [codes, b.shape(stored.shape)])
     decoded = _block_affine(b, spec, b.op("GatherElements", [row_codebooks, codes], axis=1))
-    decoded = _with_outliers(b, spec, decoded)
-    decoded = _restored(b, decoded, axis=0)
+    decoded = _with_outliers(b, spec, decoded, lookup)
+    decoded = _cast(b, _restored(b, decoded, axis=0), lookup, spec.dtype)
     others = [i for i in range(len(spec.shape)) if i != spec.row_axis]
     moved_shape = tuple(spec.shape[i] for i in [spec.row_axis, *others])
     perm = None if spec.row_axis == 0 else [int(i) for i in np.argsort([spec.row_axis, *others])]
     finish_layout(b, decoded, moved_shape, perm)
+
+
+def _lookup_dtype(spec: DecodeSpec) -> int:
+    """The float type the codebooks are looked up in: their stored type where it is narrower than the weight's and
+    the decode needs no arithmetic on it (no multi-scaling, no input blocks, outliers of the same type), else the
+    weight's type."""
+    encoded = spec.encoded
+    stored = encoded.codebooks.dtype
+    exact = not (encoded.multi_scaling or encoded.blocked) and (
+        encoded.outlier_index.size == 0 or encoded.outlier_values.dtype == stored)
+    narrower = stored.kind == "f" and stored.itemsize < helper.tensor_dtype_to_np_dtype(spec.dtype).itemsize
+    return helper.np_dtype_to_tensor_dtype(stored) if exact and narrower else spec.dtype
+
+
+def _cast(b: DecoderBuilder, name: str, current: int, to: int) -> str:
+    return name if current == to else b.op("Cast", [name], to=to)
 
 
 def _restored(b: DecoderBuilder, decoded: str, axis: int) -> str:
@@ -258,8 +281,8 @@ def _block_affine(b: DecoderBuilder, spec: DecodeSpec, decoded: str, ids: str | 
     return b.op("Slice", [scaled, b.shape([0]), b.shape([cols]), b.shape([axis])]) if pad else scaled
 
 
-def _with_outliers(b: DecoderBuilder, spec: DecodeSpec, decoded: str) -> str:
-    """Writes the outlier values over the decoded matrix (in stored order) with ScatterElements."""
+def _with_outliers(b: DecoderBuilder, spec: DecodeSpec, decoded: str, dtype: int) -> str:
+    """Writes the outlier values over the decoded matrix of type ``dtype`` (in stored order) with ScatterElements."""
     encoded = spec.encoded
     if encoded.outlier_index.size == 0:
         return decoded
@@ -270,8 +293,7 @@ def _with_outliers(b: DecoderBuilder, spec: DecodeSpec, decoded: str) -> str:
     order = np.argsort(index)
     positions = b.stored("outlier_index", index[order].astype(np.int32))
     values = b.stored("outlier_values", encoded.outlier_values[order])
-    if helper.np_dtype_to_tensor_dtype(encoded.outlier_values.dtype) != spec.dtype:
-        values = b.op("Cast", [values], to=spec.dtype)
+    values = _cast(b, values, helper.np_dtype_to_tensor_dtype(encoded.outlier_values.dtype), dtype)
     flat = b.op("Reshape", [decoded, b.shape([-1])])
     patched = b.op("ScatterElements", [flat, positions, values], axis=0)
     return b.op("Reshape", [patched, b.shape([rows, cols] if not spec.rows_last else [cols, rows])])
@@ -299,8 +321,10 @@ def _row_decoder(b: DecoderBuilder, spec: DecodeSpec) -> None:
         flat_ids = b.op("Gather", [b.restore_index(), flat_ids], axis=0)
     picked = b.op("Gather", [packed, flat_ids], axis=0)
     codes = unpack_codes(b, picked, layout, cols, rows=True)
-    row_codebooks = b.op("Gather", [_row_codebooks(b, spec), flat_ids], axis=0)
+    lookup = _lookup_dtype(spec)
+    row_codebooks = b.op("Gather", [_row_codebooks(b, spec, lookup), flat_ids], axis=0)
     decoded = _block_affine(b, spec, b.op("GatherElements", [row_codebooks, codes], axis=1), flat_ids)
+    decoded = _cast(b, decoded, lookup, spec.dtype)
     out_shape = b.op("Concat", [b.op("Shape", [ids]), b.shape([cols])], axis=0)
     b.op("Reshape", [decoded, out_shape], spec.output)
 
@@ -334,8 +358,8 @@ def unpack_codes(b: DecoderBuilder, packed: str, layout: WordLayout, count: int,
     return codes if to == onnx.TensorProto.UINT8 else b.op("Cast", [codes], to=to)
 
 
-def _row_codebooks(b: DecoderBuilder, spec: DecodeSpec) -> str:
-    """Nodes giving the codebook of every row, [rows, K], in the decoded weight's dtype."""
+def _row_codebooks(b: DecoderBuilder, spec: DecodeSpec, dtype: int) -> str:
+    """Nodes giving the codebook of every row, [rows, K], of type ``dtype``."""
     encoded = spec.encoded
     groups, entries = encoded.codebooks.shape
     rows = encoded.codes.shape[0]
@@ -349,8 +373,7 @@ def _row_codebooks(b: DecoderBuilder, spec: DecodeSpec) -> str:
     else:
         table = b.stored("codebooks", encoded.codebooks.reshape(table_shape))
         stored_type = helper.np_dtype_to_tensor_dtype(encoded.codebooks.dtype)
-    if stored_type != spec.dtype:
-        table = b.op("Cast", [table], to=spec.dtype)
+    table = _cast(b, table, stored_type, dtype)
     if groups == rows:
         return table
     if equal_groups:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 import jlcm_onnx
@@ -61,6 +62,22 @@ def test_onnx_decoder_writes_outliers(rows_last: bool) -> None:
                              np.dtype(np.float16), outlier_fraction=0.01).decode().T
     np.testing.assert_array_equal(decoded, expected)
     assert np.sum(np.abs(decoded) == 30.0) == np.sum(np.abs(weight) == 30.0)
+
+
+@pytest.mark.parametrize("codebook_dtype", ["float16", "float32"])
+def test_decoder_looks_up_in_the_codebook_type(codebook_dtype: str) -> None:
+    """fp16 codebooks of an fp32 weight are gathered and patched in fp16 (half the decode's transient memory) and
+    cast to fp32 once, last; the exact values are checked by the test above."""
+    matrix = heavy_tailed(np.random.default_rng(3), rows=48, cols=64)
+    config = CompressionConfig(bits=3, min_elements=64, outlier_fraction=0.01, codebook_dtype=codebook_dtype)
+    model = onnx.shape_inference.infer_shapes(jlcm_onnx.compress(matmul_model(matrix), config).model)
+    types = {value.name: value.type.tensor_type.elem_type for value in model.graph.value_info}
+    looked_up = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(codebook_dtype))
+    for op in ("GatherElements", "ScatterElements"):
+        (node,) = [n for n in model.graph.node if n.op_type == op]
+        assert types[node.output[0]] == looked_up
+    casts = [n for n in model.graph.node if n.op_type == "Cast" and types.get(n.input[0]) == looked_up]
+    assert len(casts) == (1 if codebook_dtype == "float16" else 0)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 0.5, True, "0.1"])
