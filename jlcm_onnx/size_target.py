@@ -166,7 +166,11 @@ def _with_groups(
     if abs(change) < step:
         return None
     groups = min(max(choice.groups + int(change / step), 2), shape.rows - 1)
-    return TensorChoice(choice.bits, groups, choice.outlier_fraction)
+    before = tensor_cost(shape, choice, config)
+    while change > 0 and groups > choice.groups and tensor_cost(
+            shape, TensorChoice(choice.bits, groups, choice.outlier_fraction), config) - before > change:
+        groups -= 1  # never spend more than offered: the step from one group to two also stores the row map
+    return None if groups == choice.groups else TensorChoice(choice.bits, groups, choice.outlier_fraction)
 
 
 def _with_outliers(
@@ -175,5 +179,5 @@ def _with_outliers(
     if shape.row_decoded or abs(change) < 4 + shape.codebook_bytes:
         return None
     current = config.outlier_fraction if choice.outlier_fraction is None else choice.outlier_fraction
-    extra = change / (4 + shape.codebook_bytes) / shape.size
-    return TensorChoice(choice.bits, choice.groups, min(max(current + extra, 0.0), MAX_OUTLIER_FRACTION))
+    count = round(current * shape.size) + int(change / (4 + shape.codebook_bytes))  # whole outliers: never over
+    return TensorChoice(choice.bits, choice.groups, min(max(count / shape.size, 0.0), MAX_OUTLIER_FRACTION))
