@@ -23,6 +23,7 @@ from jlcm_onnx.describe import describe_model
 from jlcm_onnx.devices import DEVICES, execution_providers
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.model_io import check_destination
+from jlcm_onnx.plot import plot_encodings
 from jlcm_onnx.verify import verify
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
@@ -70,6 +71,8 @@ def main() -> None:
                    "GGUF Q4_1-style blocks; +12 bits per block)  [default: integer]")
 @click.option("--decode-at-load", is_flag=True, default=None,
               help="No run-time decode gate: any onnxruntime decodes the weights once at load (dense speed and RAM).")
+@click.option("--keep-debug-metadata", is_flag=True, default=None,
+              help="Keep the exporter's per-node debug metadata (stack traces), dropped by default.")
 @click.option("--bits", type=int, help="Bits per weight index, 1..8  [default: 4]")
 @click.option("--groups", type=int, help="Codebooks per tensor over contiguous output rows  [default: one per row]")
 @click.option("--encoding", type=click.Choice(ENCODINGS),
@@ -110,7 +113,8 @@ def main() -> None:
                                    "available memory]")
 @click.option("--force", is_flag=True, help="Compress a model that jlcm-onnx already compressed (refused otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True,
+              help="No progress on stderr (bars in a terminal; in a log, one line per phase and per tenth of it).")
 @_reporting_errors
 def compress_command(model: Path, output: Path, config_file: Path | None, calibration: Path | None,
                      calibration_samples: int, device: str, force: bool, as_json: bool, quiet: bool,
@@ -135,10 +139,15 @@ def compress_command(model: Path, output: Path, config_file: Path | None, calibr
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable description on stdout.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw a compressed model's bits per weight, format and error per layer to this image "
+                   "(.png, .svg or .pdf; needs matplotlib).")
 @_reporting_errors
-def inspect_command(model: Path, as_json: bool) -> None:
+def inspect_command(model: Path, as_json: bool, plot: Path | None) -> None:
     """Show MODEL's weights: for a compressed model its bits, groups, codebook sizes and bytes."""
     description = describe_model(model)
+    if plot is not None:
+        plot_encodings(description, plot)
     if as_json:
         click.echo(json.dumps(description.to_dict(), indent=2))
     else:

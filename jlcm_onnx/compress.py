@@ -8,6 +8,7 @@ returned, and carries a per-tensor report.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -49,9 +50,11 @@ from jlcm_onnx.passes.dequantize_linear import required_ir_version, required_ops
 from jlcm_onnx.passes.encode_weights import EncodeWeights
 from jlcm_onnx.passes.placeholder_encodings import PlaceholderEncodings
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
+from jlcm_onnx.passes.strip_debug_metadata import StripDebugMetadata
 from jlcm_onnx.passes.untie_heads import UntieHeads
 from jlcm_onnx.passes.upgrade_opset import UpgradeOpset
 from jlcm_onnx.plan import CompressionPlan, TensorChoice
+from jlcm_onnx.progress import Phase
 from jlcm_onnx.report import CompressionReport, TensorRecord
 from jlcm_onnx.row_block_learning import LEARNING_BLOCK_WEIGHTS
 from jlcm_onnx.runtime import fold_at_load
@@ -99,7 +102,8 @@ def build_pipeline(
     calibration data the statistics of the re-ordered model's layers go to the encoder's joint learning. A
     ``rehearsal`` encodes stand-ins instead (no data used): the same file layout and bytes, nothing fitted. With
     ``speed="fast"`` the model's opset is first raised to what DequantizeLinear with blocks needs, and tables tied to
-    a language-model head get a copy for the head. Runs over one model share its row ``clusterings``."""
+    a language-model head get a copy for the head, and the exporter's debug metadata goes last (unless
+    ``keep_debug_metadata``). Runs over one model share its row ``clusterings``."""
     upgrade: list[Pass] = []
     if config.speed == "fast":
         upgrade = [UpgradeOpset(required_opset(config.bits), required_ir_version(config.bits)), UntieHeads(config)]
@@ -109,7 +113,8 @@ def build_pipeline(
         calibration = CalibrateSequentially if config.sequential else CollectStatistics
         middle = [] if data is None else [calibration(config, plan, data, progress)]
     reorder = ReorderNeurons(config, plan, clusterings)
-    return [*upgrade, reorder, *middle, EncodeWeights(config, plan, progress=progress)]
+    strip: list[Pass] = [] if config.keep_debug_metadata else [StripDebugMetadata()]
+    return [*upgrade, reorder, *middle, EncodeWeights(config, plan, progress=progress), *strip]
 
 
 def compress(
@@ -159,7 +164,8 @@ def compress(
     budget = config.max_memory or default_max_memory()
     chunk = chunk_weights(budget, cpu_cores())
     check_budget(_estimated_peak(source, original_bytes, config, chunk, calibrated=calibration is not None), budget)
-    reference = reference_for(source, config.seed, None if isinstance(model, onnx.ModelProto) else Path(model))
+    with Phase("running the original on synthetic inputs", enabled=progress):
+        reference = reference_for(source, config.seed, None if isinstance(model, onnx.ModelProto) else Path(model))
     data = None
     if calibration is not None:  # a CalibrationData is re-checked against this model but keeps all its samples
         samples = None if isinstance(calibration, CalibrationData) else DEFAULT_SAMPLES
@@ -186,7 +192,8 @@ def compress(
     if data is not None:
         mode = "sequential" if config.sequential else "on the float model"
         notes.append(f"calibration: {len(data)} samples, onnxruntime passes: {plan.calibration_passes} ({mode})")
-    spot_note = check_output(working, reference)
+    with Phase("checking the output (onnx.checker, onnxruntime load, spot check)", enabled=progress):
+        spot_note = check_output(working, reference)
     notes.extend([spot_note] if spot_note else [])
     report = CompressionReport(
         tensors=records,
@@ -309,8 +316,9 @@ def _run_to_target(
         plan = CompressionPlan(config, choices=choices, device=device, chunk_weights=chunk)
         working = records = None  # the previous run's model goes before the next copy comes
         release_freed_memory()
-        working, records, run_notes = _run(load(), config, plan, progress and not rehearsal, data, rehearsal,
-                                           target.clusterings)
+        with Phase(f"size target: rehearsal {rehearsed + 1} on stand-in encodings", enabled=progress and rehearsal):
+            working, records, run_notes = _run(load(), config, plan, progress and not rehearsal, data, rehearsal,
+                                               target.clusterings)
         if fixed:
             materialize(working)  # the weights left dense count as they will be written
         achieved = working.ByteSize() if fixed else sum(r.compressed_bytes or 0 for r in records)
@@ -383,12 +391,17 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, Any] | None:
     }
 
 
+def _rounded(value: float | None, digits: int) -> float | None:
+    """``value`` for JSON: rounded, None when absent or not finite (an exact tensor's SQNR)."""
+    return None if value is None or not math.isfinite(value) else round(value, digits)
+
+
 def _write_metadata(model: onnx.ModelProto, config: CompressionConfig, records: list[TensorRecord]) -> None:
     tensors = [
-        {"name": r.name, "shape": list(r.shape), "dtype": r.dtype, "bits": r.bits, "groups": r.groups,
-         "encoding": r.encoding,
-         "outliers": r.outliers,
-         "original_bytes": r.original_bytes, "compressed_bytes": r.compressed_bytes}
+        {"name": r.name, "layer": r.layer, "shape": list(r.shape), "dtype": r.dtype, "bits": r.bits, "groups": r.groups,
+         "encoding": r.encoding, "outliers": r.outliers,
+         "original_bytes": r.original_bytes, "compressed_bytes": r.compressed_bytes,
+         "sqnr_db": _rounded(r.sqnr_db, 2), "layer_error": _rounded(r.layer_error, 6)}
         for r in records if r.bits is not None
     ]
     values = {

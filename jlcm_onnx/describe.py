@@ -35,17 +35,18 @@ class ModelDescription:
 
     def format_table(self) -> str:
         if self.compressed:
-            header = ("tensor", "shape", "bits", "format", "groups", "codebook values", "original", "stored")
+            header = ("tensor", "layer", "shape", "bits", "format", "groups", "codebook values", "original", "stored")
             rows = [
-                (t["name"], _shape(t["shape"]), str(t["bits"]), t.get("encoding") or "-", _or_dash(t["groups"]),
+                (t["name"], t.get("layer") or "-", _shape(t["shape"]), str(t["bits"]), t.get("encoding") or "-",
+                 _or_dash(t["groups"]),
                  "-" if t["groups"] is None else str(t["groups"] << t["bits"]),
                  format_bytes(t["original_bytes"]), format_bytes(t["compressed_bytes"]))
                 for t in self.tensors
             ]
             title = f"jlcm-onnx compressed model (format {self.format_version}), {format_bytes(self.file_bytes)}"
         else:
-            header = ("tensor", "shape", "dtype", "bytes", "with default config")
-            rows = [(t["name"], _shape(t["shape"]), t["dtype"], format_bytes(t["bytes"]), t["plan"])
+            header = ("tensor", "layer", "shape", "dtype", "bytes", "with default config")
+            rows = [(t["name"], t["layer"], _shape(t["shape"]), t["dtype"], format_bytes(t["bytes"]), t["plan"])
                     for t in self.tensors]
             title = f"uncompressed model, {format_bytes(self.file_bytes)}, {len(rows)} float tensors"
         return "\n".join([title, *align_columns([header, *rows])])
@@ -62,6 +63,7 @@ def describe_model(source: str | os.PathLike | onnx.ModelProto) -> ModelDescript
         row_axis, reason = compressible_row_axis(site, config)
         tensors.append({
             "name": site.name,
+            "layer": site.layer,
             "shape": list(site.shape),
             "dtype": onnx.helper.tensor_dtype_to_string(site.tensor.data_type).removeprefix("TensorProto."),
             "bytes": site.array().nbytes,

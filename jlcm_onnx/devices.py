@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TypeVar
 
 import onnxruntime as ort
 import torch
-from tqdm import tqdm
 
 from jlcm_onnx.errors import ConfigError, JlcmError
+from jlcm_onnx.progress import Phase
 
 DEVICES = ("cpu", "cuda")
 
@@ -52,24 +52,27 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def map_on_cores(function: Callable[[Item], Result], items: Sequence[Item], *, description: str, unit: str,
-                 progress: bool = False, postfix: Callable[[Result], str] | None = None) -> list[Result]:
+def map_on_cores(function: Callable[[Item], Result], items: Sequence[Item], *, description: str,
+                 weight: Callable[[Item], float] | None = None, progress: bool = False,
+                 postfix: Callable[[Result], str] | None = None) -> list[Result]:
     """``[function(item) for item in items]`` on one thread per CPU core, torch single-threaded meanwhile: the items'
     numpy and torch work releases the GIL, and their small ops gain nothing from torch's own threads (MiniLM's option
-    errors: 28 s in one thread, 19 s on two cores). ``function`` must not share mutable state between items. The
-    progress bar shows ``postfix(result)`` of the latest result."""
+    errors: 28 s in one thread, 19 s on two cores). ``function`` must not share mutable state between items. Progress
+    counts each finished item as ``weight(item)`` (its share of the work; 1 without ``weight``) and shows
+    ``postfix(result)`` of the latest result."""
+    weigh = weight or (lambda _: 1.0)
     cores = cpu_cores()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max(1, min(cores, len(items)))) as pool:
-            bar = tqdm(pool.map(function, items), total=len(items), desc=description, unit=unit,
-                       disable=not progress, leave=False)
-            results = []
-            for result in bar:
-                results.append(result)
-                if postfix is not None:
-                    bar.set_postfix_str(postfix(result))
-            return results
+        with ThreadPoolExecutor(max(1, min(cores, len(items)))) as pool, \
+                Phase(description, total=sum(weigh(item) for item in items), enabled=progress) as phase:
+            futures = {pool.submit(function, item): index for index, item in enumerate(items)}
+            results: list[Result | None] = [None] * len(items)
+            for future in as_completed(futures):
+                index = futures[future]
+                results[index] = future.result()
+                phase.advance(weigh(items[index]), postfix(results[index]) if postfix else "")
+            return results  # type: ignore[return-value] - every slot is filled
     finally:
         torch.set_num_threads(threads)

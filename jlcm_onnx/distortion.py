@@ -68,7 +68,12 @@ def estimate_errors(model: onnx.ModelProto, config: CompressionConfig, progress:
         cluster = partial(clusterings.cluster, site.name, matrix) if config.reorder else None
         return _tensor_errors(site.name, matrix, config, np.dtype(np.float16 if fp16 else np.float32), cluster)
 
-    errors = map_on_cores(measure, sites, description="measuring options", unit="tensor", progress=progress)
+    def sampled_elements(site_and_axis: tuple[WeightSite, int]) -> float:
+        site, row_axis = site_and_axis
+        rows = site.shape[row_axis]
+        return min(rows, SAMPLE_ROWS) * site.num_elements / rows
+
+    errors = map_on_cores(measure, sites, description="measuring options", weight=sampled_elements, progress=progress)
     return {site.name: options for (site, _), options in zip(sites, errors, strict=True)}
 
 

@@ -18,8 +18,9 @@ SKIPPED = "skipped"
 
 @dataclass(frozen=True)
 class TensorRecord:
-    """One float tensor of the model and what happened to it (``layer_error``: with calibration, the layer's relative
-    output error on the calibration inputs, ``tr(ΔW H ΔW^T) / tr(W H W^T)``, see :mod:`jlcm_onnx.learning`)."""
+    """One float tensor of the model and what happened to it (``layer``: where it is read, as the exporter's module
+    path and the op, e.g. ``layers.3.query (MatMul)``; ``layer_error``: with calibration, the layer's relative output
+    error on the calibration inputs, ``tr(ΔW H ΔW^T) / tr(W H W^T)``, see :mod:`jlcm_onnx.learning`)."""
 
     name: str
     consumers: tuple[str, ...]
@@ -28,6 +29,7 @@ class TensorRecord:
     original_bytes: int
     status: str
     reason: str = ""
+    layer: str = ""
     compressed_bytes: int | None = None
     bits: int | None = None
     groups: int | None = None
@@ -93,18 +95,19 @@ class CompressionReport:
 
     def format_table(self, skipped: bool = False) -> str:
         """A plain-text table of the compressed tensors (and the skipped ones, with reasons, if asked)."""
-        rows = [("tensor", "shape", "bits", "groups", "format", "original", "compressed", "ratio", "SQNR dB")]
+        rows = [("tensor", "layer", "shape", "bits", "groups", "format", "original", "compressed", "ratio", "SQNR dB")]
         for t in self.compressed:
             sqnr = "exact" if t.sqnr_db is not None and math.isinf(t.sqnr_db) else f"{t.sqnr_db:.1f}"
             ratio = t.original_bytes / max(t.compressed_bytes or 1, 1)
             shape = "x".join(map(str, t.shape))
-            rows.append((t.name, shape, str(t.bits), "-" if t.groups is None else str(t.groups), t.encoding or "-",
-                         format_bytes(t.original_bytes),
-                         format_bytes(t.compressed_bytes or 0), f"{ratio:.2f}x", sqnr))
+            rows.append((t.name, t.layer or "-", shape, str(t.bits), "-" if t.groups is None else str(t.groups),
+                         t.encoding or "-", format_bytes(t.original_bytes), format_bytes(t.compressed_bytes or 0),
+                         f"{ratio:.2f}x", sqnr))
         lines = align_columns(rows)
         if skipped:
             lines.append("")
-            lines.extend(f"skipped {t.name}: {t.reason}" for t in self.tensors if t.status == SKIPPED)
+            lines.extend(f"skipped {t.name}{f' ({t.layer})' if t.layer else ''}: {t.reason}"
+                         for t in self.tensors if t.status == SKIPPED)
         lines.append("")
         lines.append(
             f"file: {format_bytes(self.original_file_bytes)} -> {format_bytes(self.compressed_file_bytes)} "

@@ -29,7 +29,6 @@ import itertools
 import numpy as np
 import onnx
 import onnxruntime as ort
-from tqdm import tqdm
 
 from jlcm_onnx.calibration import CalibrationData
 from jlcm_onnx.config import CompressionConfig
@@ -38,6 +37,7 @@ from jlcm_onnx.model_skeleton import skeleton
 from jlcm_onnx.passes.site_encoding import encode_site
 from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
 from jlcm_onnx.plan import CompressionPlan, TensorChoice
+from jlcm_onnx.progress import Phase
 
 #: Bits of the probe encoding whose output error is measured (the planner's usual range at 3-4 bits average).
 PROBE_BITS = 3
@@ -55,29 +55,31 @@ def output_sensitivities(
     sites = [(site, compressible_row_axis(site, config)[0]) for site in find_weight_sites(model)]
     sites = [(site, axis) for site, axis in sites if axis is not None]
     feedable = [(site, axis) for site, axis in sites if site.graph is model.graph and site.constant_node is None]
-    probed = skeleton(model, {site.name for site, _ in feedable})
-    session = ort.InferenceSession(probed.SerializeToString(), providers=providers)
-    del probed
-    originals = {site.name: site.array() for site, _ in feedable}
-    samples, reference = [], []
-    for sample in itertools.islice(data, SAMPLES):
-        reference.append(session.run(None, {**sample, **originals}))
-        samples.append(sample)
-        if (len(samples) + 1) * sum(np.asarray(o).nbytes for o in reference[0]) > OUTPUT_BUDGET_BYTES:
-            break
-    energy = sum(_squared_distance(outputs) for outputs in reference)
-    probe_config = config.replace(kmeans_iterations=ESTIMATE_ITERATIONS)
-    coefficients: dict[str, float] = {}
-    for site, row_axis in tqdm(feedable, desc="output sensitivity", unit="tensor", disable=not progress, leave=False):
-        plan = CompressionPlan(probe_config, choices={site.name: TensorChoice(PROBE_BITS, config.groups)})
-        weight = originals[site.name]
-        decoded = encode_site(site, row_axis, probe_config, plan).decoded_weight(weight.shape, row_axis)
-        weight_error = _squared_distance([decoded], [weight]) / max(_squared_distance([weight]), 1e-300)
-        feeds = {**originals, site.name: decoded.astype(weight.dtype, copy=False)}
-        del decoded
-        output_error = sum(_squared_distance(session.run(None, {**sample, **feeds}), expected)
-                           for sample, expected in zip(samples, reference, strict=True))
-        coefficients[site.name] = output_error / max(energy, 1e-300) / max(weight_error, 1e-300)
+    with Phase("output sensitivity", total=len(feedable), enabled=progress) as phase:
+        probed = skeleton(model, {site.name for site, _ in feedable})
+        session = ort.InferenceSession(probed.SerializeToString(), providers=providers)
+        del probed
+        originals = {site.name: site.array() for site, _ in feedable}
+        samples, reference = [], []
+        for sample in itertools.islice(data, SAMPLES):
+            reference.append(session.run(None, {**sample, **originals}))
+            samples.append(sample)
+            if (len(samples) + 1) * sum(np.asarray(o).nbytes for o in reference[0]) > OUTPUT_BUDGET_BYTES:
+                break
+        energy = sum(_squared_distance(outputs) for outputs in reference)
+        probe_config = config.replace(kmeans_iterations=ESTIMATE_ITERATIONS)
+        coefficients: dict[str, float] = {}
+        for site, row_axis in feedable:
+            plan = CompressionPlan(probe_config, choices={site.name: TensorChoice(PROBE_BITS, config.groups)})
+            weight = originals[site.name]
+            decoded = encode_site(site, row_axis, probe_config, plan).decoded_weight(weight.shape, row_axis)
+            weight_error = _squared_distance([decoded], [weight]) / max(_squared_distance([weight]), 1e-300)
+            feeds = {**originals, site.name: decoded.astype(weight.dtype, copy=False)}
+            del decoded
+            output_error = sum(_squared_distance(session.run(None, {**sample, **feeds}), expected)
+                               for sample, expected in zip(samples, reference, strict=True))
+            coefficients[site.name] = output_error / max(energy, 1e-300) / max(weight_error, 1e-300)
+            phase.advance()
     fallback = float(np.median(list(coefficients.values()))) if coefficients else 1.0
     return {site.name: coefficients.get(site.name, fallback) for site, _ in sites}
 

@@ -61,10 +61,10 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from jlcm_onnx.model_skeleton import session_with_weights, skeleton
 from jlcm_onnx.passes.weight_sites import Consumer, WeightSite, find_weight_sites, transposed_matmul, weight_row_axis
+from jlcm_onnx.progress import Phase
 
 #: Activations are turned into float64 matrices in chunks of at most this many elements (64 MB).
 CHUNK_ELEMENTS = 1 << 23
@@ -418,8 +418,10 @@ def _accumulate(
         readers[activation.tensor].append(activation)
     session, weights = _session(model, tensors, providers)  # weights: the arrays behind the session's initializers
     total = len(feeds) if hasattr(feeds, "__len__") else None
-    for feed in tqdm(feeds, desc="statistics", unit="batch", total=total, disable=not progress, leave=False):
-        _reduce_batch(session.run(tensors, feed), tensors, readers, sums)  # activations die before the next batch
+    with Phase("statistics", total=total, enabled=progress) as phase:
+        for feed in feeds:
+            _reduce_batch(session.run(tensors, feed), tensors, readers, sums)  # activations die before the next batch
+            phase.advance()
 
 
 def _reduce_batch(

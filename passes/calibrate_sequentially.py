@@ -26,13 +26,13 @@ from collections import defaultdict
 
 import onnx
 from onnx import helper, numpy_helper
-from tqdm.auto import tqdm
 
 from jlcm_onnx.devices import execution_providers
 from jlcm_onnx.passes.base import PassResult
 from jlcm_onnx.passes.collect_statistics import CalibrationPass
 from jlcm_onnx.passes.site_encoding import encode_site
 from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites, names_read_in_bodies
+from jlcm_onnx.progress import Phase
 from jlcm_onnx.statistics import WeightActivations, activation_inputs, batch_size, collect_statistics
 
 
@@ -53,21 +53,23 @@ class CalibrateSequentially(CalibrationPass):
         by_level = defaultdict(list)
         for name, level in weight_levels(working.graph, measured).items():
             by_level[level].append(name)
-        for level in tqdm(sorted(by_level), desc="sequential calibration", unit="level", disable=not self.progress,
-                          leave=False):
-            names = by_level[level]
-            self.plan.statistics.update(
-                collect_statistics(working, names, self.data.batches(batch), inputs=measured, providers=providers))
-            self.plan.calibration_passes += 1
-            for name in names:
-                site, row_axis = sites[name], row_axes[name]
-                encoding = encode_site(site, row_axis, self.config, self.plan)
-                self.plan.encodings[name] = encoding.encoded
-                if encoding.layer_error is not None:
-                    self.plan.layer_errors[name] = encoding.layer_error
-                decoded = encoding.decoded_weight(site.shape, row_axis)
-                dtype = helper.tensor_dtype_to_np_dtype(site.tensor.data_type)
-                site.tensor.CopyFrom(numpy_helper.from_array(decoded.astype(dtype), site.tensor.name))
+        total = sum(sites[name].num_elements for name in measured)
+        with Phase("sequential calibration", total=total, enabled=self.progress) as phase:
+            for level in sorted(by_level):
+                names = by_level[level]
+                self.plan.statistics.update(
+                    collect_statistics(working, names, self.data.batches(batch), inputs=measured, providers=providers))
+                self.plan.calibration_passes += 1
+                for name in names:
+                    site, row_axis = sites[name], row_axes[name]
+                    encoding = encode_site(site, row_axis, self.config, self.plan)
+                    self.plan.encodings[name] = encoding.encoded
+                    if encoding.layer_error is not None:
+                        self.plan.layer_errors[name] = encoding.layer_error
+                    decoded = encoding.decoded_weight(site.shape, row_axis)
+                    dtype = helper.tensor_dtype_to_np_dtype(site.tensor.data_type)
+                    site.tensor.CopyFrom(numpy_helper.from_array(decoded.astype(dtype), site.tensor.name))
+                    phase.advance(site.num_elements)
         return PassResult(model, modified=False)
 
 

@@ -134,7 +134,7 @@ class EncodeWeights(Pass):
         # data-free in graph order (the table beside the rest); with calibration statistics see _encoding_order
         order = _encoding_order(todo, self.plan) if self.plan.statistics else list(range(len(todo)))
         encoded = map_on_cores(self._encode_site, [todo[index] for index in order], description="encoding",
-                               unit="tensor", progress=self.progress, postfix=_describe)
+                               weight=lambda s: s[0].num_elements, progress=self.progress, postfix=_describe)
         encodings = [encoding for _, encoding in sorted(zip(order, encoded, strict=True), key=lambda pair: pair[0])]
         for (site, row_axis), site_encoding in zip(todo, encodings, strict=True):
             pool = pools.setdefault(id(site.graph), ConstantPool(names))
@@ -327,6 +327,7 @@ def _record(site: WeightSite, status: str, reason: str = "", **fields: object) -
     return TensorRecord(
         name=site.name,
         consumers=tuple(c.describe() for c in site.consumers),
+        layer=site.layer,
         shape=site.shape,
         dtype=helper.tensor_dtype_to_string(site.tensor.data_type).removeprefix("TensorProto."),
         original_bytes=site.num_elements * dtype.itemsize,

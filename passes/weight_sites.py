@@ -12,6 +12,7 @@ Every other tensor gets a reason, so the report can say why it was left alone.
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,29 @@ class Consumer:
     def describe(self) -> str:
         return f"{self.node.op_type}:{self.node.name or self.node.output[0]}"
 
+    def layer(self) -> str:
+        """Where the weight is used, for a reader: ``layers.3.attention.query (MatMul)``."""
+        return f"{module_path(self.node)} ({self.node.op_type})"
+
+
+#: Node metadata in which torch's dynamo exporter lists a node's module scopes, outermost first, then the op's own name.
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def module_path(node: onnx.NodeProto) -> str:
+    """The module a node belongs to: the innermost scope of torch's dynamo exporter (``['', 'layers.3',
+    'layers.3.query', 'linear']`` -> ``layers.3.query``), else the node's name without its last segment (the
+    TorchScript exporter's ``/layers.3/query/MatMul`` -> ``layers.3/query``), else its name or first output."""
+    scopes = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES_KEY), "")
+    try:
+        modules = [scope for scope in ast.literal_eval(scopes)[:-1] if scope] if scopes else []
+    except (ValueError, SyntaxError, TypeError):
+        modules = []
+    if modules:
+        return str(modules[-1])
+    name = node.name.strip("/")
+    return name.rsplit("/", 1)[0] if "/" in name else name or node.output[0]
+
 
 @dataclass
 class WeightSite:
@@ -52,6 +76,11 @@ class WeightSite:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.tensor.dims)
+
+    @property
+    def layer(self) -> str:
+        """Where the weight is read, for a reader: each consumer's :meth:`Consumer.layer`, once each."""
+        return ", ".join(dict.fromkeys(c.layer() for c in self.consumers))
 
     @property
     def num_elements(self) -> int:

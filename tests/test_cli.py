@@ -84,6 +84,17 @@ def test_fast_file_and_its_inspect_table(model_path: Path, tmp_path: Path) -> No
     assert code == 0 and "affine blocks of 32, float offsets" in stdout
 
 
+def test_inspect_plot(model_path: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out, picture = tmp_path / "o.onnx", tmp_path / "layers.png"
+    invoke("compress", model_path, "-o", out, "--bits", 3, "--min-elements", 16, "--quiet")
+    code, stdout, _ = invoke("inspect", out, "--plot", picture)
+    assert code == 0 and "codebook values" in stdout
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, stderr = invoke("inspect", model_path, "--plot", tmp_path / "plain.png")
+    assert code == 2 and "not compressed" in stderr and not (tmp_path / "plain.png").exists()
+
+
 def test_bad_inputs_exit_2(model_path: Path, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a model at all")

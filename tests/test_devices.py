@@ -19,7 +19,7 @@ def test_results_come_back_in_item_order_and_torch_threads_are_restored() -> Non
         seen_threads.add(torch.get_num_threads())
         return value * value
 
-    assert map_on_cores(square, list(range(50)), description="test", unit="item") == [v * v for v in range(50)]
+    assert map_on_cores(square, list(range(50)), description="test") == [v * v for v in range(50)]
     assert seen_threads == {1}  # single-threaded torch inside the workers
     assert torch.get_num_threads() == before
 
@@ -33,7 +33,7 @@ def test_an_error_in_one_item_propagates_and_restores_torch_threads() -> None:
         return value
 
     with pytest.raises(ValueError, match="item 3"):
-        map_on_cores(fail_on_three, list(range(6)), description="test", unit="item")
+        map_on_cores(fail_on_three, list(range(6)), description="test")
     assert torch.get_num_threads() == before
 
 
@@ -48,4 +48,4 @@ def test_items_run_concurrently_when_there_are_several_cores() -> None:
         barrier.wait()
         return value
 
-    assert map_on_cores(meet, [1, 2], description="test", unit="item") == [1, 2]
+    assert map_on_cores(meet, [1, 2], description="test") == [1, 2]
