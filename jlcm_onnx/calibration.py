@@ -25,6 +25,11 @@ name -> ``np.ndarray``) that all fit the model. Sources:
 input names, element types (exactly the model's: ``float64`` data for a ``float32`` input is an error, not a silent
 cast), rank and fixed dims, equal lengths along the batch axis, and NaN/Inf in float inputs.
 
+**Padding.** An input that marks real positions (an attention mask: ``attention_mask`` is found automatically, or
+name one with ``mask=``) leaves its zero positions out of the statistics: padded tokens are not what the model sees
+in use, and a batch padded to a fixed length would otherwise weigh them in every layer's Gram
+(:mod:`jlcm_onnx.statistics`). ``mask=None`` counts every position.
+
 **Sub-sampling.** When there are more than ``samples`` samples, ``samples`` of them are drawn without replacement with
 ``numpy.random.default_rng(seed)`` and kept in their original order, so equal data, ``samples`` and ``seed`` give the
 same calibration set.
@@ -47,6 +52,8 @@ from jlcm_onnx.model_io import load_model
 
 #: Samples kept by default (the CLI's ``--calibration-samples``).
 DEFAULT_SAMPLES = 128
+#: ``load_calibration(mask=AUTO_MASK)`` finds an input named ``attention_mask``.
+AUTO_MASK = "auto"
 
 DYNAMIC, FIXED, WHOLE = "dynamic", "fixed", "whole"
 
@@ -111,11 +118,13 @@ def batch_mode(inputs: tuple[InputSpec, ...]) -> tuple[str, int]:
 class CalibrationData:
     """Checked, sub-sampled samples for one model; iterate for the samples, :meth:`batches` for batched feeds."""
 
-    def __init__(self, inputs: tuple[InputSpec, ...], samples: list[Feed], available: int, seed: int) -> None:
+    def __init__(self, inputs: tuple[InputSpec, ...], samples: list[Feed], available: int, seed: int,
+                 mask: str | None = None) -> None:
         self.inputs = inputs
         self.samples = samples
         self.available = available
         self.seed = seed
+        self.mask = mask
         self.mode, self.items_per_sample = batch_mode(inputs)
 
     def __len__(self) -> int:
@@ -130,6 +139,13 @@ class CalibrationData:
     @property
     def input_names(self) -> tuple[str, ...]:
         return tuple(spec.name for spec in self.inputs)
+
+    def positions(self) -> tuple[int, int]:
+        """(positions the mask marks as real, all positions) over the samples; (0, 0) without a mask."""
+        if self.mask is None:
+            return 0, 0
+        real = sum(int(np.count_nonzero(sample[self.mask])) for sample in self.samples)
+        return real, sum(sample[self.mask].size for sample in self.samples)
 
     def batches(self, batch_size: int = 32) -> Iterator[Feed]:
         """Feeds of up to ``batch_size`` samples concatenated along axis 0 when the model's batch dim is dynamic.
@@ -162,6 +178,7 @@ def load_calibration(
     model: onnx.ModelProto | str | os.PathLike,
     samples: int | None = DEFAULT_SAMPLES,
     seed: int = 0,
+    mask: str | None = AUTO_MASK,
 ) -> CalibrationData:
     """Reads, checks and sub-samples calibration data for ``model`` (a ``ModelProto`` or the path of one).
 
@@ -170,6 +187,8 @@ def load_calibration(
         model: the model the data is fed to; only its graph inputs are read.
         samples: the most samples kept (drawn with ``seed`` when there are more); ``None`` keeps all.
         seed: seed of the sub-sampling.
+        mask: the integer or bool input whose zero positions are padding, left out of the statistics; ``"auto"``: the
+            input named ``attention_mask`` if there is one (any case); ``None``: no mask.
 
     Raises:
         CalibrationError: the data cannot be read or does not fit the model (one line naming input and mismatch).
@@ -182,6 +201,7 @@ def load_calibration(
     inputs = model_inputs(read_graph(model))
     if not inputs:
         raise CalibrationError("the model has no inputs to feed")
+    mask = _mask_input(inputs, mask)
     mode, items = batch_mode(inputs)
     split: list[Feed] = []
     for label, feed in _read_feeds(source):
@@ -193,7 +213,22 @@ def load_calibration(
     if samples is not None and available > samples:
         keep = np.sort(np.random.default_rng(seed).choice(available, size=samples, replace=False))
         split = [split[int(i)] for i in keep]
-    return CalibrationData(inputs, split, available, seed)
+    return CalibrationData(inputs, split, available, seed, mask)
+
+
+def _mask_input(inputs: tuple[InputSpec, ...], mask: str | None) -> str | None:
+    if mask == AUTO_MASK:
+        return next((spec.name for spec in inputs if spec.name.lower() == "attention_mask"
+                     and (spec.dtype.kind in "iub")), None)
+    if mask is None:
+        return None
+    spec = next((spec for spec in inputs if spec.name == mask), None)
+    if spec is None:
+        names = ", ".join(spec.name for spec in inputs)
+        raise CalibrationError(f"mask input '{mask}' is not an input of the model (it has {names})")
+    if spec.dtype.kind not in "iub":
+        raise CalibrationError(f"mask input '{mask}' is {spec.dtype}, not an integer or bool mask")
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------------------- reading

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from jlcm_onnx.calibration import DEFAULT_SAMPLES, load_calibration
+from jlcm_onnx.calibration import AUTO_MASK, DEFAULT_SAMPLES, load_calibration
 from jlcm_onnx.compress import compress, save
 from jlcm_onnx.config import AFFINE_OFFSETS, CODEBOOK_DTYPES, ENCODINGS, INITS, MAPPINGS, SPEEDS, CompressionConfig
 from jlcm_onnx.describe import describe_model
@@ -97,6 +97,9 @@ def main() -> None:
               help="Calibration inputs: a .npz file or a folder of .npy/.npz files keyed by model input names.")
 @click.option("--calibration-samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
               help="Most calibration samples used (a seeded sub-sample when there are more).")
+@click.option("--calibration-mask", default=AUTO_MASK, show_default=True,
+              help="The input whose zero positions are padding, left out of the statistics ('auto': an input named "
+                   "attention_mask; 'none': count every position).")
 @click.option("--mapping", type=click.Choice(MAPPINGS),
               help="With --calibration: how codes move while codebooks are learned  [default: proximal]")
 @click.option("--init", type=click.Choice(INITS),
@@ -117,7 +120,8 @@ def main() -> None:
               help="No progress on stderr (bars in a terminal; in a log, one line per phase and per tenth of it).")
 @_reporting_errors
 def compress_command(model: Path, output: Path, config_file: Path | None, calibration: Path | None,
-                     calibration_samples: int, device: str, force: bool, as_json: bool, quiet: bool,
+                     calibration_samples: int, calibration_mask: str, device: str, force: bool, as_json: bool,
+                     quiet: bool,
                      **overrides: Any) -> None:
     """Compress MODEL and write the result to the file named by -o."""
     check_destination(output, protect=model)
@@ -126,9 +130,13 @@ def compress_command(model: Path, output: Path, config_file: Path | None, calibr
     config = config.replace(**changes) if changes else config
     data = None
     if calibration is not None:
-        data = load_calibration(calibration, model, samples=calibration_samples, seed=config.seed)
+        mask = None if calibration_mask.lower() == "none" else calibration_mask
+        data = load_calibration(calibration, model, samples=calibration_samples, seed=config.seed, mask=mask)
     result = compress(model, config, calibration=data, progress=not quiet, device=device, force=force)
     save(result, output)
+    for note in result.report.notes:
+        if note.startswith("warning:"):
+            click.echo(note, err=True)
     if as_json:
         click.echo(result.report.to_json())
     else:

@@ -19,7 +19,7 @@ from typing import Any
 
 import onnx
 
-from jlcm_onnx.calibration import DEFAULT_SAMPLES, CalibrationData, load_calibration
+from jlcm_onnx.calibration import AUTO_MASK, DEFAULT_SAMPLES, CalibrationData, load_calibration
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import check_device, cpu_cores, execution_providers, torch_device
 from jlcm_onnx.distortion import ErrorTable, estimate_errors
@@ -92,6 +92,10 @@ class CompressionResult:
     def save(self, path: str | os.PathLike) -> int:
         """Writes the model atomically (never over the input file) and returns the bytes written."""
         return save(self, path)
+
+
+#: A warning is noted when less than this share of the calibration positions is real (the rest padding).
+PADDING_WARNING = 0.5
 
 
 def build_pipeline(
@@ -168,8 +172,9 @@ def compress(
         reference = reference_for(source, config.seed, None if isinstance(model, onnx.ModelProto) else Path(model))
     data = None
     if calibration is not None:  # a CalibrationData is re-checked against this model but keeps all its samples
-        samples = None if isinstance(calibration, CalibrationData) else DEFAULT_SAMPLES
-        data = load_calibration(calibration, source, samples=samples, seed=config.seed)
+        given = isinstance(calibration, CalibrationData)
+        data = load_calibration(calibration, source, samples=None if given else DEFAULT_SAMPLES, seed=config.seed,
+                                mask=calibration.mask if given else AUTO_MASK)
     notes = [note for note in (quantization_note(source),) if note]
     target = None if config.target is None else _resolve_target(source, original_bytes, config, progress, data,
                                                                   device)
@@ -192,6 +197,7 @@ def compress(
     if data is not None:
         mode = "sequential" if config.sequential else "on the float model"
         notes.append(f"calibration: {len(data)} samples, onnxruntime passes: {plan.calibration_passes} ({mode})")
+        notes.extend(_padding_notes(data))
     with Phase("checking the output (onnx.checker, onnxruntime load, spot check)", enabled=progress):
         spot_note = check_output(working, reference)
     notes.extend([spot_note] if spot_note else [])
@@ -389,6 +395,19 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, Any] | None:
         "config": json.loads(props.get(f"{METADATA_PREFIX}config", "{}")),
         "tensors": json.loads(props.get(f"{METADATA_PREFIX}tensors", "[]")),
     }
+
+
+def _padding_notes(data: CalibrationData) -> list[str]:
+    """What the calibration mask left out, and a warning when most positions were padding."""
+    real, total = data.positions()
+    if data.mask is None:
+        return ["calibration: every position counted (no attention mask)"]
+    notes = [f"calibration: {real:,} of {total:,} positions used ({total - real:,} padding positions of "
+             f"'{data.mask}' left out)"]
+    if real < PADDING_WARNING * total:
+        notes.append(f"warning: {1 - real / total:.0%} of the calibration positions are padding: pack or trim the "
+                     "calibration text to use the statistics' batches on real tokens")
+    return notes
 
 
 def _rounded(value: float | None, digits: int) -> float | None:

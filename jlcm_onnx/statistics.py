@@ -134,9 +134,10 @@ class ActivationInput:
 
     tensor: str
 
-    def reduce(self, activation: np.ndarray) -> tuple[torch.Tensor, int]:
+    def reduce(self, activation: np.ndarray, real: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
         """(this batch's float32 Gram [cols, cols] or [groups, cols, cols], or int64 counts; how many vectors or
-        lookups it holds)."""
+        lookups it holds). ``real`` (bool, the feed's mask ``!= 0``, e.g. [batch, sequence]) marks the positions that
+        count, where the activation's leading axes are those positions."""
         raise NotImplementedError
 
 
@@ -147,8 +148,8 @@ class RowInput(ActivationInput):
     cols: int
     transposed: bool = False
 
-    def reduce(self, activation: np.ndarray) -> tuple[torch.Tensor, int]:
-        rows = activation.T if self.transposed else activation.reshape(-1, self.cols)
+    def reduce(self, activation: np.ndarray, real: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
+        rows = activation.T if self.transposed else _real_rows(activation, real).reshape(-1, self.cols)
         if rows.shape[-1] != self.cols:
             raise ValueError(f"activation '{self.tensor}' has shape {activation.shape}, expected {self.cols} columns")
         gram = torch.zeros(self.cols, self.cols)
@@ -170,8 +171,8 @@ class ConvInput(ActivationInput):
     groups: int
     auto_pad: str = "NOTSET"
 
-    def reduce(self, activation: np.ndarray) -> tuple[torch.Tensor, int]:
-        samples, channels = activation.shape[:2]
+    def reduce(self, activation: np.ndarray, real: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
+        samples, channels = activation.shape[:2]  # image positions are all real
         cols = channels // self.groups * int(np.prod(self.kernel))
         gram = torch.zeros(self.groups, cols, cols)
         per_sample = channels * int(np.prod(self.kernel)) * int(np.prod(activation.shape[2:]))
@@ -219,10 +220,23 @@ class GatherInput(ActivationInput):
 
     rows: int
 
-    def reduce(self, activation: np.ndarray) -> tuple[torch.Tensor, int]:
-        indices = activation.astype(np.int64, copy=False).ravel()
+    def reduce(self, activation: np.ndarray, real: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
+        indices = _real_rows(activation[..., None], real).astype(np.int64, copy=False).ravel()
         indices = np.where(indices < 0, indices + self.rows, indices)
         return torch.from_numpy(np.bincount(indices, minlength=self.rows)[: self.rows]), indices.size
+
+
+def _real_rows(activation: np.ndarray, real: np.ndarray | None) -> np.ndarray:
+    """The vectors of ``activation`` (its last axis) at the positions ``real`` marks, when its leading axes are
+    those positions ([batch, sequence, features] under a [batch, sequence] mask, or a flattened [batch * sequence,
+    features]); else all of them (a tensor whose axes do not line up with the mask is not a per-position one)."""
+    if real is None:
+        return activation
+    if activation.shape[:-1] == real.shape:
+        return activation[real]
+    if activation.ndim == 2 and activation.shape[0] == real.size:
+        return activation[real.reshape(-1)]
+    return activation
 
 
 @dataclass(frozen=True)
@@ -370,6 +384,7 @@ def collect_statistics(
     inputs: Mapping[str, WeightActivations] | None = None,
     providers: list[str] | None = None,
     progress: bool = False,
+    mask: str | None = None,
 ) -> dict[str, LayerStatistics]:
     """Runs ``model`` in onnxruntime on every feed and returns the :class:`LayerStatistics` of each weight.
 
@@ -381,6 +396,8 @@ def collect_statistics(
             missing from it are looked up in ``model`` itself (fine while they are still initializers there).
         providers: onnxruntime execution providers (default CPU).
         progress: show a progress bar over batches.
+        mask: the feed input whose zero positions are padding (an attention mask): left out of every Gram and token
+            count whose activation's leading axes are those positions.
 
     Example (all-MiniLM-L6-v2, 128 sentences in 8 padded batches of 16; ``val_60`` is a query projection)::
 
@@ -401,7 +418,7 @@ def collect_statistics(
             plan[name] = WeightActivations((), f"activation(s) {', '.join(absent)} not found in this model")
     sums = {i: _Sum() for entry in plan.values() for i in entry.inputs}
     if sums:
-        _accumulate(model, sums, feeds, providers, progress)
+        _accumulate(model, sums, feeds, providers, progress, mask)
     return {name: _statistics(plan[name], sums) for name in names}
 
 
@@ -411,6 +428,7 @@ def _accumulate(
     feeds: Iterable[dict[str, np.ndarray]],
     providers: list[str] | None,
     progress: bool,
+    mask: str | None,
 ) -> None:
     tensors = list(dict.fromkeys(i.tensor for i in sums))
     readers = defaultdict(list)
@@ -420,7 +438,8 @@ def _accumulate(
     total = len(feeds) if hasattr(feeds, "__len__") else None
     with Phase("statistics", total=total, enabled=progress) as phase:
         for feed in feeds:
-            _reduce_batch(session.run(tensors, feed), tensors, readers, sums)  # activations die before the next batch
+            real = None if mask is None else np.asarray(feed[mask]) != 0
+            _reduce_batch(session.run(tensors, feed), tensors, readers, sums, real)  # activations die with the batch
             phase.advance()
 
 
@@ -429,10 +448,11 @@ def _reduce_batch(
     tensors: list[str],
     readers: dict[str, list[ActivationInput]],
     sums: dict[ActivationInput, _Sum],
+    real: np.ndarray | None = None,
 ) -> None:
     for tensor, activation in zip(tensors, outputs, strict=True):
         for reader in readers[tensor]:
-            sums[reader].add(*reader.reduce(activation))
+            sums[reader].add(*reader.reduce(activation, real))
 
 
 def _session(

@@ -58,7 +58,8 @@ class CalibrateSequentially(CalibrationPass):
             for level in sorted(by_level):
                 names = by_level[level]
                 self.plan.statistics.update(
-                    collect_statistics(working, names, self.data.batches(batch), inputs=measured, providers=providers))
+                    collect_statistics(working, names, self.data.batches(batch), inputs=measured, providers=providers,
+                                       mask=self.data.mask))
                 self.plan.calibration_passes += 1
                 for name in names:
                     site, row_axis = sites[name], row_axes[name]

@@ -39,6 +39,6 @@ class CollectStatistics(CalibrationPass):
         batches = self.data.batches(batch_size(model, names, next(iter(self.data))))
         self.plan.statistics.update(
             collect_statistics(model, names, batches, progress=self.progress,
-                               providers=execution_providers(self.plan.device)))
+                               providers=execution_providers(self.plan.device), mask=self.data.mask))
         self.plan.calibration_passes += 1
         return PassResult(model, modified=False)

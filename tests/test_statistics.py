@@ -221,7 +221,8 @@ def test_shared_input_gram_computed_once(rng, monkeypatch):
     model = shared_input_model(rng)
     calls = []
     original = statistics.RowInput.reduce
-    monkeypatch.setattr(statistics.RowInput, "reduce", lambda self, a: calls.append(self.tensor) or original(self, a))
+    monkeypatch.setattr(statistics.RowInput, "reduce",
+                        lambda self, a, real=None: calls.append(self.tensor) or original(self, a, real))
     x = rng.standard_normal((5, 8)).astype(np.float32)
     stats = collect_statistics(model, ["Q", "K", "O"], [{"X": x}])
     assert sorted(calls) == ["R", "YQ"]
@@ -260,9 +261,9 @@ def test_feeds_are_streamed_not_kept(rng, monkeypatch):
 
     original = statistics.RowInput.reduce
 
-    def reduce(self, activation):
+    def reduce(self, activation, real=None):
         seen.append(weakref.ref(activation))
-        return original(self, activation)
+        return original(self, activation, real)
 
     monkeypatch.setattr(statistics.RowInput, "reduce", reduce)
     stats = collect_statistics(model, ["W"], batches(), progress=True)["W"]
@@ -354,3 +355,58 @@ def test_batches_hold_a_bounded_amount_of_activations(monkeypatch):
     assert statistics.batch_size(model, ["W"], sample) == 3
     monkeypatch.setattr(statistics, "BATCH_ACTIVATION_BYTES", 10)
     assert statistics.batch_size(model, ["W"], sample) == 1
+
+
+def masked_model(rng: np.random.Generator) -> tuple:
+    """X [B, S, 6] @ W, Gather(E, ids [B, S]) and the attention mask [B, S] (read by an Identity)."""
+    weight, table = rng.standard_normal((6, 5)).astype(np.float32), rng.standard_normal((20, 4)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"]), helper.make_node("Gather", ["E", "ids"], ["Z"]),
+         helper.make_node("Identity", ["attention_mask"], ["M"])],
+        [value("X", FLOAT, ["B", "S", 6]), value("ids", INT64, ["B", "S"]), value("attention_mask", INT64, ["B", "S"])],
+        [value("Y", FLOAT, ["B", "S", 5]), value("Z", FLOAT, ["B", "S", 4]), value("M", INT64, ["B", "S"])],
+        [tensor("W", weight), tensor("E", table)],
+    )
+    return model
+
+
+def padded(feed: dict[str, np.ndarray], length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``feed`` padded on the right to ``length`` positions with random values and a zero mask there."""
+    batch, real = feed["ids"].shape
+    extra = length - real
+    return {
+        "X": np.concatenate([feed["X"], 100 * rng.standard_normal((batch, extra, 6)).astype(np.float32)], axis=1),
+        "ids": np.concatenate([feed["ids"], rng.integers(0, 20, (batch, extra))], axis=1),
+        "attention_mask": np.concatenate([feed["attention_mask"], np.zeros((batch, extra), np.int64)], axis=1),
+    }
+
+
+def test_padded_positions_change_nothing(rng):
+    """A batch and its copy padded to a longer sequence (garbage under a zero mask) give the same statistics."""
+    model = masked_model(rng)
+    feed = {"X": rng.standard_normal((3, 5, 6)).astype(np.float32), "ids": rng.integers(0, 20, (3, 5)),
+            "attention_mask": np.ones((3, 5), np.int64)}
+    long = padded(feed, 16, rng)
+    plain = collect_statistics(model, ["W", "E"], [feed], mask="attention_mask")
+    masked = collect_statistics(model, ["W", "E"], [long], mask="attention_mask")
+    assert_gram_close(masked["W"].gram, plain["W"].gram)
+    assert masked["W"].count == plain["W"].count == 15
+    np.testing.assert_array_equal(masked["E"].token_counts, plain["E"].token_counts)
+    unmasked = collect_statistics(model, ["W", "E"], [long])
+    assert unmasked["W"].count == 48 and not np.allclose(unmasked["W"].gram, plain["W"].gram)
+
+
+def test_calibration_finds_the_attention_mask_and_reports_padding(rng, tmp_path):
+    model = masked_model(rng)
+    feed = {"X": rng.standard_normal((8, 4, 6)).astype(np.float32), "ids": rng.integers(0, 20, (8, 4)),
+            "attention_mask": np.ones((8, 4), np.int64)}
+    long = padded(feed, 16, rng)  # 75% padding
+    data = jlcm_onnx.load_calibration(long, model)
+    assert data.mask == "attention_mask" and data.positions() == (32, 128)
+    assert jlcm_onnx.load_calibration(long, model, mask=None).mask is None
+    with pytest.raises(jlcm_onnx.CalibrationError, match="mask input 'X' is float32"):
+        jlcm_onnx.load_calibration(long, model, mask="X")
+    result = jlcm_onnx.compress(model, CompressionConfig(bits=2, min_elements=16), data)
+    notes = result.report.notes
+    assert "calibration: 32 of 128 positions used (96 padding positions of 'attention_mask' left out)" in notes
+    assert any(n.startswith("warning: 75% of the calibration positions are padding") for n in notes)
