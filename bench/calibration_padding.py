@@ -76,8 +76,8 @@ def measure() -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        f"MiniLM, {BITS} bits, calibrated on the same {SENTENCES} sentences three ways; fidelity on the evaluation texts "
-        "(another source). Measured by `python bench/calibration_padding.py`.",
+        f"MiniLM, {BITS} bits, calibrated on the same {SENTENCES} sentences three ways; fidelity on the evaluation "
+        "texts (another source). Measured by `python bench/calibration_padding.py`.",
         "",
         "| calibration | tokens fed | tokens counted | ratio | fidelity |",
         "|---|---|---|---|---|",
