@@ -9,6 +9,7 @@ Public API::
 """
 
 from jlcm_onnx.calibration import CalibrationData, load_calibration
+from jlcm_onnx.calibration_text import calibration_from_text
 from jlcm_onnx.compress import CompressionResult, compress, read_metadata, save
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.errors import CalibrationError, ConfigError, JlcmError, ModelError, OutputError
@@ -31,6 +32,7 @@ __all__ = [
     "OutputFidelity",
     "TensorRecord",
     "VerifyReport",
+    "calibration_from_text",
     "compress",
     "fold_at_load",
     "inference_session",

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from jlcm_onnx.calibration import AUTO_MASK, DEFAULT_SAMPLES, load_calibration
+from jlcm_onnx.calibration_text import calibration_from_text, load_tokenizer
 from jlcm_onnx.compress import compress, save
 from jlcm_onnx.config import AFFINE_OFFSETS, CODEBOOK_DTYPES, ENCODINGS, INITS, MAPPINGS, SPEEDS, CompressionConfig
 from jlcm_onnx.describe import describe_model
@@ -161,6 +163,39 @@ def inspect_command(model: Path, as_json: bool, plot: Path | None) -> None:
     else:
         click.echo(description.format_table())
 
+
+
+@main.command("calibration-data")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("text", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .npz file to write (read by compress --calibration and verify --data).")
+@click.option("--tokenizer", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="A folder holding the model's Hugging Face tokenizer (tokenizer.json, ...).")
+@click.option("--max-length", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens per sample (lines are truncated to it, packed windows are exactly this long).")
+@click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
+              help="Most samples, spread evenly over the text.")
+@click.option("--pack", is_flag=True,
+              help="Cut the whole text into windows of --max-length tokens (decoder LLMs) instead of one sample per "
+                   "line, padded (encoders).")
+@_reporting_errors
+def calibration_data_command(model: Path, text: Path, output: Path, tokenizer: Path, max_length: int, samples: int,
+                             pack: bool) -> None:
+    """Tokenize TEXT for MODEL into a calibration file."""
+    check_destination(output, protect=model)
+    feed = calibration_from_text(text.read_text(encoding="utf-8"), load_tokenizer(tokenizer), model,
+                                 max_length=max_length, samples=samples, pack=pack)
+    staged = output.with_name(f".{output.name}.partial.npz")
+    try:
+        np.savez(staged, **feed)
+        os.replace(staged, output)
+    finally:
+        staged.unlink(missing_ok=True)
+    count, length = next(iter(feed.values())).shape
+    mask = feed.get("attention_mask")
+    padding = "" if mask is None else f", {1 - np.count_nonzero(mask) / mask.size:.0%} padding"
+    click.echo(f"wrote {output}: {count} samples of {length} tokens{padding}")
 
 
 @main.command("verify")
