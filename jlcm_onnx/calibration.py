@@ -216,6 +216,20 @@ def load_calibration(
     return CalibrationData(inputs, split, available, seed, mask)
 
 
+def at_real_positions(array: np.ndarray, real: np.ndarray | None) -> np.ndarray:
+    """The vectors of ``array`` (its last axis) at the positions ``real`` marks (bool, a mask ``!= 0``), when its
+    leading axes are those positions ([batch, sequence, features] under a [batch, sequence] mask, or a flattened
+    [batch * sequence, features]): [real positions, features]. Else all of ``array`` (a tensor whose axes do not line
+    up with the mask is not a per-position one)."""
+    if real is None:
+        return array
+    if array.shape[:-1] == real.shape:
+        return array[real]
+    if array.ndim == 2 and array.shape[0] == real.size:
+        return array[real.reshape(-1)]
+    return array
+
+
 def _mask_input(inputs: tuple[InputSpec, ...], mask: str | None) -> str | None:
     if mask == AUTO_MASK:
         return next((spec.name for spec in inputs if spec.name.lower() == "attention_mask"

@@ -62,6 +62,7 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
+from jlcm_onnx.calibration import at_real_positions
 from jlcm_onnx.model_skeleton import session_with_weights, skeleton
 from jlcm_onnx.passes.weight_sites import Consumer, WeightSite, find_weight_sites, transposed_matmul, weight_row_axis
 from jlcm_onnx.progress import Phase
@@ -149,7 +150,7 @@ class RowInput(ActivationInput):
     transposed: bool = False
 
     def reduce(self, activation: np.ndarray, real: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
-        rows = activation.T if self.transposed else _real_rows(activation, real).reshape(-1, self.cols)
+        rows = activation.T if self.transposed else at_real_positions(activation, real).reshape(-1, self.cols)
         if rows.shape[-1] != self.cols:
             raise ValueError(f"activation '{self.tensor}' has shape {activation.shape}, expected {self.cols} columns")
         gram = torch.zeros(self.cols, self.cols)
@@ -221,22 +222,9 @@ class GatherInput(ActivationInput):
     rows: int
 
     def reduce(self, activation: np.ndarray, real: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
-        indices = _real_rows(activation[..., None], real).astype(np.int64, copy=False).ravel()
+        indices = at_real_positions(activation[..., None], real).astype(np.int64, copy=False).ravel()
         indices = np.where(indices < 0, indices + self.rows, indices)
         return torch.from_numpy(np.bincount(indices, minlength=self.rows)[: self.rows]), indices.size
-
-
-def _real_rows(activation: np.ndarray, real: np.ndarray | None) -> np.ndarray:
-    """The vectors of ``activation`` (its last axis) at the positions ``real`` marks, when its leading axes are
-    those positions ([batch, sequence, features] under a [batch, sequence] mask, or a flattened [batch * sequence,
-    features]); else all of them (a tensor whose axes do not line up with the mask is not a per-position one)."""
-    if real is None:
-        return activation
-    if activation.shape[:-1] == real.shape:
-        return activation[real]
-    if activation.ndim == 2 and activation.shape[0] == real.size:
-        return activation[real.reshape(-1)]
-    return activation
 
 
 @dataclass(frozen=True)

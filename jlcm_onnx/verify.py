@@ -8,9 +8,16 @@ all runs, with ``x`` the original's values and ``y`` the compressed model's (com
 - ``cosine``: ``x.y / (|x| |y|)`` per sample row (axis 0 of an output of rank >= 2, flattened; the whole output
   otherwise), averaged over rows;
 - ``sqnr_db = 10 log10(sum x^2 / sum (y - x)^2)`` (infinite, reported as exact, when the outputs are equal);
-- ``top1_agreement``: for float outputs whose last axis has more than one entry (classifier logits, embeddings), the
-  fraction of positions where ``argmax`` over the last axis is the same;
+- ``top1_agreement``: for float outputs whose last axis has more than one entry, the fraction of positions where
+  ``argmax`` over the last axis is the same; not for embeddings, whose argmax over hidden units means nothing;
+- ``kl_divergence``: for logits, the mean over positions of ``KL(softmax(x) || softmax(y))`` over the last axis, in
+  nats;
 - ``nonfinite``: values that are NaN/Inf in the compressed output but finite in the original.
+
+An output's *kind* comes from its name: ``logits`` (a name holding "logit"), ``embeddings`` ("embed", "hidden",
+"pool") or ``other``. Where the inputs carry an attention mask (see :func:`jlcm_onnx.load_calibration`) and an
+output's leading axes are its positions, every metric counts only the real (unpadded) positions, and a sample row of
+the cosine is one position's vector.
 
 Sizes are bytes on disk (model file plus external data; serialized size for an in-memory model). Latency is the median
 of ``repeats`` runs on the first sample after one warm-up run, with a fixed number of intra-op threads.
@@ -35,13 +42,20 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from jlcm_onnx.calibration import CalibrationData, CalibrationSource, load_calibration, model_inputs
+from jlcm_onnx.calibration import (
+    CalibrationData,
+    CalibrationSource,
+    at_real_positions,
+    load_calibration,
+    model_inputs,
+)
 from jlcm_onnx.errors import ConfigError, ModelError
 from jlcm_onnx.model_io import load_model
 from jlcm_onnx.report import align_columns, format_bytes
 from jlcm_onnx.runtime import inference_session
 
 SYMBOLIC_BATCH, SYMBOLIC_OTHER = 1, 16
+LOGITS, EMBEDDINGS = "logits", "embeddings"
 TOKEN_IDS = 100
 
 
@@ -58,12 +72,14 @@ class OutputFidelity:
     sqnr_db: float
     top1_agreement: float | None
     nonfinite: int
+    kind: str = "other"
+    kl_divergence: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["shape"] = list(self.shape)
         values["exact"] = self.max_abs_error == 0.0
-        for key in ("max_abs_error", "mean_abs_error", "cosine", "sqnr_db", "top1_agreement"):
+        for key in ("max_abs_error", "mean_abs_error", "cosine", "sqnr_db", "top1_agreement", "kl_divergence"):
             if values[key] is not None and not math.isfinite(values[key]):
                 values[key] = None  # JSON has no infinity or NaN; "exact" tells an infinite SQNR apart
         return values
@@ -85,6 +101,7 @@ class VerifyReport:
     providers: list[str]
     threads: int
     repeats: int
+    runs: int = 1
     latency_input_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     @property
@@ -102,6 +119,7 @@ class VerifyReport:
                            "compressed": round(self.compressed_latency_ms, 4)},
             "latency_input_shapes": self.latency_input_shapes,
             "samples": self.samples,
+            "runs": self.runs,
             "data": self.data,
             "providers": self.providers,
             "threads": self.threads,
@@ -113,12 +131,14 @@ class VerifyReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def format_table(self) -> str:
-        rows = [("output", "shape", "max abs", "mean abs", "cosine", "SQNR dB", "top-1", "non-finite")]
+        rows = [("output", "kind", "shape (first run)", "max abs", "mean abs", "cosine", "SQNR dB", "top-1", "KL",
+                 "non-finite")]
         for o in self.outputs:
             sqnr = "exact" if o.max_abs_error == 0.0 else f"{o.sqnr_db:.1f}"
             top1 = "" if o.top1_agreement is None else f"{o.top1_agreement:.4f}"
-            rows.append((o.name, "x".join(map(str, o.shape)), f"{o.max_abs_error:.4g}", f"{o.mean_abs_error:.4g}",
-                         f"{o.cosine:.5f}", sqnr, top1, str(o.nonfinite)))
+            kl = "" if o.kl_divergence is None else f"{o.kl_divergence:.4g}"
+            rows.append((o.name, o.kind, "x".join(map(str, o.shape)), f"{o.max_abs_error:.4g}",
+                         f"{o.mean_abs_error:.4g}", f"{o.cosine:.5f}", sqnr, top1, kl, str(o.nonfinite)))
         lines = align_columns(rows)
         lines.append("")
         lines.append(f"file: {format_bytes(self.original_file_bytes)} -> {format_bytes(self.compressed_file_bytes)} "
@@ -126,7 +146,7 @@ class VerifyReport:
         slower = self.compressed_latency_ms / max(self.original_latency_ms, 1e-9)
         lines.append(f"latency: {self.original_latency_ms:.2f} ms -> {self.compressed_latency_ms:.2f} ms "
                      f"({slower:.2f}x; median of {self.repeats}, {self.threads} threads, {', '.join(self.providers)})")
-        lines.append(f"inputs: {self.samples} samples ({self.data})")
+        lines.append(f"inputs: {self.samples} samples in {self.runs} run{'s' if self.runs != 1 else ''} ({self.data})")
         return "\n".join(lines)
 
 
@@ -180,7 +200,7 @@ def verify(
     second = inference_session(compressed, keep_compressed=keep_compressed, sess_options=options,
                                providers=providers)
     names = _common_outputs(first, second)
-    outputs = _compare(first, second, names, feeds, batch_size)
+    outputs, runs = _compare(first, second, names, feeds, batch_size)
     latency_feed = feeds.samples[0]
     return VerifyReport(
         original=_label(original),
@@ -195,6 +215,7 @@ def verify(
         providers=providers,
         threads=threads,
         repeats=repeats,
+        runs=runs,
         latency_input_shapes={name: list(array.shape) for name, array in latency_feed.items()},
     )
 
@@ -281,7 +302,9 @@ def _session_options(threads: int) -> ort.SessionOptions:
 class _Accumulator:
     """Running sums of one output's error statistics over every run."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.kl_sum = 0.0
         self.shape: tuple[int, ...] = ()
         self.dtype = ""
         self.max_abs = 0.0
@@ -290,15 +313,20 @@ class _Accumulator:
         self.cosines: list[float] = []
         self.top1_equal = self.top1_total = 0
 
-    def add(self, name: str, x: np.ndarray, y: np.ndarray) -> None:
+    def add(self, name: str, x: np.ndarray, y: np.ndarray, real: np.ndarray | None = None) -> None:
         if x.shape != y.shape:
             raise ModelError(f"output '{name}': the compressed model returns shape {list(y.shape)}, "
                              f"the original {list(x.shape)}")
         if not self.dtype:  # the shape reported is the first run's
             self.shape, self.dtype = y.shape, str(y.dtype)
-        if y.dtype.kind == "f" and x.shape and x.shape[-1] > 1:
-            self.top1_equal += int((x.argmax(axis=-1) == y.argmax(axis=-1)).sum())
-            self.top1_total += int(np.prod(x.shape[:-1]))
+        if at_real_positions(x, real) is not x:  # per-position output under a mask: its real positions, [n, features]
+            x, y = at_real_positions(x, real), at_real_positions(y, real)
+        if y.dtype.kind == "f" and x.shape and x.shape[-1] > 1 and self.kind != EMBEDDINGS:
+            positions = x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1])
+            self.top1_equal += int((positions[0].argmax(axis=-1) == positions[1].argmax(axis=-1)).sum())
+            self.top1_total += positions[0].shape[0]
+            if self.kind == LOGITS:
+                self.kl_sum += _kl_divergence(*positions)
         x, y = x.astype(np.float64), y.astype(np.float64)
         self.nonfinite += int((np.isfinite(x) & ~np.isfinite(y)).sum())
         difference = np.abs(y - x)
@@ -330,6 +358,8 @@ class _Accumulator:
             sqnr_db=sqnr,
             top1_agreement=self.top1_equal / self.top1_total if self.top1_total else None,
             nonfinite=self.nonfinite,
+            kind=self.kind,
+            kl_divergence=self.kl_sum / self.top1_total if self.kind == LOGITS and self.top1_total else None,
         )
 
 
@@ -340,13 +370,33 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / norms)
 
 
+def output_kind(name: str) -> str:
+    """``logits``, ``embeddings`` or ``other``, from an output's name (see the module docstring)."""
+    lower = name.lower()
+    if "logit" in lower:
+        return LOGITS
+    return EMBEDDINGS if any(word in lower for word in ("embed", "hidden", "pool")) else "other"
+
+
+def _kl_divergence(x: np.ndarray, y: np.ndarray) -> float:
+    """Sum over the rows of ``KL(softmax(x) || softmax(y))`` (float64, log-sum-exp stabilised)."""
+    log_p = x - x.max(axis=-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=-1, keepdims=True))
+    log_q = y - y.max(axis=-1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(axis=-1, keepdims=True))
+    return float((np.exp(log_p) * (log_p - log_q)).sum())
+
+
 def _compare(first: ort.InferenceSession, second: ort.InferenceSession, names: list[str], feeds: CalibrationData,
-             batch_size: int) -> list[OutputFidelity]:
-    totals = {name: _Accumulator() for name in names}
+             batch_size: int) -> tuple[list[OutputFidelity], int]:
+    totals = {name: _Accumulator(output_kind(name)) for name in names}
+    runs = 0
     for feed in feeds.batches(batch_size):
+        real = None if feeds.mask is None else np.asarray(feed[feeds.mask]) != 0
         for name, x, y in zip(names, first.run(names, feed), second.run(names, feed), strict=True):
-            totals[name].add(name, np.asarray(x), np.asarray(y))
-    return [totals[name].result(name) for name in names]
+            totals[name].add(name, np.asarray(x), np.asarray(y), real)
+        runs += 1
+    return [totals[name].result(name) for name in names], runs
 
 
 def _median_ms(session: ort.InferenceSession, feed: dict[str, np.ndarray], repeats: int) -> float:

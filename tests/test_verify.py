@@ -76,6 +76,51 @@ def test_top1_agreement_counts_changed_argmax() -> None:
     assert report.outputs[0].max_abs_error == 4.0
 
 
+def named_output(weight: np.ndarray, output: str) -> onnx.ModelProto:
+    model = matmul_model(weight)
+    model.graph.node[0].output[0] = model.graph.output[0].name = output
+    return model
+
+
+def test_metrics_follow_the_output_kind() -> None:
+    """Logits get top-1 and KL; embeddings neither (an argmax over hidden units means nothing)."""
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((8, 6)).astype(np.float32)
+    noisy = weight + 0.3 * rng.standard_normal(weight.shape).astype(np.float32)
+    feeds = [{"X": rng.standard_normal((5, 8)).astype(np.float32)}]
+    logits = verify(named_output(weight, "logits"), named_output(noisy, "logits"), feeds, repeats=1).outputs[0]
+    x, y = feeds[0]["X"] @ weight.astype(np.float64), feeds[0]["X"] @ noisy.astype(np.float64)
+    p = np.exp(x - x.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    q = np.exp(y - y.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    assert logits.kind == "logits" and logits.kl_divergence == pytest.approx((p * np.log(p / q)).sum(1).mean())
+    assert logits.top1_agreement == pytest.approx((x.argmax(1) == y.argmax(1)).mean())
+    hidden = verify(named_output(weight, "last_hidden_state"), named_output(noisy, "last_hidden_state"), feeds,
+                    repeats=1).outputs[0]
+    assert hidden.kind == "embeddings" and hidden.top1_agreement is None and hidden.kl_divergence is None
+
+
+def test_top1_counts_only_real_positions() -> None:
+    """Padded positions (attention mask 0) of a [batch, sequence, classes] output are not compared, by any metric."""
+    weight = np.eye(4, dtype=np.float32)
+    swapped = weight[:, [1, 0, 2, 3]]
+    model = make_model([helper.make_node("MatMul", ["X", "W"], ["logits"]),
+                        helper.make_node("Identity", ["attention_mask"], ["M"])],
+                       [value("X", FLOAT, ["B", "S", 4]), value("attention_mask", INT64, ["B", "S"])],
+                       [value("logits", FLOAT, ["B", "S", 4]), value("M", INT64, ["B", "S"])], [tensor("W", weight)])
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    other.graph.initializer[0].CopyFrom(tensor("W", swapped))
+    x = np.array([[[0, 0, 5, 1], [5, 1, 0, 0]]], np.float32)  # position 1 changes its argmax, and it is padding
+    feed = {"X": x, "attention_mask": np.array([[1, 0]], np.int64)}
+    (logits, _) = verify(model, other, [feed], repeats=1).outputs
+    assert logits.top1_agreement == 1.0 and logits.kl_divergence == pytest.approx(0.0, abs=1e-12)
+    assert logits.max_abs_error == 0.0 and logits.cosine == pytest.approx(1.0)
+    (logits, _) = verify(model, other, [{**feed, "attention_mask": np.ones((1, 2), np.int64)}], repeats=1).outputs
+    assert logits.top1_agreement == 0.5
+
+
 def test_sizes_include_external_data(paths: tuple[Path, Path], tmp_path: Path, weight: np.ndarray) -> None:
     original, compressed = paths
     external = tmp_path / "external.onnx"
@@ -154,8 +199,8 @@ def test_cli_json_parses(paths: tuple[Path, Path], tmp_path: Path) -> None:
 def test_cli_table(paths: tuple[Path, Path]) -> None:
     code, stdout, _ = invoke("verify", *paths, "--samples", 2, "--repeats", 1)
     assert code == 0
-    assert stdout.splitlines()[0].split()[:3] == ["output", "shape", "max"]
-    assert "smaller" in stdout and "2 samples (synthetic, seed 0)" in stdout
+    assert stdout.splitlines()[0].split()[:3] == ["output", "kind", "shape"]
+    assert "smaller" in stdout and "2 samples in 1 run (synthetic, seed 0)" in stdout
 
 
 def test_cli_bad_input_exits_2_with_one_line(paths: tuple[Path, Path], tmp_path: Path) -> None:
