@@ -219,15 +219,23 @@ def load_calibration(
 def at_real_positions(array: np.ndarray, real: np.ndarray | None) -> np.ndarray:
     """The vectors of ``array`` (its last axis) at the positions ``real`` marks (bool, a mask ``!= 0``), when its
     leading axes are those positions ([batch, sequence, features] under a [batch, sequence] mask, or a flattened
-    [batch * sequence, features]): [real positions, features]. Else all of ``array`` (a tensor whose axes do not line
-    up with the mask is not a per-position one)."""
-    if real is None:
-        return array
-    if array.shape[:-1] == real.shape:
-        return array[real]
-    if array.ndim == 2 and array.shape[0] == real.size:
-        return array[real.reshape(-1)]
-    return array
+    [batch * sequence, features]): [real positions, features]. Else, or when every position is real, ``array`` itself
+    (a tensor whose axes do not line up with the mask is not a per-position one); no copy then."""
+    picked = real_rows(array, real)
+    return array if picked is None else array.reshape(-1, array.shape[-1])[picked]
+
+
+def real_rows(array: np.ndarray, real: np.ndarray | None) -> np.ndarray | None:
+    """Indices of the rows of ``array.reshape(-1, array.shape[-1])`` at real positions (see :func:`at_real_positions`);
+    None when all of them count (no mask, every position real, or axes that do not line up with the mask)."""
+    if real is None or real.all() or not lines_up(array, real):
+        return None
+    return np.flatnonzero(real)
+
+
+def lines_up(array: np.ndarray, real: np.ndarray) -> bool:
+    """Whether ``array``'s leading axes are the positions of the mask ``real`` (see :func:`at_real_positions`)."""
+    return array.shape[:-1] == real.shape or (array.ndim == 2 and array.shape[0] == real.size)
 
 
 def _mask_input(inputs: tuple[InputSpec, ...], mask: str | None) -> str | None:

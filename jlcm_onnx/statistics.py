@@ -62,7 +62,7 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from jlcm_onnx.calibration import at_real_positions
+from jlcm_onnx.calibration import at_real_positions, real_rows
 from jlcm_onnx.model_skeleton import session_with_weights, skeleton
 from jlcm_onnx.passes.weight_sites import Consumer, WeightSite, find_weight_sites, transposed_matmul, weight_row_axis
 from jlcm_onnx.progress import Phase
@@ -150,15 +150,18 @@ class RowInput(ActivationInput):
     transposed: bool = False
 
     def reduce(self, activation: np.ndarray, real: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
-        rows = activation.T if self.transposed else at_real_positions(activation, real).reshape(-1, self.cols)
+        rows = activation.T if self.transposed else activation.reshape(-1, self.cols)
         if rows.shape[-1] != self.cols:
             raise ValueError(f"activation '{self.tensor}' has shape {activation.shape}, expected {self.cols} columns")
+        picked = None if self.transposed else real_rows(activation, real)  # masked rows are picked chunk by chunk
+        count = rows.shape[0] if picked is None else picked.size
         gram = torch.zeros(self.cols, self.cols)
         step = max(1, CHUNK_ELEMENTS // self.cols)
-        for start in range(0, rows.shape[0], step):
-            chunk = torch.from_numpy(np.asarray(rows[start:start + step], dtype=np.float32))
+        for start in range(0, count, step):
+            part = rows[start:start + step] if picked is None else rows[picked[start:start + step]]
+            chunk = torch.from_numpy(np.asarray(part, dtype=np.float32))
             gram.addmm_(chunk.T, chunk)
-        return gram, rows.shape[0]
+        return gram, count
 
 
 @dataclass(frozen=True)

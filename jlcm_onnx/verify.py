@@ -46,6 +46,7 @@ from jlcm_onnx.calibration import (
     CalibrationData,
     CalibrationSource,
     at_real_positions,
+    lines_up,
     load_calibration,
     model_inputs,
 )
@@ -319,8 +320,9 @@ class _Accumulator:
                              f"the original {list(x.shape)}")
         if not self.dtype:  # the shape reported is the first run's
             self.shape, self.dtype = y.shape, str(y.dtype)
-        if at_real_positions(x, real) is not x:  # per-position output under a mask: its real positions, [n, features]
-            x, y = at_real_positions(x, real), at_real_positions(y, real)
+        if real is not None and lines_up(x, real):  # a per-position output under a mask: its real positions only
+            x, y = at_real_positions(x, real).reshape(-1, x.shape[-1]), at_real_positions(y, real).reshape(
+                -1, y.shape[-1])
         if y.dtype.kind == "f" and x.shape and x.shape[-1] > 1 and self.kind != EMBEDDINGS:
             positions = x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1])
             self.top1_equal += int((positions[0].argmax(axis=-1) == positions[1].argmax(axis=-1)).sum())
