@@ -194,12 +194,11 @@ def run_case(folder: Path) -> list[CaseResult]:
 
 def freeze_weights(model: onnx.ModelProto, feed: dict[str, Any]) -> tuple[onnx.ModelProto | None, dict[str, Any]]:
     """A copy of ``model`` whose float graph inputs read in a weight slot (MatMul/Gemm B, Conv/ConvTranspose W,
-    Gather data) are initializers holding the bundled values, and the feed of the remaining inputs; (None, feed) when
-    there are none."""
+    Gather data, LSTM/GRU/RNN W and R) are initializers holding the bundled values, and the feed of the remaining
+    inputs; (None, feed) when there are none."""
     weights = {
-        node.input[slot] for node in model.graph.node
-        if node.domain in ("", "ai.onnx") and (slot := WEIGHT_SLOTS.get(node.op_type)) is not None
-        and len(node.input) > slot
+        node.input[slot] for node in model.graph.node if node.domain in ("", "ai.onnx")
+        for slot in WEIGHT_SLOTS.get(node.op_type, ()) if len(node.input) > slot and node.input[slot]
     }
     names = [
         v.name for v in model.graph.input

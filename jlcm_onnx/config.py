@@ -16,8 +16,11 @@ from typing import Any
 from jlcm_onnx.errors import ConfigError, JlcmError
 from jlcm_onnx.packing import MAX_BITS
 
-#: Consumer kinds whose weight input can be compressed, with the input slot that holds the weight.
-WEIGHT_SLOTS: dict[str, int] = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
+#: Consumer kinds whose weight inputs can be compressed, with the input slots that hold weights.
+WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
+    "MatMul": (1,), "Gemm": (1,), "Conv": (1,), "ConvTranspose": (1,), "Gather": (0,),
+    "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2),  # W and R, [directions, gates * hidden, inputs]
+}
 
 CODEBOOK_DTYPES = ("float16", "float32")
 ENCODINGS = ("multi-codebook", "multi-scaling")

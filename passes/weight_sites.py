@@ -164,10 +164,14 @@ def names_read_in_bodies(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+#: Recurrent ops whose W and R weights are [directions, gates * hidden, inputs].
+RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
+
+
 def weight_row_axis(consumer: Consumer, rank: int) -> int | None:
     """The output-row axis of the weight read by ``consumer``, or None if it does not read it as a weight."""
     node = consumer.node
-    if node.domain not in ("", "ai.onnx") or WEIGHT_SLOTS.get(node.op_type) != consumer.input_index:
+    if node.domain not in ("", "ai.onnx") or consumer.input_index not in WEIGHT_SLOTS.get(node.op_type, ()):
         return None
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "MatMul":
@@ -178,6 +182,8 @@ def weight_row_axis(consumer: Consumer, rank: int) -> int | None:
         return 0 if rank >= 3 else None
     if node.op_type == "ConvTranspose":
         return 1 if rank >= 3 else None
+    if node.op_type in RECURRENT:
+        return 1 if rank == 3 else None  # rows are gate outputs; a row holds them for every direction
     axis = int(attributes.get("axis", 0))  # Gather: rows are the slices it picks
     return axis % rank if rank >= 2 else None
 
