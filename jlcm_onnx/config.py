@@ -21,6 +21,11 @@ WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
     "MatMul": (1,), "Gemm": (1,), "Conv": (1,), "ConvTranspose": (1,), "Gather": (0,),
     "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2),  # W and R, [directions, gates * hidden, inputs]
 }
+#: Consumer kinds that read a large float tensor as plain data, on any input (learned positional tables added to the
+#: activations, an STFT basis or a hand-written cell's weights cut by Slice): compressed when no weight input reads it.
+DATA_READERS = ("Add", "Sub", "Mul", "Div", "Where", "Concat", "Slice")
+#: Every consumer kind ``op_types`` may name.
+OP_TYPES = (*WEIGHT_SLOTS, *DATA_READERS)
 
 CODEBOOK_DTYPES = ("float16", "float32")
 ENCODINGS = ("multi-codebook", "multi-scaling")
@@ -57,8 +62,9 @@ class CompressionConfig:
         reorder: with ``groups`` set, cluster output rows by distribution and re-order them so each cluster is a
             contiguous group, folding the permutation into the next layer (outputs unchanged).
         min_elements: weights with fewer elements are left as they are.
-        op_types: consumer kinds whose weight input is compressed (subset of MatMul, Gemm, Conv, ConvTranspose,
-            Gather).
+        op_types: consumer kinds whose weight input is compressed (subset of :data:`OP_TYPES`: the weight inputs
+            of MatMul, Gemm, Conv, ConvTranspose, Gather, LSTM, GRU and RNN, and tensors read as data by
+            :data:`DATA_READERS` when no weight input reads them).
         include: glob patterns; when not empty, only weights whose name matches one are compressed.
         exclude: glob patterns of weight names never compressed.
         codebook_dtype: storage type of codebook values, ``"float16"`` or ``"float32"``.
@@ -127,7 +133,7 @@ class CompressionConfig:
     block_size: int | None = None
     reorder: bool = True
     min_elements: int = 1024
-    op_types: tuple[str, ...] = tuple(WEIGHT_SLOTS)
+    op_types: tuple[str, ...] = OP_TYPES
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     codebook_dtype: str = "float16"
@@ -169,9 +175,9 @@ class CompressionConfig:
             if isinstance(value, str) or not all(isinstance(item, str) for item in value):
                 raise ConfigError(name, value, "a list of strings")
             object.__setattr__(self, name, tuple(value))
-        unknown = sorted(set(self.op_types) - set(WEIGHT_SLOTS))
+        unknown = sorted(set(self.op_types) - set(OP_TYPES))
         if unknown or not self.op_types:
-            raise ConfigError("op_types", list(self.op_types), f"a non-empty subset of {list(WEIGHT_SLOTS)}")
+            raise ConfigError("op_types", list(self.op_types), f"a non-empty subset of {list(OP_TYPES)}")
         if self.encoding not in ENCODINGS:
             raise ConfigError("encoding", self.encoding, f"one of {list(ENCODINGS)}")
         if self.block_size is not None and self.encoding == "multi-scaling":

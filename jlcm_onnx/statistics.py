@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from jlcm_onnx.calibration import at_real_positions, real_rows
+from jlcm_onnx.config import DATA_READERS
 from jlcm_onnx.model_skeleton import session_with_weights, skeleton
 from jlcm_onnx.passes.weight_sites import Consumer, WeightSite, find_weight_sites, transposed_matmul, weight_row_axis
 from jlcm_onnx.progress import Phase
@@ -288,7 +289,7 @@ def _weight_activations(site: WeightSite | None, main: onnx.GraphProto) -> Weigh
         return WeightActivations((), "not a float weight of this model")
     if site.graph is not main or any(c.graph is not main for c in site.consumers):
         return WeightActivations((), "read inside an If/Loop/Scan body: its activations are not graph outputs")
-    roles = [(c, weight_row_axis(c, len(site.shape)), site.shape) for c in site.consumers]
+    roles = [(c, weight_row_axis(c, site.shape), site.shape) for c in site.consumers]
     roles = [(c, axis, shape) for c, axis, shape in roles if axis is not None]
     if not roles:
         return WeightActivations((), "no MatMul/Gemm/Conv/ConvTranspose/Gather reads it as a weight")
@@ -334,6 +335,8 @@ def _activation_input(consumer: Consumer, shape: tuple[int, ...]) -> ActivationI
     if node.op_type == "Gather":
         axis = int(attributes.get("axis", 0)) % len(shape)
         return GatherInput(node.input[1], shape[axis])
+    if node.op_type in DATA_READERS:
+        return f"{node.op_type} reads it as data, not as a weight of a product: fitted to the weights alone"
     return f"{node.op_type} statistics are not collected"
 
 

@@ -96,9 +96,13 @@ class ChannelPaths:
             return f"{weight} lives inside a subgraph (If/Loop/Scan body); only main-graph weights are permuted"
         if any(c.graph is not site.graph for c in site.consumers):
             return f"{weight} is read inside an If/Loop/Scan body; only weights read by main-graph nodes are permuted"
-        readers = [(c, weight_row_axis(c, len(site.shape))) for c in site.consumers]
+        readers = [(c, weight_row_axis(c, site.shape)) for c in site.consumers]
         if any(c.node.op_type == "Gather" and axis is not None for c, axis in readers):
             return f"{weight} is a Gather table: its rows are looked up by id"
+        other = next((c.node.op_type for c, axis in readers if axis is not None and c.node.op_type not in CONTRACTIONS),
+                     None)
+        if other is not None:
+            return f"{weight} is read by {other}: only the output channels of a MatMul/Gemm/Conv/ConvTranspose re-order"
         readers = [(c, axis) for c, axis in readers if axis is not None]
         if not readers:
             return f"{weight} is not the weight input of a MatMul/Gemm/Conv/ConvTranspose"

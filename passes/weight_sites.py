@@ -5,8 +5,12 @@ A *weight site* is a float tensor stored in the model (an initializer or a ``Con
 the names of its enclosing graphs unless it defines the same name itself.
 
 A weight is compressible when at least one consumer reads it as the weight input of MatMul (B), Gemm (B), Conv,
-ConvTranspose (W) or Gather (data). That consumer also defines the weight's *output rows* (docs/method.md, section 1):
-the ``row_axis`` such that ``moveaxis(W, row_axis, 0).reshape(rows, -1)`` is the matrix whose rows are output neurons.
+ConvTranspose (W), Gather (data) or LSTM/GRU/RNN (W, R). That consumer also defines the weight's *output rows*
+(docs/method.md, section 1): the ``row_axis`` such that ``moveaxis(W, row_axis, 0).reshape(rows, -1)`` is the matrix
+whose rows are output neurons. A tensor no weight input reads may still be read as plain data by an elementwise op,
+Concat or Slice (:data:`~jlcm_onnx.config.DATA_READERS`: a learned positional table, an STFT basis, a hand-written
+cell's weights cut by Slice); its rows are then its first axis of more than one element, provided another such axis
+follows (vectors and broadcast rows are biases and scales) and every value is finite (masks of -inf stay dense).
 Every other tensor gets a reason, so the report can say why it was left alone.
 """
 
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from jlcm_onnx.config import WEIGHT_SLOTS, CompressionConfig
+from jlcm_onnx.config import DATA_READERS, WEIGHT_SLOTS, CompressionConfig
 from jlcm_onnx.lazy_weights import tensor_array
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -168,11 +172,17 @@ def names_read_in_bodies(node: onnx.NodeProto) -> set[str]:
 RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
 
 
-def weight_row_axis(consumer: Consumer, rank: int) -> int | None:
-    """The output-row axis of the weight read by ``consumer``, or None if it does not read it as a weight."""
+def weight_row_axis(consumer: Consumer, shape: tuple[int, ...]) -> int | None:
+    """The output-row axis of the weight of ``shape`` read by ``consumer``, or None if it does not read it as a weight
+    (nor as data it can be compressed as: :func:`data_row_axis`)."""
     node = consumer.node
-    if node.domain not in ("", "ai.onnx") or consumer.input_index not in WEIGHT_SLOTS.get(node.op_type, ()):
+    if node.domain not in ("", "ai.onnx"):
         return None
+    if node.op_type in DATA_READERS:
+        return data_row_axis(shape)
+    if consumer.input_index not in WEIGHT_SLOTS.get(node.op_type, ()):
+        return None
+    rank = len(shape)
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "MatMul":
         return rank - 1 if rank >= 2 else None
@@ -188,15 +198,25 @@ def weight_row_axis(consumer: Consumer, rank: int) -> int | None:
     return axis % rank if rank >= 2 else None
 
 
+def data_row_axis(shape: tuple[int, ...]) -> int | None:
+    """The rows of a tensor read as plain data: its first axis of more than one element, when another such axis
+    follows; None for a vector or a row broadcast along the other axes (a bias or a scale)."""
+    wide = [axis for axis, size in enumerate(shape) if size > 1]
+    return wide[0] if len(wide) >= 2 else None
+
+
 def compressible_row_axis(site: WeightSite, config: CompressionConfig) -> tuple[int | None, str]:
-    """(row axis, "") when ``site`` is to be compressed under ``config``, else (None, the reason it is not)."""
-    axes = [
-        weight_row_axis(c, len(site.shape)) for c in site.consumers if c.node.op_type in config.op_types
-    ]
+    """(row axis, "") when ``site`` is to be compressed under ``config``, else (None, the reason it is not).
+
+    A weight input decides the rows; a data reader (:data:`~jlcm_onnx.config.DATA_READERS`) only when no weight input
+    reads the tensor."""
+    readers = [c for c in site.consumers if c.node.op_type in config.op_types]
+    as_weight = [c for c in readers if c.node.op_type not in DATA_READERS]
+    as_data = not any(weight_row_axis(c, site.shape) is not None for c in as_weight)
+    axes = [weight_row_axis(c, site.shape) for c in (readers if as_data else as_weight)]
     axes = [axis for axis in axes if axis is not None]
     if not axes:
-        kinds = sorted({c.node.op_type for c in site.consumers}) or ["nothing"]
-        return None, f"not a weight input of {'/'.join(config.op_types)} (read by {', '.join(kinds)})"
+        return None, _not_a_weight(site, config)
     if site.num_elements < config.min_elements:
         return None, f"{site.num_elements} elements < min_elements={config.min_elements}"
     if config.include and not any(fnmatch.fnmatchcase(site.name, p) for p in config.include):
@@ -205,7 +225,23 @@ def compressible_row_axis(site: WeightSite, config: CompressionConfig) -> tuple[
         return None, "name matches an 'exclude' pattern"
     if site.is_graph_output:
         return None, "is a graph output"
+    if as_data and not np.isfinite(site.array()).all():
+        return None, "holds infinite or NaN values (a mask?): kept exact"
     return axes[0], ""
+
+
+def _not_a_weight(site: WeightSite, config: CompressionConfig) -> str:
+    """Why no consumer of ``site`` reads it as a weight or as compressible data."""
+    for consumer in site.consumers:
+        node = consumer.node
+        if node.op_type in config.op_types and node.op_type in WEIGHT_SLOTS:
+            if consumer.input_index not in WEIGHT_SLOTS[node.op_type]:
+                return f"input {consumer.input_index} of {consumer.describe()}, a bias or a state, not a weight"
+        elif node.op_type in config.op_types and node.op_type in DATA_READERS:
+            return f"a vector or a broadcast row of shape {list(site.shape)} read by {node.op_type}: biases and " \
+                   "scales stay dense"
+    kinds = sorted({c.node.op_type for c in site.consumers}) or ["nothing"]
+    return f"not a weight input of {'/'.join(config.op_types)} (read by {', '.join(kinds)})"
 
 
 def anchor_index(site: WeightSite) -> int:
@@ -228,7 +264,7 @@ def is_lone_matrix_input(site: WeightSite, row_axis: int, op_type: str, input_in
         return False
     consumer = site.consumers[0]
     return (consumer.graph is site.graph and consumer.node.op_type == op_type and consumer.input_index == input_index
-            and list(consumer.node.input).count(site.name) == 1 and weight_row_axis(consumer, 2) == row_axis)
+            and list(consumer.node.input).count(site.name) == 1 and weight_row_axis(consumer, site.shape) == row_axis)
 
 
 def transposed_matmul(consumer: Consumer) -> Consumer | None:

@@ -16,7 +16,8 @@ def test_defaults() -> None:
     assert config.bits == 4
     assert config.groups is None
     assert config.min_elements == 1024
-    assert config.op_types == ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "LSTM", "GRU", "RNN")
+    assert config.op_types == ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "LSTM", "GRU", "RNN",
+                                "Add", "Sub", "Mul", "Div", "Where", "Concat", "Slice")
     assert config.codebook_dtype == "float16"
     assert config.include == () and config.exclude == ()
 
