@@ -71,7 +71,7 @@ from jlcm_onnx.size_target import (
 )
 
 #: Version of the on-disk encoding (packed codes, codebooks and decoder layout), stored in ``metadata_props``.
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: decoders are calls of model-local functions (domain jlcm)
 METADATA_PREFIX = "jlcm_onnx."
 #: Rehearsals of a size target's choices on stand-in encodings (:mod:`jlcm_onnx.passes.placeholder_encodings`),
 #: which measure the file exactly in a fraction of a run's time; the second one almost always lands within 1%.

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from jlcm_onnx.lazy_weights import materialize
 from jlcm_onnx.model_io import load_model
@@ -41,17 +41,17 @@ def inference_session(
 
 
 def fold_at_load(model: onnx.ModelProto) -> int:
-    """Replaces every decode gate of ``model`` by a constant zero (in place); returns how many gates were replaced."""
+    """Replaces every decode gate of ``model`` (in its graphs and its decoder functions) by a constant zero, in place;
+    returns how many gates were replaced."""
     replaced = 0
-    for graph in iter_graphs(model.graph):
-        gates = [n for n in graph.node if n.output and n.output[0].startswith(f"{GATE_PREFIX}/gate")]
-        gate_parts = {n.output[0] for n in graph.node if n.output and n.output[0].startswith(f"{GATE_PREFIX}/")}
-        kept = [n for n in graph.node if not (n.output and n.output[0] in gate_parts)]
+    for nodes in [*(graph.node for graph in iter_graphs(model.graph)), *(f.node for f in model.functions)]:
+        gates = [n.output[0] for n in nodes if n.output and n.output[0].startswith(f"{GATE_PREFIX}/gate")]
         if not gates:
             continue
-        del graph.node[:]
-        graph.node.extend(kept)
-        for gate in gates:
-            graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.uint8), gate.output[0]))
+        kept = [n for n in nodes if not (n.output and n.output[0].startswith(f"{GATE_PREFIX}/"))]
+        zeros = [helper.make_node("Constant", [], [gate], value=numpy_helper.from_array(np.array(0, np.uint8)))
+                 for gate in gates]
+        del nodes[:]
+        nodes.extend([*zeros, *kept])
         replaced += len(gates)
     return replaced

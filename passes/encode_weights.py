@@ -18,7 +18,6 @@ largest started early, :func:`_encoding_order`); their decoders are then built a
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import onnx
@@ -27,6 +26,14 @@ from onnx import helper
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import map_on_cores
 from jlcm_onnx.passes.base import Pass, PassResult
+from jlcm_onnx.passes.decoder_functions import (
+    BLOCKED_MATMUL,
+    DECODE_ROWS,
+    DECODE_WEIGHT,
+    DOMAIN,
+    DecoderFunctions,
+    default_opset,
+)
 from jlcm_onnx.passes.dequant_graph import (
     ConstantPool,
     DecodeGraph,
@@ -51,6 +58,7 @@ from jlcm_onnx.passes.weight_sites import (
     is_lone_matrix_input,
     is_lone_table_gather,
     iter_graphs,
+    names_read_in_bodies,
 )
 from jlcm_onnx.plan import CompressionPlan
 from jlcm_onnx.report import COMPRESSED, SKIPPED, TensorRecord
@@ -67,7 +75,7 @@ FOLDED = "none: decoded once at load (decode_at_load): dense speed and memory fo
 #: Gather of a table decoded row by row).
 REWRITTEN = ("transposed gemm", "offset matmul", "row decoder")
 
-#: Placeholder input name for the gate until the shared gate of the activation is built.
+#: Placeholder input name for the gate until the decoder's gate is built.
 _GATE = "__jlcm_gate__"
 
 
@@ -79,6 +87,9 @@ class _Insertion:
     decoder: DecodeGraph
     site: WeightSite
     replaces_node: bool = False
+    #: The decoder function kind (:mod:`jlcm_onnx.passes.decoder_functions`) the decoder becomes one call of, or None
+    #: to leave its nodes inline (the DequantizeLinear forms onnxruntime fuses with their reader).
+    function: str | None = None
 
 
 #: With calibration statistics the largest tensor starts once the tensors after it hold at most this many bytes of
@@ -141,7 +152,10 @@ class EncodeWeights(Pass):
             insertion, record = self._encode(site, row_axis, site_encoding, names, pool, constants)
             insertions.append(insertion)
             records.append(record)
-        _apply(model.graph, insertions, pools, names)
+        functions = DecoderFunctions({t.name: t for pool in pools.values() for t in pool.initializers},
+                                     default_opset(model), {f.name for f in model.functions if f.domain == DOMAIN})
+        _apply(model.graph, insertions, pools, names, functions)
+        functions.install(model)
         return PassResult(model, modified=bool(insertions), records=records)
 
     def _encode_site(self, item: tuple[WeightSite, int]) -> SiteEncoding:
@@ -196,7 +210,8 @@ class EncodeWeights(Pass):
             decode_gate=_gate_description(spec, activation, len(boundaries) - 1 if replaces_matmul else 1),
         )
         replaces = spec.gather_indices is not None or replaces_matmul
-        return _Insertion(site.graph, anchor, activation, decoder, site, replaces), record
+        function = BLOCKED_MATMUL if replaces_matmul else DECODE_ROWS if row_decoded else DECODE_WEIGHT
+        return _Insertion(site.graph, anchor, activation, decoder, site, replaces, function), record
 
     def _encode_affine(
         self, site: WeightSite, row_axis: int, site_encoding: SiteEncoding, names: NameAllocator, pool: ConstantPool,
@@ -233,7 +248,8 @@ class EncodeWeights(Pass):
             sqnr_db=site_encoding.sqnr_db, layer_error=site_encoding.layer_error,
             decode_gate=runtime, outliers=0,
         )
-        return _Insertion(site.graph, anchor, None, decoder, site, layout in REWRITTEN), record
+        function = {"row decoder": DECODE_ROWS, "folded": DECODE_WEIGHT, "unpacked": DECODE_WEIGHT}.get(layout)
+        return _Insertion(site.graph, anchor, None, decoder, site, layout in REWRITTEN, function), record
 
 
 def _describe(site_encoding: SiteEncoding) -> str:
@@ -268,9 +284,11 @@ def _gate_description(spec: DecodeSpec, activation: str | None, blocks: int) -> 
 
 
 def _apply(
-    root: onnx.GraphProto, insertions: list[_Insertion], pools: dict[int, ConstantPool], names: NameAllocator
+    root: onnx.GraphProto, insertions: list[_Insertion], pools: dict[int, ConstantPool], names: NameAllocator,
+    functions: DecoderFunctions,
 ) -> None:
-    """Edits each graph: drops the dense weights and inserts the decoders (and shared gates) in topological order.
+    """Edits each graph: drops the dense weights and inserts the decoders in topological order, each one call of a
+    decoder function where it has a kind; shared constants no node reads any more are dropped.
 
     Nested graphs are edited before the graphs that contain them: rewriting a graph's node list replaces its nodes by
     copies, and a body edited after that would be a detached copy.
@@ -281,18 +299,16 @@ def _apply(
     innermost_first = reversed([g for g in iter_graphs(root) if id(g) in by_graph])
     for graph in innermost_first:
         group = by_graph[id(graph)]
-        graph.initializer.extend(pools[id(graph)].initializers)
         removed_constants = {i.site.name for i in group if i.site.constant_node is not None}
         replaced_nodes = {i.before_node for i in group if i.replaces_node}
         removed_tensors = {i.site.name for i in group if i.site.constant_node is None}
         before: dict[int, list[_Insertion]] = defaultdict(list)
         for insertion in group:
             before[insertion.before_node].append(insertion)
-        gates: dict[str, str] = {}
         nodes: list[onnx.NodeProto] = []
         for position, node in enumerate(graph.node):
             for insertion in before.get(position, []):
-                nodes.extend(_decoder_nodes(insertion, gates, names))
+                nodes.extend(_decoder_nodes(insertion, names, functions))
                 graph.initializer.extend(insertion.decoder.initializers)
             removed = node.op_type == "Constant" and node.output[0] in removed_constants
             if not removed and position not in replaced_nodes:
@@ -302,19 +318,26 @@ def _apply(
             copy.CopyFrom(node)
         del graph.node[:]
         graph.node.extend(copies)
+        read = {name for node in copies for name in node.input} | {
+            name for node in copies for name in names_read_in_bodies(node)}
+        graph.initializer.extend(t for t in pools[id(graph)].initializers if t.name in read)
         _remove_named(graph.initializer, removed_tensors)
         _remove_named(graph.input, removed_tensors)
 
 
-def _decoder_nodes(insertion: _Insertion, gates: dict[str, str], names: NameAllocator) -> Iterator[onnx.NodeProto]:
+def _decoder_nodes(insertion: _Insertion, names: NameAllocator, functions: DecoderFunctions) -> list[onnx.NodeProto]:
+    """The decoder, after the gate on its activation (its own, so that the call holds it): its nodes, or one call of
+    its decoder function."""
+    nodes = insertion.decoder.nodes
     activation = insertion.gate_activation
-    if activation is not None and activation not in gates:
-        gates[activation], gate_nodes = build_gate(activation, names)
-        yield from gate_nodes
-    for node in insertion.decoder.nodes:
-        if activation is not None:
-            node.input[:] = [gates[activation] if name == _GATE else name for name in node.input]
-        yield node
+    if activation is not None:
+        gate, gate_nodes = build_gate(activation, names)
+        for node in nodes:
+            node.input[:] = [gate if name == _GATE else name for name in node.input]
+        nodes = [*gate_nodes, *nodes]
+    if insertion.function is None:
+        return nodes
+    return [functions.call(nodes, insertion.function, names.fresh(f"jlcm/decode/{insertion.site.name}"))]
 
 
 def _remove_named(field, names: set[str]) -> None:  # noqa: ANN001 - a protobuf repeated field

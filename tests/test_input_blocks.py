@@ -122,7 +122,8 @@ def test_column_blocked_matmul_slices_the_block_scales_with_its_rows(monkeypatch
     matrix = np.random.default_rng(6).standard_normal((96, 64)).astype(np.float32)  # [out, in]
     config = CompressionConfig(bits=3, min_elements=64, block_size=16, outlier_fraction=0.01, reorder=False)
     result = jlcm_onnx.compress(matmul_model(matrix.T.copy()), config)
-    assert sum(node.op_type == "MatMul" for node in result.model.graph.node) > 1
+    assert [node.op_type for node in result.model.graph.node] == ["BlockedMatMul"]
+    assert sum(node.op_type == "MatMul" for node in result.model.functions[0].node) > 1
     (decoded,) = run(result.model, {"X": np.eye(64, dtype=np.float32)})
     expected = encode_matrix(matrix, 3, equal_group_sizes(96, None), F16, outlier_fraction=0.01,
                              block_size=16).decode()

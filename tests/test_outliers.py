@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.inliner
 import pytest
 
 import jlcm_onnx
@@ -70,7 +71,8 @@ def test_decoder_looks_up_in_the_codebook_type(codebook_dtype: str) -> None:
     cast to fp32 once, last; the exact values are checked by the test above."""
     matrix = heavy_tailed(np.random.default_rng(3), rows=48, cols=64)
     config = CompressionConfig(bits=3, min_elements=64, outlier_fraction=0.01, codebook_dtype=codebook_dtype)
-    model = onnx.shape_inference.infer_shapes(jlcm_onnx.compress(matmul_model(matrix), config).model)
+    compressed = jlcm_onnx.compress(matmul_model(matrix), config).model
+    model = onnx.shape_inference.infer_shapes(onnx.inliner.inline_local_functions(compressed))
     types = {value.name: value.type.tensor_type.elem_type for value in model.graph.value_info}
     looked_up = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(codebook_dtype))
     for op in ("GatherElements", "ScatterElements"):
