@@ -28,7 +28,6 @@ from jlcm_onnx.grouping import RowClusterings
 from jlcm_onnx.lazy_weights import materialize
 from jlcm_onnx.memory_budget import (
     MAX_CHUNK_WEIGHTS,
-    bound_allocator_retention,
     check_budget,
     chunk_weights,
     default_max_memory,
@@ -162,7 +161,6 @@ def compress(
         execution_providers(device)
         torch_device(device)
     started = time.perf_counter()
-    bound_allocator_retention()
     source, original_bytes = load_model(model)
     if not force:
         _check_not_compressed(source)

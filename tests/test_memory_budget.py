@@ -236,3 +236,41 @@ def test_sub_byte_packing_in_runs_is_byte_identical(bits: int, monkeypatch: pyte
     whole = dequantize_linear.pack_sub_byte(codes, bits)
     monkeypatch.setattr(dequantize_linear, "PACK_CHUNK_BYTES", 3)
     assert dequantize_linear.pack_sub_byte(codes, bits) == whole
+
+
+RETENTION_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np
+    from jlcm_onnx.memory_budget import bounded_allocator_retention
+
+    def rss():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+    big = np.ones(24 << 20, np.uint8)
+    del big  # a freed 24 MB mapping raises glibc's dynamic threshold (up to 32 MB) to 24 MB
+    def churn():  # 6 MB arrays, each followed by a small one that stays, so the heap cannot shrink from its top
+        kept, pins = [], []
+        for _ in range(40):
+            kept.append(np.ones(6 << 20, np.uint8))
+            pins.append(np.ones(1 << 20, np.uint8))  # too large for the holes the imports left
+        before = rss()
+        del kept
+        return before - rss(), pins
+    if sys.argv[1] == "bounded":
+        with bounded_allocator_retention():
+            released, pins = churn()
+    else:
+        released, pins = churn()
+    print(released)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_bounded_retention_hands_freed_arrays_back() -> None:
+    """Inside ``bounded_allocator_retention`` freed arrays of a few MB go back to the system at once; outside it glibc
+    keeps them in its heap once its threshold has risen."""
+    released = {mode: int(subprocess.run([sys.executable, "-c", RETENTION_SCRIPT, mode], capture_output=True,
+                                         text=True, check=True).stdout)
+                for mode in ("bounded", "default")}
+    assert released["bounded"] > 200 << 20  # of 240 MB
+    assert released["default"] < 100 << 20
