@@ -1,8 +1,12 @@
-"""Replaces a generated section of README.md: the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``."""
+"""Replaces a generated section of README.md: the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``;
+and the stored-or-measured results a benchmark renders there."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -19,3 +23,12 @@ def write_section(name: str, markdown: str, readme: Path = README) -> None:
         raise ValueError(f"{readme} has no {start} ... {end} section")
     head, rest = text.split(start, 1)
     readme.write_text(f"{head}{start}\n{markdown}\n{end}{rest.split(end, 1)[1]}")
+
+
+def stored_or_measured(results: Path, render_only: bool, measure: Callable[[], Any]) -> Any:
+    """A benchmark's results: those stored in ``results`` with ``render_only``, else ``measure()``'s, stored there."""
+    if render_only:
+        return json.loads(results.read_text())
+    rows = measure()
+    results.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "models"))
 import recurrent_tagger  # noqa: E402
-from readme_section import write_section  # noqa: E402
+from readme_section import stored_or_measured, write_section  # noqa: E402
 
 import jlcm_onnx  # noqa: E402
 
@@ -68,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--render-only", action="store_true", help="rewrite BENCHMARKS.md from the stored results")
     args = parser.parse_args(argv)
-    rows = json.loads(RESULTS.read_text()) if args.render_only else measure()
-    if not args.render_only:
-        RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
-    write_section("recurrent", markdown(rows), BENCHMARKS)
+    write_section("recurrent", markdown(stored_or_measured(RESULTS, args.render_only, measure)), BENCHMARKS)
     return 0
 
 

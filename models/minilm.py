@@ -88,7 +88,7 @@ def tokenize(texts: Sequence[str]) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------
 
 
-def export(path: Path) -> None:
+def export(path: Path, keep_metadata: bool = False) -> None:
     """Export all-MiniLM-L6-v2 to ``path`` as a single self-contained ONNX file.
 
     Inputs are ``input_ids``, ``attention_mask`` and ``token_type_ids`` (int64,
@@ -96,7 +96,9 @@ def export(path: Path) -> None:
     (float32, ``[batch, seq, 384]``). All weights are stored inside the file.
     The exported model is checked against PyTorch on a batch with a different
     sequence length than the one used for tracing; a ``RuntimeError`` is raised
-    if the max abs difference exceeds ``VERIFY_TOLERANCE``.
+    if the max abs difference exceeds ``VERIFY_TOLERANCE``. The exporter's
+    per-node debug metadata (stack traces, FX nodes, module scopes) is dropped
+    unless ``keep_metadata``: the file as ``torch.onnx.export`` writes it.
     """
     import torch
     from transformers import AutoModel
@@ -140,7 +142,7 @@ def export(path: Path) -> None:
     seq = torch.export.Dim("seq", max=512)
     dynamic_shapes = {name: {0: batch, 1: seq} for name in INPUT_NAMES}
 
-    model_cli.export_dynamo(wrapper, args, path, INPUT_NAMES, [OUTPUT_NAME], dynamic_shapes)
+    model_cli.export_dynamo(wrapper, args, path, INPUT_NAMES, [OUTPUT_NAME], dynamic_shapes, keep_metadata)
 
     _verify(wrapper, path, export_seq_len=args[0].shape[1])
 

@@ -38,17 +38,18 @@ def run(
 
 def export_dynamo(
     module: Any, args: tuple[Any, ...], path: Path, input_names: Sequence[str], output_names: Sequence[str],
-    dynamic_shapes: Any,
+    dynamic_shapes: Any, keep_metadata: bool = False,
 ) -> None:
     """``torch.onnx.export(dynamo=True)`` of ``module`` on ``args`` into one self-contained file at ``path``, cleaned by
-    :func:`strip_debug_metadata`."""
+    :func:`strip_debug_metadata` unless ``keep_metadata`` (the file as the exporter writes it)."""
     import torch
 
     with torch.no_grad():
         program = torch.onnx.export(module, args, input_names=list(input_names), output_names=list(output_names),
                                     dynamic_shapes=dynamic_shapes, dynamo=True, external_data=False, verbose=False)
     program.save(str(path), external_data=False)
-    strip_debug_metadata(path)
+    if not keep_metadata:
+        strip_debug_metadata(path)
 
 
 def logits_only(language_model: Any) -> Any:
