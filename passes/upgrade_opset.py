@@ -8,13 +8,14 @@ converter's reason, rather than written in a format its runtime would reject.
 
 Only the model's structure goes through the converter (:mod:`jlcm_onnx.model_skeleton`: large weights as graph
 inputs, small constants kept for the adapters that read them); the weights are then moved into the converted model
-as they were, so a 1 GB model is not serialized, parsed and copied by the converter.
+as they were, so a 1 GB model is not serialized, parsed and copied by the converter. The converter drops model-local
+functions (a file compressed before, say), so they are inlined first.
 """
 
 from __future__ import annotations
 
 import onnx
-from onnx import version_converter
+from onnx import inliner, version_converter
 
 from jlcm_onnx.errors import ModelError
 from jlcm_onnx.model_io import default_opset
@@ -36,7 +37,8 @@ class UpgradeOpset(Pass):
         records = []
         if current < self.opset:
             try:
-                model = _with_weights_of(model, version_converter.convert_version(skeleton(model), self.opset))
+                structure = inliner.inline_local_functions(skeleton(model))  # the converter drops functions
+                model = _with_weights_of(model, version_converter.convert_version(structure, self.opset))
             except Exception as error:  # noqa: BLE001 - the converter raises bare RuntimeErrors and its own types
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise ModelError(f"speed 'fast' needs ai.onnx opset {self.opset}, and onnx.version_converter cannot "
