@@ -21,13 +21,13 @@ are the calibration statistics of every compressed tensor (fp64 [cols, cols] eac
 exceeds ``max_memory`` is refused before it starts, with the estimate in the message, rather than killed part-way.
 
 **Allocator.** glibc serves an allocation of at least its *mmap threshold* with a mapping of its own, handed back to
-the system when freed; smaller ones come from heaps whose free space it keeps. Its default threshold starts at 128 KB
-and rises to the size of each mapped block freed, up to 32 MB, after which arrays of a few MB stay in the heaps, each
-thread's apart. Encoding with calibration statistics (learning beside the largest tensor's learner) kept enough that
-the same calibrated run on a 268M-parameter model peaked anywhere from 3.7 to 4.4 GB. That phase runs with the
-threshold fixed at :data:`MMAP_THRESHOLD_BYTES` (:func:`bounded_allocator_retention`): 2.96 GB, where 16 MB gave
-3.84 GB and 1 MB 2.60 GB. Everywhere, mapping every array of a few MB costs time (page faults on fresh pages: data-free
-runs took 30-60% longer with it), so the rest of a run keeps glibc's own behaviour.
+the system when freed; smaller ones come from heaps whose free space it keeps. Its threshold starts at 128 KB and
+rises to the size of each mapped block freed, up to 32 MB, after which the encoders' arrays of a few MB come from the
+heaps, each thread's apart, and what they free stays there: a calibrated run on a 268M-parameter model peaked anywhere
+from 3.7 to 4.4 GB. The encoder hands that memory back after each tensor (:func:`release_freed_memory`, glibc's
+``malloc_trim``, which also returns free pages inside the heaps): 3.1 GB on that run, at no cost in time. Fixing the
+threshold instead (``mallopt``) bounded it too (4 MB: 3.3 GB) but made every array of a few MB a fresh mapping, and
+the page faults cost 20-60% of the run time.
 """
 
 from __future__ import annotations
@@ -37,14 +37,13 @@ import ctypes.util
 import os
 import resource
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from jlcm_onnx.errors import MemoryBudgetError
 from jlcm_onnx.report import format_bytes
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
-if _LIBC is not None and not (hasattr(_LIBC, "malloc_trim") and hasattr(_LIBC, "mallopt")):  # glibc only
+if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # musl, macOS: no malloc_trim
     _LIBC = None
 
 #: Peak bytes per weight of an encoder's chunk (input blocks with importances; plain k-means needs about 100).
@@ -92,29 +91,6 @@ def default_max_memory() -> int:
 def peak_rss() -> int:
     """The process's peak resident set size so far, in bytes (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-#: The mmap threshold while encoding with calibration statistics (see the module docstring).
-MMAP_THRESHOLD_BYTES = 4 << 20
-#: glibc's ceiling of its dynamic threshold (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit), where it is left afterwards.
-GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-@contextmanager
-def bounded_allocator_retention() -> Iterator[None]:
-    """Runs the block with glibc's mmap threshold fixed at :data:`MMAP_THRESHOLD_BYTES`, so that freed arrays of that
-    size or more go back to the system instead of staying in its heaps; afterwards the threshold stays fixed at
-    :data:`GLIBC_MMAP_THRESHOLD_MAX`, where glibc's own one ends up once a large array has been freed (setting it
-    ends the dynamic adjustment for good). Nothing happens on other C libraries."""
-    if _LIBC is None:
-        yield
-        return
-    _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    try:
-        yield
-    finally:
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
 
 
 def release_freed_memory() -> None:

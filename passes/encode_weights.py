@@ -18,7 +18,6 @@ largest started early, :func:`_encoding_order`); their decoders are then built a
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import onnx
@@ -26,7 +25,7 @@ from onnx import helper
 
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import map_on_cores
-from jlcm_onnx.memory_budget import bounded_allocator_retention
+from jlcm_onnx.memory_budget import release_freed_memory
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.passes.decoder_functions import (
     BLOCKED_MATMUL,
@@ -146,9 +145,8 @@ class EncodeWeights(Pass):
                 todo.append((site, row_axis))
         # data-free in graph order (the table beside the rest); with calibration statistics see _encoding_order
         order = _encoding_order(todo, self.plan) if self.plan.statistics else list(range(len(todo)))
-        with bounded_allocator_retention() if self.plan.statistics else nullcontext():
-            encoded = map_on_cores(self._encode_site, [todo[index] for index in order], description="encoding",
-                                   weight=lambda s: s[0].num_elements, progress=self.progress, postfix=_describe)
+        encoded = map_on_cores(self._encode_site, [todo[index] for index in order], description="encoding",
+                               weight=lambda s: s[0].num_elements, progress=self.progress, postfix=_describe)
         encodings = [encoding for _, encoding in sorted(zip(order, encoded, strict=True), key=lambda pair: pair[0])]
         for (site, row_axis), site_encoding in zip(todo, encodings, strict=True):
             pool = pools.setdefault(id(site.graph), ConstantPool(names))
@@ -163,12 +161,14 @@ class EncodeWeights(Pass):
 
     def _encode_site(self, item: tuple[WeightSite, int]) -> SiteEncoding:
         """Encodes one site; its statistics are released once it is encoded (a Gram shared by several weights when
-        the last of them is)."""
+        the last of them is), and the memory its encoding freed goes back to the system
+        (:func:`~jlcm_onnx.memory_budget.release_freed_memory`)."""
         site, row_axis = item
         try:
             return encode_site(site, row_axis, self.config, self.plan)
         finally:
             self.plan.statistics.pop(site.name, None)
+            release_freed_memory()
 
     def _encode(
         self, site: WeightSite, row_axis: int, site_encoding: SiteEncoding, names: NameAllocator, pool: ConstantPool,

@@ -240,7 +240,7 @@ def test_sub_byte_packing_in_runs_is_byte_identical(bits: int, monkeypatch: pyte
 
 RETENTION_SCRIPT = textwrap.dedent("""
     import sys, numpy as np
-    from jlcm_onnx.memory_budget import bounded_allocator_retention
+    from jlcm_onnx.memory_budget import release_freed_memory
 
     def rss():
         with open("/proc/self/status") as status:
@@ -248,29 +248,24 @@ RETENTION_SCRIPT = textwrap.dedent("""
 
     big = np.ones(24 << 20, np.uint8)
     del big  # a freed 24 MB mapping raises glibc's dynamic threshold (up to 32 MB) to 24 MB
-    def churn():  # 6 MB arrays, each followed by a small one that stays, so the heap cannot shrink from its top
-        kept, pins = [], []
-        for _ in range(40):
-            kept.append(np.ones(6 << 20, np.uint8))
-            pins.append(np.ones(1 << 20, np.uint8))  # too large for the holes the imports left
-        before = rss()
-        del kept
-        return before - rss(), pins
-    if sys.argv[1] == "bounded":
-        with bounded_allocator_retention():
-            released, pins = churn()
-    else:
-        released, pins = churn()
-    print(released)
+    kept, pins = [], []
+    for _ in range(40):  # 6 MB arrays from the heap, each followed by one that stays, so the heap cannot shrink
+        kept.append(np.ones(6 << 20, np.uint8))
+        pins.append(np.ones(1 << 20, np.uint8))  # too large for the holes the imports left
+    before = rss()
+    del kept
+    if sys.argv[1] == "release":
+        release_freed_memory()
+    print(before - rss())
 """)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_bounded_retention_hands_freed_arrays_back() -> None:
-    """Inside ``bounded_allocator_retention`` freed arrays of a few MB go back to the system at once; outside it glibc
-    keeps them in its heap once its threshold has risen."""
+def test_freed_memory_inside_the_heap_goes_back_to_the_system() -> None:
+    """glibc keeps freed arrays of a few MB in its heap once its mmap threshold has risen; ``release_freed_memory``
+    (called after each encoded tensor) hands them back."""
     released = {mode: int(subprocess.run([sys.executable, "-c", RETENTION_SCRIPT, mode], capture_output=True,
                                          text=True, check=True).stdout)
-                for mode in ("bounded", "default")}
-    assert released["bounded"] > 200 << 20  # of 240 MB
-    assert released["default"] < 100 << 20
+                for mode in ("release", "keep")}
+    assert released["release"] > 200 << 20  # of 240 MB
+    assert released["keep"] < 100 << 20
