@@ -46,11 +46,6 @@ def _intermediate(tensor: str, index: int) -> str:
     return f"{GATE_PREFIX}/{role}{index}"
 
 
-def default_opset(model: onnx.ModelProto) -> int:
-    """The model's ai.onnx opset version."""
-    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
-
-
 class DecoderFunctions:
     """Turns decoders into calls of shared functions (:meth:`call`); :meth:`install` adds the functions to a model.
 

@@ -26,6 +26,7 @@ from onnx import helper
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import map_on_cores
 from jlcm_onnx.memory_budget import release_freed_memory
+from jlcm_onnx.model_io import default_opset
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.passes.decoder_functions import (
     BLOCKED_MATMUL,
@@ -33,7 +34,6 @@ from jlcm_onnx.passes.decoder_functions import (
     DECODE_WEIGHT,
     DOMAIN,
     DecoderFunctions,
-    default_opset,
 )
 from jlcm_onnx.passes.dequant_graph import (
     ConstantPool,

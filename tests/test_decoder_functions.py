@@ -128,3 +128,12 @@ def test_a_compressed_file_upgraded_for_the_fast_path_keeps_its_decoders(rng: np
     feed = {"ids": np.array([5, 6], dtype=np.int64)}
     got, want = run(second.model, feed)[0], run(first.model, feed)[0]
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.98
+
+
+def test_a_model_without_the_ai_onnx_domain_passes_through(rng: np.random.Generator) -> None:
+    """An ai.onnx.ml-only model (no default-domain opset to give a function) has nothing to decode and is unchanged."""
+    node = helper.make_node("Binarizer", ["X"], ["Y"], domain="ai.onnx.ml", threshold=0.5)
+    graph = helper.make_graph([node], "ml", [value("X", FLOAT, [4])], [value("Y", FLOAT, [4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("ai.onnx.ml", 3)])
+    result = jlcm_onnx.compress(model, CONFIG)
+    assert not result.report.compressed and not result.model.functions
