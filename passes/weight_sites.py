@@ -241,7 +241,7 @@ def _not_a_weight(site: WeightSite, config: CompressionConfig) -> str:
             return f"a vector or a broadcast row of shape {list(site.shape)} read by {node.op_type}: biases and " \
                    "scales stay dense"
     kinds = sorted({c.node.op_type for c in site.consumers}) or ["nothing"]
-    return f"not a weight input of {'/'.join(config.op_types)} (read by {', '.join(kinds)})"
+    return f"read by {', '.join(kinds)}: not a weight or data input of a consumer in op_types"
 
 
 def anchor_index(site: WeightSite) -> int:
