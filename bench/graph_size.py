@@ -77,9 +77,9 @@ def markdown(rows: list[dict]) -> str:
     ]
     for row in rows:
         lines.append(
-            f"| {row['file']} | {row['nodes']:,} | {row['functions']} | {row['bytes'] / 2**20:.2f} MB "
-            f"| {original['bytes'] / row['bytes']:.2f}x | {row['latency_ms']:.1f} | {row['load_peak_net'] / 2**20:.0f} "
-            f"| {row['steady_net'] / 2**20:.0f} |")
+            f"| {row['file']} | {row['nodes']:,} | {row['functions']} | {row['bytes'] / 1e6:.2f} MB "
+            f"| {original['bytes'] / row['bytes']:.2f}x | {row['latency_ms']:.1f} | {row['load_peak_net'] / 1e6:.0f} "
+            f"| {row['steady_net'] / 1e6:.0f} |")
     return "\n".join(lines)
 
 
