@@ -85,7 +85,7 @@ class DecoderFunctions:
             body.append(copy)
         for node in body[: len(constants)]:
             node.attribute[0].t.name = ""
-        key = (kind, b"".join(node.SerializeToString() for node in body) + str(len(inputs)).encode())
+        key = (kind, b"".join(node.SerializeToString() for node in body))  # the body names every input it reads
         if key not in self._by_body:
             function_name, variant = kind, 1
             while function_name in self._taken:
