@@ -4,9 +4,9 @@ Calibration: 128 sentences of gensim's ``lee_background.cor`` (never the evaluat
 Every row is 3 bits with one codebook per output row and the default outliers, so every file has the same size up
 to a few bytes of metadata, except the size-target rows, which let the planner spread the same bytes over the
 tensors (``target_size`` = the data-free file's size; with calibration data the planner weighs each tensor's error by
-its measured output sensitivity, :mod:`jlcm_onnx.sensitivity`). Ablation: initial codes (k-means vs GPTQ-style error
-feedback with a least-squares codebook refit), 50 steps of the mapping update (proximal, the paper's; naive, the one it
-rejects; frozen codes, codebooks only), sequential or one-pass statistics.
+its measured output sensitivity, :mod:`jlcm_onnx.pipeline.sensitivity`). Ablation: initial codes (k-means vs GPTQ-style
+error feedback with a least-squares codebook refit), 50 steps of the mapping update (proximal, the paper's; naive, the
+one it rejects; frozen codes, codebooks only), sequential or one-pass statistics.
 
 Metrics: fidelity, the mean embedding cosine against fp32 over 1,555 texts (the 1,391 evaluation texts plus the 82
 titles and 82 abstracts of ``models/data/abstracts.tsv``); title -> abstract retrieval top-1; Lee document-similarity

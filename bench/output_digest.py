@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 
 import jlcm_onnx
-from jlcm_onnx.model_io import gather_rows, synthetic_feed
+from jlcm_onnx.ir.model_io import gather_rows, synthetic_feed
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "bits 4": {"bits": 4},

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "models")]
 
 from jlcm_onnx import CompressionConfig  # noqa: E402
+from jlcm_onnx.analysis.plan import CompressionPlan  # noqa: E402
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons  # noqa: E402
-from jlcm_onnx.plan import CompressionPlan  # noqa: E402
 
 BUILD = ROOT / "build"
 RESULTS = ROOT / "bench" / "results" / "reorder_equivalence.json"

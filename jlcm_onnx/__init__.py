@@ -8,14 +8,14 @@ Public API::
     result.save("model-4bit.onnx")
 """
 
-from jlcm_onnx.calibration import CalibrationData, load_calibration
-from jlcm_onnx.calibration_text import calibration_from_text
-from jlcm_onnx.compress import CompressionResult, compress, read_metadata, save
+from jlcm_onnx.analysis.calibration import CalibrationData, load_calibration
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.errors import CalibrationError, ConfigError, JlcmError, ModelError, OutputError
+from jlcm_onnx.ir.runtime import fold_at_load, inference_session
+from jlcm_onnx.pipeline.calibration_text import calibration_from_text
+from jlcm_onnx.pipeline.compress import CompressionResult, compress, read_metadata, save
+from jlcm_onnx.pipeline.verify import OutputFidelity, VerifyReport, verify
 from jlcm_onnx.report import CompressionReport, TensorRecord
-from jlcm_onnx.runtime import fold_at_load, inference_session
-from jlcm_onnx.verify import OutputFidelity, VerifyReport, verify
 
 __version__ = "0.1.0"
 

@@ -17,16 +17,16 @@ from typing import Any
 import click
 import numpy as np
 
-from jlcm_onnx.calibration import AUTO_MASK, DEFAULT_SAMPLES, load_calibration
-from jlcm_onnx.calibration_text import calibration_from_text, load_tokenizer
-from jlcm_onnx.compress import compress, save
+from jlcm_onnx.analysis.calibration import AUTO_MASK, DEFAULT_SAMPLES, load_calibration
 from jlcm_onnx.config import AFFINE_OFFSETS, CODEBOOK_DTYPES, ENCODINGS, INITS, MAPPINGS, SPEEDS, CompressionConfig
-from jlcm_onnx.describe import describe_model
 from jlcm_onnx.devices import DEVICES, execution_providers
 from jlcm_onnx.errors import JlcmError
-from jlcm_onnx.model_io import check_destination
+from jlcm_onnx.ir.model_io import check_destination
+from jlcm_onnx.pipeline.calibration_text import calibration_from_text, load_tokenizer
+from jlcm_onnx.pipeline.compress import compress, save
+from jlcm_onnx.pipeline.describe import describe_model
+from jlcm_onnx.pipeline.verify import verify
 from jlcm_onnx.plot import plot_encodings
-from jlcm_onnx.verify import verify
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 

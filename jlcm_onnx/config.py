@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from jlcm_onnx.errors import ConfigError, JlcmError
-from jlcm_onnx.packing import MAX_BITS
 
 #: Consumer kinds whose weight inputs can be compressed, with the input slots that hold weights.
 WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
@@ -27,6 +26,8 @@ DATA_READERS = ("Add", "Sub", "Mul", "Div", "Where", "Concat", "Slice")
 #: Every consumer kind ``op_types`` may name.
 OP_TYPES = (*WEIGHT_SLOTS, *DATA_READERS)
 
+#: The widest code: codes are packed at 1 to 8 bits (:mod:`jlcm_onnx.encodings.packing`).
+MAX_BITS = 8
 CODEBOOK_DTYPES = ("float16", "float32")
 ENCODINGS = ("multi-codebook", "multi-scaling")
 MAPPINGS = ("proximal", "naive", "frozen")
@@ -75,7 +76,7 @@ class CompressionConfig:
         target_size: file size to hit, in bytes or as text (``"40MB"``, ``"1.5 GiB"``); with any target, bits and
             groups are chosen per tensor (the ``bits`` and ``groups`` fields are ignored) and the written file meets
             the target within 1%; with calibration data each tensor's error counts by its measured effect on the
-            outputs (:mod:`jlcm_onnx.sensitivity`).
+            outputs (:mod:`jlcm_onnx.pipeline.sensitivity`).
         target_ratio: the file must be this many times smaller than the input file.
         target_bits_per_weight: average stored bits per compressed weight (codebooks, maps and outliers included).
         mapping: with calibration data, how codes move while codebooks are learned: ``"proximal"`` (the paper's

@@ -16,8 +16,8 @@ the tensor at once. Each of the ``workers`` threads encoding tensors side by sid
 
 where the unchunked work is the one k-means of a multi-scaling tensor's shared codebook (all its weights at once) or,
 with calibration data, the learning of the largest tensor that has a Gram (a block of at most
-:data:`jlcm_onnx.row_block_learning.LEARNING_BLOCK_WEIGHTS` weights, or a whole multi-scaling tensor), and the Grams
-are the calibration statistics of every compressed tensor (fp64 [cols, cols] each). A run whose estimate
+:data:`jlcm_onnx.encodings.row_block_learning.LEARNING_BLOCK_WEIGHTS` weights, or a whole multi-scaling tensor), and the
+Grams are the calibration statistics of every compressed tensor (fp64 [cols, cols] each). A run whose estimate
 exceeds ``max_memory`` is refused before it starts, with the estimate in the message, rather than killed part-way.
 
 **Allocator.** glibc serves an allocation of at least its *mmap threshold* with a mapping of its own, handed back to
@@ -58,8 +58,8 @@ DEFAULT_SHARE = 0.8
 #: The interpreter with numpy, torch and onnxruntime imported.
 BASELINE_BYTES = 600 << 20
 #: The input's weights a run holds at its peak, in model sizes: the weights stay in their file until read
-#: (:mod:`jlcm_onnx.lazy_weights`), and the onnxruntime session of the input's reference outputs holds them once, with
-#: its activations (a tied LM head's transposed table: measured 1.26 on a 268M-parameter LLM).
+#: (:mod:`jlcm_onnx.ir.lazy_weights`), and the onnxruntime session of the input's reference outputs holds them once,
+#: with its activations (a tied LM head's transposed table: measured 1.26 on a 268M-parameter LLM).
 RESIDENT_COPIES = 1.5
 #: And with calibration data: a batch of activations (at most 256 MB) and the weights rewritten in memory beside the
 #: calibration session's (measured: 2.65 GB while collecting statistics on the 268M-parameter LLM, 2.5x its file).

@@ -31,10 +31,10 @@ from olive.passes import Pass
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
 from jlcm_onnx import __version__
-from jlcm_onnx.calibration import DEFAULT_SAMPLES, load_calibration
-from jlcm_onnx.compress import compress, save
+from jlcm_onnx.analysis.calibration import DEFAULT_SAMPLES, load_calibration
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.errors import JlcmError
+from jlcm_onnx.pipeline.compress import compress, save
 
 PASS_TYPE = "JlcmCompression"
 #: Pass parameters that are not config fields.

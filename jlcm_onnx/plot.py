@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from jlcm_onnx.describe import ModelDescription
 from jlcm_onnx.errors import JlcmError
+from jlcm_onnx.pipeline.describe import ModelDescription
 from jlcm_onnx.report import format_bytes
 
 #: Most characters of a tensor's label on the x axis.

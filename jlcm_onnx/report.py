@@ -20,7 +20,7 @@ SKIPPED = "skipped"
 class TensorRecord:
     """One float tensor of the model and what happened to it (``layer``: where it is read, as the exporter's module
     path and the op, e.g. ``layers.3.query (MatMul)``; ``layer_error``: with calibration, the layer's relative output
-    error on the calibration inputs, ``tr(ΔW H ΔW^T) / tr(W H W^T)``, see :mod:`jlcm_onnx.learning`)."""
+    error on the calibration inputs, ``tr(ΔW H ΔW^T) / tr(W H W^T)``, see :mod:`jlcm_onnx.encodings.learning`)."""
 
     name: str
     consumers: tuple[str, ...]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import onnx
 
-from jlcm_onnx.calibration import CalibrationData
+from jlcm_onnx.analysis.calibration import CalibrationData
+from jlcm_onnx.analysis.plan import CompressionPlan
+from jlcm_onnx.analysis.statistics import batch_size, collect_statistics
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import execution_providers
+from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites
 from jlcm_onnx.passes.base import Pass, PassResult
-from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
-from jlcm_onnx.plan import CompressionPlan
-from jlcm_onnx.statistics import batch_size, collect_statistics
 
 
 class CalibrationPass(Pass):

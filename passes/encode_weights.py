@@ -1,13 +1,13 @@
 """Replaces every compressible weight by packed codes, codebooks and a decode subgraph.
 
 For a weight W with output rows along ``row_axis`` the pass encodes the matrix ``M = moveaxis(W, row_axis, 0)
-.reshape(rows, cols)`` as ``M^[r, j] = C[g(r), I[r, j]]`` (:mod:`jlcm_onnx.codebook`), removes W (initializer or
-``Constant`` node) and inserts, right before W's first consumer, the nodes of :mod:`jlcm_onnx.passes.dequant_graph` that
-produce a tensor of W's name, dtype and shape. Consumers are untouched, except three that are rewritten so that less
-is decoded at a time: a lone embedding ``Gather`` (a row decoder decodes only the looked-up rows), the lone
-``MatMul`` of a large weight (split into column blocks decoded one after the other) and, for a weight in affine
-blocks (``speed="fast"``, :mod:`jlcm_onnx.passes.dequantize_linear`: a standard DequantizeLinear), a Gemm reading it
-transposed (so onnxruntime can fuse it). A weight read by several nodes
+.reshape(rows, cols)`` as ``M^[r, j] = C[g(r), I[r, j]]`` (:mod:`jlcm_onnx.encodings.codebook`), removes W (initializer
+or ``Constant`` node) and inserts, right before W's first consumer, the nodes of
+:mod:`jlcm_onnx.encodings.codebook_decoder` that produce a tensor of W's name, dtype and shape. Consumers are untouched,
+except three that are rewritten so that less is decoded at a time: a lone embedding ``Gather`` (a row decoder decodes
+only the looked-up rows), the lone ``MatMul`` of a large weight (split into column blocks decoded one after the other)
+and, for a weight in affine blocks (``speed="fast"``, :mod:`jlcm_onnx.encodings.affine_decoder`: a standard
+DequantizeLinear), a Gemm reading it transposed (so onnxruntime can fuse it). A weight read by several nodes
 (tied embeddings) is stored and decoded once. Weights inside ``If``/``Loop``/``Scan`` bodies are handled in their own
 body; a weight defined outside a body and read inside it (an outer-scope reference) is decoded in its own graph, right
 before the node that holds the body, and the body reads the decoded tensor by the same name. The weights are
@@ -23,19 +23,17 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
+from jlcm_onnx.analysis.plan import CompressionPlan
+from jlcm_onnx.analysis.site_encoding import SiteEncoding, affine_layout, encode_site, uses_affine_blocks
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import map_on_cores
-from jlcm_onnx.memory_budget import release_freed_memory
-from jlcm_onnx.model_io import default_opset
-from jlcm_onnx.passes.base import Pass, PassResult
-from jlcm_onnx.passes.decoder_functions import (
-    BLOCKED_MATMUL,
-    DECODE_ROWS,
-    DECODE_WEIGHT,
-    DOMAIN,
-    DecoderFunctions,
+from jlcm_onnx.encodings.affine_decoder import (
+    build_fused_decoder,
+    build_offset_matmul,
+    build_transposed_gemm,
+    build_unpacked_decoder,
 )
-from jlcm_onnx.passes.dequant_graph import (
+from jlcm_onnx.encodings.codebook_decoder import (
     ConstantPool,
     DecodeGraph,
     DecodeSpec,
@@ -44,14 +42,15 @@ from jlcm_onnx.passes.dequant_graph import (
     build_decoder,
     build_gate,
 )
-from jlcm_onnx.passes.dequantize_linear import (
-    build_fused_decoder,
-    build_offset_matmul,
-    build_transposed_gemm,
-    build_unpacked_decoder,
+from jlcm_onnx.ir.decoder_functions import (
+    BLOCKED_MATMUL,
+    DECODE_ROWS,
+    DECODE_WEIGHT,
+    DOMAIN,
+    DecoderFunctions,
 )
-from jlcm_onnx.passes.site_encoding import SiteEncoding, affine_layout, encode_site, uses_affine_blocks
-from jlcm_onnx.passes.weight_sites import (
+from jlcm_onnx.ir.model_io import default_opset
+from jlcm_onnx.ir.weight_sites import (
     WeightSite,
     anchor_index,
     compressible_row_axis,
@@ -61,7 +60,8 @@ from jlcm_onnx.passes.weight_sites import (
     iter_graphs,
     names_read_in_bodies,
 )
-from jlcm_onnx.plan import CompressionPlan
+from jlcm_onnx.memory_budget import release_freed_memory
+from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.report import COMPRESSED, SKIPPED, TensorRecord
 
 #: Weights of a MatMul above this count are decoded in column blocks of about this size (1 MB of fp32), one at a time.
@@ -88,7 +88,7 @@ class _Insertion:
     decoder: DecodeGraph
     site: WeightSite
     replaces_node: bool = False
-    #: The decoder function kind (:mod:`jlcm_onnx.passes.decoder_functions`) the decoder becomes one call of, or None
+    #: The decoder function kind (:mod:`jlcm_onnx.ir.decoder_functions`) the decoder becomes one call of, or None
     #: to leave its nodes inline (the DequantizeLinear forms onnxruntime fuses with their reader).
     function: str | None = None
 
@@ -219,9 +219,9 @@ class EncodeWeights(Pass):
     def _encode_affine(
         self, site: WeightSite, row_axis: int, site_encoding: SiteEncoding, names: NameAllocator, pool: ConstantPool,
     ) -> tuple[_Insertion, TensorRecord]:
-        """The decoder of ``site``'s layout (:func:`~jlcm_onnx.passes.site_encoding.affine_layout`): a DequantizeLinear
-        fused with its MatMul or Gemm, or unpacked; or the codebook decoder over the grid (an embedding's row decoder,
-        or folded at load)."""
+        """The decoder of ``site``'s layout (:func:`~jlcm_onnx.analysis.site_encoding.affine_layout`): a
+        DequantizeLinear fused with its MatMul or Gemm, or unpacked; or the codebook decoder over the grid (an
+        embedding's row decoder, or folded at load)."""
         encoded = site_encoding.encoded
         anchor = anchor_index(site)
         dtype = site.tensor.data_type

@@ -2,21 +2,21 @@
 
 The encoder's bytes depend only on the layout of each encoding (bits, group sizes, outlier count, input blocks,
 codebook dtype), never on its values, so encoding every weight with
-:func:`~jlcm_onnx.passes.site_encoding.placeholder_encoding` gives a model of exactly the compressed file's size in a
+:func:`~jlcm_onnx.analysis.site_encoding.placeholder_encoding` gives a model of exactly the compressed file's size in a
 fraction of the time: no k-means, no calibration, no learning. The size planner rehearses its choices this way before
-the real run (:func:`jlcm_onnx.compress.build_pipeline` with ``rehearsal=True``). Runs after the re-ordering pass,
-whose group sizes the stand-ins take; the model is not changed.
+the real run (:func:`jlcm_onnx.pipeline.compress.build_pipeline` with ``rehearsal=True``). Runs after the re-ordering
+pass, whose group sizes the stand-ins take; the model is not changed.
 """
 
 from __future__ import annotations
 
 import onnx
 
+from jlcm_onnx.analysis.plan import CompressionPlan
+from jlcm_onnx.analysis.site_encoding import placeholder_encoding
 from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites
 from jlcm_onnx.passes.base import Pass, PassResult
-from jlcm_onnx.passes.site_encoding import placeholder_encoding
-from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
-from jlcm_onnx.plan import CompressionPlan
 
 
 class PlaceholderEncodings(Pass):

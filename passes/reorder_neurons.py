@@ -1,12 +1,12 @@
 """Clusters the output neurons of each weight and re-orders them so every cluster is a contiguous group.
 
 With G codebooks per tensor (the plan's groups for that tensor), a weight's rows are clustered by distribution
-(:func:`jlcm_onnx.grouping.cluster_rows`, once per weight and group count for all the runs over a model) and sorted by
-cluster with a permutation ``P``; the permutation is folded
-into the graph (:mod:`jlcm_onnx.passes.permute_channels`): ``x @ (W P) = (x @ W) P`` and the next contraction's input
+(:func:`jlcm_onnx.analysis.grouping.cluster_rows`, once per weight and group count for all the runs over a model) and
+sorted by cluster with a permutation ``P``; the permutation is folded
+into the graph (:mod:`jlcm_onnx.ir.permute_channels`): ``x @ (W P) = (x @ W) P`` and the next contraction's input
 channels are permuted by ``P`` too, so the model computes the same function while each group of similar rows is a
 contiguous range that shares one codebook, at no per-weight mapping cost. The group sizes go to the encoder through the
-:class:`~jlcm_onnx.plan.CompressionPlan`.
+:class:`~jlcm_onnx.analysis.plan.CompressionPlan`.
 
 Where the permutation cannot be folded (residual stream, attention heads, graph outputs, ...) the rows are still
 clustered and stored re-ordered, and a Gather restores their order after decoding (``rows`` uint16/int32 indices and
@@ -22,14 +22,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from jlcm_onnx.codebook import equal_group_sizes
+from jlcm_onnx.analysis.grouping import RowClusterings
+from jlcm_onnx.analysis.plan import CompressionPlan, RowGrouping
+from jlcm_onnx.analysis.site_encoding import uses_affine_blocks
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.grouping import RowClusterings
+from jlcm_onnx.encodings.codebook import equal_group_sizes
+from jlcm_onnx.ir.permute_channels import ChannelPaths, apply_permutation
+from jlcm_onnx.ir.weight_sites import WeightSite, compressible_row_axis
 from jlcm_onnx.passes.base import Pass, PassResult
-from jlcm_onnx.passes.permute_channels import ChannelPaths, apply_permutation
-from jlcm_onnx.passes.site_encoding import uses_affine_blocks
-from jlcm_onnx.passes.weight_sites import WeightSite, compressible_row_axis
-from jlcm_onnx.plan import CompressionPlan, RowGrouping
 
 
 class ReorderNeurons(Pass):

@@ -7,7 +7,7 @@ torch's dynamo exporter (``torch.onnx.export(dynamo=True)``) annotates each node
 graph that kept them would be that much larger. Every ``metadata_props`` entry under those keys is dropped from the
 graph and its subgraphs, their nodes, values and initializers, and the model's functions and their nodes; the
 model's own ``metadata_props`` (a producer's or a user's notes, jlcm-onnx's settings) stay. The report's layer names
-(:meth:`jlcm_onnx.passes.weight_sites.Consumer.layer`) are read before this pass, which runs last.
+(:meth:`jlcm_onnx.ir.weight_sites.Consumer.layer`) are read before this pass, which runs last.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import onnx
 from google.protobuf.message import Message
 
+from jlcm_onnx.ir.weight_sites import iter_graphs
 from jlcm_onnx.passes.base import Pass, PassResult
-from jlcm_onnx.passes.weight_sites import iter_graphs
 from jlcm_onnx.report import format_bytes
 
 #: Keys of the metadata entries dropped: these exact keys, and any key under these prefixes.

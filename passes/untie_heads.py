@@ -16,14 +16,14 @@ import onnx
 from onnx import numpy_helper
 
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.passes.base import Pass, PassResult
-from jlcm_onnx.passes.weight_sites import (
+from jlcm_onnx.ir.weight_sites import (
     Consumer,
     WeightSite,
     compressible_row_axis,
     find_weight_sites,
     transposed_matmul,
 )
+from jlcm_onnx.passes.base import Pass, PassResult
 
 #: Suffix of the head's copy of a tied table.
 HEAD_SUFFIX = ".jlcm_head"

@@ -6,7 +6,7 @@ whose semantics changed between the two opsets, so the model computes the same f
 :func:`jlcm_onnx.compress` compares it with the original). A model the converter cannot upgrade is refused with the
 converter's reason, rather than written in a format its runtime would reject.
 
-Only the model's structure goes through the converter (:mod:`jlcm_onnx.model_skeleton`: large weights as graph
+Only the model's structure goes through the converter (:mod:`jlcm_onnx.ir.model_skeleton`: large weights as graph
 inputs, small constants kept for the adapters that read them); the weights are then moved into the converted model
 as they were, so a 1 GB model is not serialized, parsed and copied by the converter. The converter drops model-local
 functions (a file compressed before, say), so they are inlined first.
@@ -18,8 +18,8 @@ import onnx
 from onnx import inliner, version_converter
 
 from jlcm_onnx.errors import ModelError
-from jlcm_onnx.model_io import default_opset
-from jlcm_onnx.model_skeleton import skeleton
+from jlcm_onnx.ir.model_io import default_opset
+from jlcm_onnx.ir.model_skeleton import skeleton
 from jlcm_onnx.passes.base import Pass, PassResult
 
 

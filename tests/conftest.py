@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from jlcm_onnx.codebook import encode_matrix, equal_group_sizes
+from jlcm_onnx.analysis.grouping import cluster_rows
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.grouping import cluster_rows
+from jlcm_onnx.encodings.codebook import encode_matrix, equal_group_sizes
 
 OPSET = 17
 IR_VERSION = 9

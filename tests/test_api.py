@@ -163,7 +163,7 @@ def test_save_refuses_a_folder(tmp_path: Path) -> None:
 
 def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write that fails half way leaves the previous file as it was and no partial file around."""
-    import jlcm_onnx.model_io as model_io
+    import jlcm_onnx.ir.model_io as model_io
 
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous model")
@@ -189,7 +189,7 @@ def test_the_memory_budget_changes_no_output_byte(settings: dict, monkeypatch: p
     config = CompressionConfig(**{"bits": 3, "min_elements": 64, "outlier_fraction": 0.01, **settings})
     default = jlcm_onnx.compress(two_layer_model(), config)
     tiny_chunks = lambda budget, workers: 3 * 48 + 5  # noqa: E731 - a few rows per chunk
-    monkeypatch.setattr(importlib.import_module("jlcm_onnx.compress"), "chunk_weights", tiny_chunks)
+    monkeypatch.setattr(importlib.import_module("jlcm_onnx.pipeline.compress"), "chunk_weights", tiny_chunks)
     bounded = jlcm_onnx.compress(two_layer_model(), config.replace(max_memory="3GB"))
     assert bounded.model.SerializeToString() == default.model.SerializeToString()
     assert bounded.report.memory_budget == 3_000_000_000

@@ -12,7 +12,7 @@ import pytest
 from onnx import helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from jlcm_onnx.calibration import DYNAMIC, FIXED, WHOLE, CalibrationData, load_calibration
+from jlcm_onnx.analysis.calibration import DYNAMIC, FIXED, WHOLE, CalibrationData, load_calibration
 from jlcm_onnx.errors import CalibrationError, ConfigError, JlcmError, ModelError
 
 from conftest import FLOAT, INT64, make_model, matmul_model, run, tensor, value

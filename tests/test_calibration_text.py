@@ -15,7 +15,7 @@ from test_cli import invoke  # noqa: E402
 
 import jlcm_onnx  # noqa: E402
 from jlcm_onnx import CalibrationError, CompressionConfig  # noqa: E402
-from jlcm_onnx.calibration_text import calibration_from_text, load_tokenizer  # noqa: E402
+from jlcm_onnx.pipeline.calibration_text import calibration_from_text, load_tokenizer  # noqa: E402
 
 from conftest import FLOAT, INT64, make_model, tensor, value  # noqa: E402
 

@@ -16,7 +16,7 @@ from onnx import helper
 
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig
-from jlcm_onnx.passes.decoder_functions import DOMAIN
+from jlcm_onnx.ir.decoder_functions import DOMAIN
 
 from conftest import FLOAT, INT64, check_full, make_model, run, tensor, value
 

@@ -16,9 +16,9 @@ from onnx import helper, numpy_helper
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig
 from jlcm_onnx.encodings.affine_blocks import fit_affine_blocks, learn_affine_blocks
+from jlcm_onnx.encodings.affine_decoder import pack_sub_byte
+from jlcm_onnx.encodings.learning import layer_objective
 from jlcm_onnx.errors import ConfigError
-from jlcm_onnx.learning import layer_objective
-from jlcm_onnx.passes.dequantize_linear import pack_sub_byte
 from jlcm_onnx.passes.untie_heads import UntieHeads
 from jlcm_onnx.passes.upgrade_opset import UpgradeOpset
 

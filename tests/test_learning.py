@@ -1,4 +1,5 @@
-"""Joint learning of codebooks and mappings (jlcm_onnx.learning) on small synthetic layers with correlated inputs."""
+"""Joint learning of codebooks and mappings (jlcm_onnx.encodings.learning) on small synthetic layers with correlated
+inputs."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, equal_group_sizes
-from jlcm_onnx.learning import error_feedback_codes, layer_objective, learn_layer, refit_codebooks
+from jlcm_onnx.encodings.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, equal_group_sizes
+from jlcm_onnx.encodings.learning import error_feedback_codes, layer_objective, learn_layer, refit_codebooks
 
 ROWS, COLS, BITS, GROUPS = 64, 48, 3, 4
 

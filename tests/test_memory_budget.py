@@ -13,11 +13,17 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from jlcm_onnx import codebook
-from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, equal_group_sizes, select_outliers
+from jlcm_onnx.encodings import codebook
 from jlcm_onnx.encodings.affine_blocks import fit_affine_blocks
+from jlcm_onnx.encodings.codebook import (
+    EncodedMatrix,
+    encode_matrix,
+    encode_scaled_matrix,
+    equal_group_sizes,
+    select_outliers,
+)
+from jlcm_onnx.ir.model_skeleton import skeleton
 from jlcm_onnx.memory_budget import chunk_weights, estimated_peak, group_chunks, row_chunks
-from jlcm_onnx.model_skeleton import skeleton
 
 ROWS, COLS = 96, 80
 WHOLE = 1 << 30
@@ -134,7 +140,7 @@ def test_the_chunk_shrinks_with_the_budget_and_the_workers() -> None:
 PEAK_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from jlcm_onnx.codebook import encode_matrix, equal_group_sizes
+    from jlcm_onnx.encodings.codebook import encode_matrix, equal_group_sizes
 
     rows, cols, chunk, blocks = (int(a) for a in sys.argv[1:5])
     matrix = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
@@ -210,7 +216,7 @@ def test_importances_as_a_broadcast_view_encode_like_a_full_array(encode) -> Non
 
 
 def test_row_descriptors_and_clusters_do_not_depend_on_the_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    from jlcm_onnx import grouping
+    from jlcm_onnx.analysis import grouping
 
     matrix = np.repeat(weight(), 4, axis=0)
     whole = grouping.row_descriptors(matrix)
@@ -230,12 +236,12 @@ def test_the_estimate_counts_the_chunks_the_learning_and_the_grams() -> None:
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_sub_byte_packing_in_runs_is_byte_identical(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from jlcm_onnx.passes import dequantize_linear
+    from jlcm_onnx.encodings import affine_decoder
 
     codes = np.random.default_rng(bits).integers(0, 1 << bits, 1001)
-    whole = dequantize_linear.pack_sub_byte(codes, bits)
-    monkeypatch.setattr(dequantize_linear, "PACK_CHUNK_BYTES", 3)
-    assert dequantize_linear.pack_sub_byte(codes, bits) == whole
+    whole = affine_decoder.pack_sub_byte(codes, bits)
+    monkeypatch.setattr(affine_decoder, "PACK_CHUNK_BYTES", 3)
+    assert affine_decoder.pack_sub_byte(codes, bits) == whole
 
 
 RETENTION_SCRIPT = textwrap.dedent("""

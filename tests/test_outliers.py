@@ -9,7 +9,7 @@ import pytest
 
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig, ConfigError
-from jlcm_onnx.codebook import encode_matrix, equal_group_sizes, select_outliers, sqnr_db
+from jlcm_onnx.encodings.codebook import encode_matrix, equal_group_sizes, select_outliers, sqnr_db
 
 from conftest import matmul_model, run
 

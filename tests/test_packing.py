@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import jlcm_onnx
-from jlcm_onnx import CompressionConfig, packing
-from jlcm_onnx.packing import MAX_BITS, WordLayout, pack_codes, unpack_codes
+from jlcm_onnx import CompressionConfig
+from jlcm_onnx.encodings import packing
+from jlcm_onnx.encodings.packing import MAX_BITS, WordLayout, pack_codes, unpack_codes
 
 from conftest import check_full, discrete_weight, matmul_model, run
 

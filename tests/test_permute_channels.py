@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx import helper
 
-from jlcm_onnx.passes.permute_channels import ChannelPath, apply_permutation, find_channel_path
-from jlcm_onnx.passes.weight_sites import find_weight_sites
+from jlcm_onnx.ir.permute_channels import ChannelPath, apply_permutation, find_channel_path
+from jlcm_onnx.ir.weight_sites import find_weight_sites
 
 from conftest import FLOAT, INT64, check_full, make_model, run, tensor, value
 

@@ -12,8 +12,8 @@ from onnx import helper
 
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig
-from jlcm_onnx.packing import MAX_BITS, WordLayout, pack_codes, unpack_codes
-from jlcm_onnx.passes.permute_channels import ChannelPath, apply_permutation, find_channel_path
+from jlcm_onnx.encodings.packing import MAX_BITS, WordLayout, pack_codes, unpack_codes
+from jlcm_onnx.ir.permute_channels import ChannelPath, apply_permutation, find_channel_path
 
 from conftest import FLOAT, check_full, discrete_weight, expected_groups, make_model, matmul_model, run, tensor, value
 

@@ -11,8 +11,8 @@ from onnx import helper
 
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig
-from jlcm_onnx.describe import describe_model
-from jlcm_onnx.passes.weight_sites import module_path
+from jlcm_onnx.ir.weight_sites import module_path
+from jlcm_onnx.pipeline.describe import describe_model
 
 from conftest import all_nodes, matmul_model
 

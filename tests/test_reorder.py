@@ -10,10 +10,10 @@ from onnx import helper
 
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig
-from jlcm_onnx.codebook import encode_matrix, encode_scaled_matrix, equal_group_sizes, sqnr_db
-from jlcm_onnx.grouping import RowClusterings, cluster_rows
+from jlcm_onnx.analysis.grouping import RowClusterings, cluster_rows
+from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice
+from jlcm_onnx.encodings.codebook import encode_matrix, encode_scaled_matrix, equal_group_sizes, sqnr_db
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
-from jlcm_onnx.plan import CompressionPlan, TensorChoice
 
 from conftest import FLOAT, check_full, make_model, run, tensor, value
 

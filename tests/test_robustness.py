@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 import jlcm_onnx
-import jlcm_onnx.model_io as model_io
+import jlcm_onnx.ir.model_io as model_io
 from jlcm_onnx import CompressionConfig, ConfigError, JlcmError, ModelError, OutputError
 from jlcm_onnx.cli import main
 from jlcm_onnx.passes.base import Pass, PassResult
@@ -26,7 +26,7 @@ from jlcm_onnx.passes.base import Pass, PassResult
 from conftest import FLOAT, FLOAT16, INT64, make_model, run, session, tensor, value
 
 CONFIG = CompressionConfig(bits=3, min_elements=16)
-compress_module = importlib.import_module("jlcm_onnx.compress")  # the module, not the function jlcm_onnx.compress
+compress_module = importlib.import_module("jlcm_onnx.pipeline.compress")  # the module, not the function
 INT8 = TensorProto.INT8
 
 

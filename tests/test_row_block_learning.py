@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jlcm_onnx import row_block_learning
-from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, equal_group_sizes
-from jlcm_onnx.learning import layer_objective, learn_layer
-from jlcm_onnx.row_block_learning import learn_in_row_blocks
+from jlcm_onnx.encodings import row_block_learning
+from jlcm_onnx.encodings.codebook import EncodedMatrix, encode_matrix, equal_group_sizes
+from jlcm_onnx.encodings.learning import layer_objective, learn_layer
+from jlcm_onnx.encodings.row_block_learning import learn_in_row_blocks
 from tests.conftest import correlated_inputs
 
 

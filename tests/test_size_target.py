@@ -12,15 +12,16 @@ from click.testing import CliRunner
 from onnx import helper
 
 import jlcm_onnx
-from jlcm_onnx import CompressionConfig, ConfigError, JlcmError, sensitivity
-from jlcm_onnx.calibration import load_calibration
+from jlcm_onnx import CompressionConfig, ConfigError, JlcmError
+from jlcm_onnx.analysis.calibration import load_calibration
+from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice
 from jlcm_onnx.cli import main
-from jlcm_onnx.compress import build_pipeline
 from jlcm_onnx.config import parse_size
-from jlcm_onnx.distortion import ErrorTable, estimate_errors, tensor_options
-from jlcm_onnx.plan import CompressionPlan, TensorChoice
-from jlcm_onnx.sensitivity import output_sensitivities
-from jlcm_onnx.size_target import (
+from jlcm_onnx.pipeline import sensitivity
+from jlcm_onnx.pipeline.compress import build_pipeline
+from jlcm_onnx.pipeline.distortion import ErrorTable, estimate_errors, tensor_options
+from jlcm_onnx.pipeline.sensitivity import output_sensitivities
+from jlcm_onnx.pipeline.size_target import (
     WeightShape,
     adjust_fine,
     plan_for_budget,

@@ -10,8 +10,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import jlcm_onnx
-from jlcm_onnx import CompressionConfig, statistics
-from jlcm_onnx.statistics import activation_inputs, collect_statistics
+from jlcm_onnx import CompressionConfig
+from jlcm_onnx.analysis import statistics
+from jlcm_onnx.analysis.statistics import activation_inputs, collect_statistics
 
 from conftest import FLOAT, INT64, correlated_inputs, make_model, matmul_model, run, tensor, value
 
@@ -216,7 +217,7 @@ def shared_input_model(rng) -> object:
 
 
 def test_shared_input_gram_computed_once(rng, monkeypatch):
-    from jlcm_onnx import statistics
+    from jlcm_onnx.analysis import statistics
 
     model = shared_input_model(rng)
     calls = []
@@ -248,7 +249,7 @@ def test_weight_with_two_consumers_sums_them(rng):
 
 def test_feeds_are_streamed_not_kept(rng, monkeypatch):
     """A generator is read one batch at a time, and no batch's activations outlive its reduction."""
-    from jlcm_onnx import statistics
+    from jlcm_onnx.analysis import statistics
 
     model = matmul_model(rng.standard_normal((16, 4)).astype(np.float32))
     seen: list[weakref.ref] = []

@@ -15,9 +15,9 @@ from onnx import helper
 
 import jlcm_onnx
 from jlcm_onnx import cli
-from jlcm_onnx.calibration import CalibrationData, load_calibration
+from jlcm_onnx.analysis.calibration import CalibrationData, load_calibration
 from jlcm_onnx.errors import CalibrationError, JlcmError, ModelError
-from jlcm_onnx.verify import synthetic_feeds, verify
+from jlcm_onnx.pipeline.verify import synthetic_feeds, verify
 
 from conftest import FLOAT, INT64, discrete_weight, make_model, matmul_model, run, tensor, value
 

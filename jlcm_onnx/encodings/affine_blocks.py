@@ -22,9 +22,9 @@ of llama.cpp's k-quants and HQQ's, rather than plain min/max). Scales are rounde
 final codes are taken, so the codes are nearest for the stored scale.
 
 **Calibrated** (a Gram ``H`` of the layer's inputs): GPTQ-style error-feedback codes against the fitted grid
-(:func:`jlcm_onnx.learning.error_feedback_codes`, the uniform grid as a one-row codebook), then the scales refit in
-closed form for the layer's output error with the zero points fixed. Row r's decoded weights are linear in its block
-scales, ``W^_r = D_r s_r`` with ``D_r`` [cols, nb] the block-masked ``q_r - z_r``, so::
+(:func:`jlcm_onnx.encodings.learning.error_feedback_codes`, the uniform grid as a one-row codebook), then the scales
+refit in closed form for the layer's output error with the zero points fixed. Row r's decoded weights are linear in its
+block scales, ``W^_r = D_r s_r`` with ``D_r`` [cols, nb] the block-masked ``q_r - z_r``, so::
 
     (D_r^T H D_r + λ Id) s_r = D_r^T H w_r + λ s_r_old           (λ = 1e-6 mean diagonal, H damped)
 
@@ -40,8 +40,8 @@ objective ``tr(ΔW H ΔW^T) / tr(W H W^T)``.
 fit by the same search over ranges ``a * [min, max]`` about their centre, and over grids wider than ``[min, max]`` by
 up to ``MISSING_LEVELS`` unused levels, each with a weighted least-squares ``(s, o)`` for its codes (2x2 normal
 equations per block), the best refined by alternating codes and ``(s, o)``; and, calibrated, the closed-form
-``(s, o)`` of :func:`jlcm_onnx.learning.refit_input_blocks` for the output objective. The decoder carries the
-offsets exactly with standard ops (:mod:`jlcm_onnx.passes.dequantize_linear`).
+``(s, o)`` of :func:`jlcm_onnx.encodings.learning.refit_input_blocks` for the output objective. The decoder carries the
+offsets exactly with standard ops (:mod:`jlcm_onnx.encodings.affine_decoder`).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from jlcm_onnx.codebook import EncodedMatrix, expand_blocks
-from jlcm_onnx.learning import damped_gram, error_feedback_codes, layer_objective, refit_input_blocks
+from jlcm_onnx.encodings.codebook import EncodedMatrix, expand_blocks
+from jlcm_onnx.encodings.learning import damped_gram, error_feedback_codes, layer_objective, refit_input_blocks
 from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS, row_chunks
 
 #: Shrink factors of a block's range tried by the data-free fit.
@@ -93,8 +93,8 @@ class AffineBlocks:
 
     def as_codebook_encoding(self) -> EncodedMatrix:
         """The same weights as an input-blocks codebook encoding (the grid as one codebook, offsets ``o - s z``), the
-        form :mod:`jlcm_onnx.learning` reads and the codebook row decoder decodes. Grid and scales keep the storage
-        dtype; so do float offsets, while ``-s z`` is kept in float64 (exact)."""
+        form :mod:`jlcm_onnx.encodings.learning` reads and the codebook row decoder decodes. Grid and scales keep the
+        storage dtype; so do float offsets, while ``-s z`` is kept in float64 (exact)."""
         dtype = self.scales.dtype
         offsets = self.offsets if self.offsets is not None else -self.scales.astype(np.float64) * self.zero_points
         grid = np.arange(1 << self.bits, dtype=dtype)[None, :]

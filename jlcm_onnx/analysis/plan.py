@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jlcm_onnx.codebook import EncodedMatrix, equal_group_sizes
+from jlcm_onnx.analysis.statistics import LayerStatistics
 from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.encodings.codebook import EncodedMatrix, equal_group_sizes
 from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS
-from jlcm_onnx.statistics import LayerStatistics
 
 #: Per-row codebooks ("groups=None") pool rows whose weights number fewer than this many codebooks' entries.
 MIN_CODEBOOK_SPAN = 1

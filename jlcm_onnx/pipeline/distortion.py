@@ -1,6 +1,7 @@
 """Measured weight error of every (bits, groups) option of every tensor: what the size planner trades bytes against.
 
-The planner (:mod:`jlcm_onnx.size_target`) minimises the summed relative error of the tensors under a byte budget::
+The planner (:mod:`jlcm_onnx.pipeline.size_target`) minimises the summed relative error of the tensors under a byte
+budget::
 
     minimise  sum_t D_t(b_t, G_t)   subject to   sum_t cost_t(b_t, G_t) <= budget
     D_t = ||W_t - W^_t||^2 / ||W_t||^2
@@ -15,8 +16,8 @@ when the re-ordering is on, else contiguous), ``SAMPLE_ROWS`` rows are taken eve
 keeps its share, and the sample is encoded with the configured encoding, codebook dtype and outliers. The group count
 of the sample is the full count scaled by the sampling fraction, so each sampled group holds about as many weights per
 codeword as a full one. Plain codebooks (no input blocks) need no encoding: each sampled group is sorted once for all
-bit widths and the k-means error is read off its prefix sums (:func:`jlcm_onnx.codebook.codebook_errors`). Tensors are
-measured in parallel, one per CPU core.
+bit widths and the k-means error is read off its prefix sums (:func:`jlcm_onnx.encodings.codebook.codebook_errors`).
+Tensors are measured in parallel, one per CPU core.
 """
 
 from __future__ import annotations
@@ -27,13 +28,12 @@ from functools import partial
 import numpy as np
 import onnx
 
-from jlcm_onnx.codebook import codebook_errors, encode_matrix, encode_scaled_matrix, equal_group_sizes
-from jlcm_onnx.config import CompressionConfig
+from jlcm_onnx.analysis.grouping import RowClusterings, RowGroups
+from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice
+from jlcm_onnx.config import MAX_BITS, CompressionConfig
 from jlcm_onnx.devices import map_on_cores
-from jlcm_onnx.grouping import RowClusterings, RowGroups
-from jlcm_onnx.packing import MAX_BITS
-from jlcm_onnx.passes.weight_sites import WeightSite, compressible_row_axis, find_weight_sites
-from jlcm_onnx.plan import CompressionPlan, TensorChoice
+from jlcm_onnx.encodings.codebook import codebook_errors, encode_matrix, encode_scaled_matrix, equal_group_sizes
+from jlcm_onnx.ir.weight_sites import WeightSite, compressible_row_axis, find_weight_sites
 
 #: Group counts the planner chooses from, besides ``None`` (one codebook per row); fine steps come later.
 GROUP_LADDER = (1, 4, 16, 64, 256)

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from jlcm_onnx.config import DATA_READERS, WEIGHT_SLOTS, CompressionConfig
-from jlcm_onnx.lazy_weights import tensor_array
+from jlcm_onnx.ir.lazy_weights import tensor_array
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 

@@ -80,8 +80,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from jlcm_onnx.codebook import EncodedMatrix
-from jlcm_onnx.kmeans import nearest_codes
+from jlcm_onnx.encodings.codebook import EncodedMatrix
+from jlcm_onnx.encodings.kmeans import nearest_codes
 
 #: Damping ``H + DAMPING * mean(diag H) * Id``: 30x GPTQ's 1e-2, a pull towards plain weight MSE that generalises
 #: beyond the calibration texts. all-MiniLM-L6-v2, 128 calibration sentences, fidelity over 1,555 texts: 3 bits 0.916
@@ -436,9 +436,10 @@ def learn_layer(
 
     Args:
         matrix: the float weight [rows, cols], rows = output neurons.
-        initial: its encoding (k-means from :func:`jlcm_onnx.codebook.encode_matrix`); group sizes and outliers kept.
-        gram: ``H = sum x x^T`` [cols, cols] (or [Q, cols, cols] per conv group), float64; None: plain weight MSE.
-        mapping: ``"proximal"`` (straight-through latent, nearest codeword), ``"naive"`` (continuous index, the
+        initial: its encoding (k-means from :func:`jlcm_onnx.encodings.codebook.encode_matrix`); group sizes and
+        outliers kept. gram: ``H = sum x x^T`` [cols, cols] (or [Q, cols, cols] per conv group), float64; None: plain
+        weight MSE. mapping: ``"proximal"`` (straight-through latent, nearest codeword), ``"naive"`` (continuous index,
+        the
             rejected update) or ``"frozen"`` (codebooks only).
         init: ``"kmeans"`` (the codes of ``initial``) or ``"error-feedback"`` (GPTQ codes against ``initial``'s
             codebooks, then a closed-form codebook refit).

@@ -1,7 +1,7 @@
 """Calibration statistics of each weight's layer, collected in onnxruntime batch by batch (docs/method.md, section 4).
 
 For a weight read as the matrix ``W`` of ``rows x cols`` (``moveaxis(W, row_axis, 0).reshape(rows, cols)``, rows are
-output neurons, see :mod:`jlcm_onnx.passes.weight_sites`), the consumer computes ``y = W @ x`` for every position's
+output neurons, see :mod:`jlcm_onnx.ir.weight_sites`), the consumer computes ``y = W @ x`` for every position's
 input vector ``x`` (of length ``cols``). Stacking the ``N`` vectors as ``X`` [cols, N], the layer objective of an
 approximation ``W^`` is::
 
@@ -62,10 +62,10 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from jlcm_onnx.calibration import at_real_positions, real_rows
+from jlcm_onnx.analysis.calibration import at_real_positions, real_rows
 from jlcm_onnx.config import DATA_READERS
-from jlcm_onnx.model_skeleton import session_with_weights, skeleton
-from jlcm_onnx.passes.weight_sites import Consumer, WeightSite, find_weight_sites, transposed_matmul, weight_row_axis
+from jlcm_onnx.ir.model_skeleton import session_with_weights, skeleton
+from jlcm_onnx.ir.weight_sites import Consumer, WeightSite, find_weight_sites, transposed_matmul, weight_row_axis
 from jlcm_onnx.progress import Phase
 
 #: Activations are turned into float64 matrices in chunks of at most this many elements (64 MB).
@@ -453,7 +453,7 @@ def _session(
     model: onnx.ModelProto, tensors: list[str], providers: list[str] | None
 ) -> tuple[ort.InferenceSession, list[np.ndarray]]:
     """A session of ``model`` whose outputs are exactly ``tensors`` (so nothing else is computed), built without a
-    serialized copy of the weights (:func:`~jlcm_onnx.model_skeleton.session_with_weights`); the weights' arrays
+    serialized copy of the weights (:func:`~jlcm_onnx.ir.model_skeleton.session_with_weights`); the weights' arrays
     must outlive it."""
     types = _elem_types(model.graph)
     outputs = []

@@ -17,10 +17,10 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from jlcm_onnx.lazy_weights import materialize
-from jlcm_onnx.model_io import load_model
-from jlcm_onnx.passes.dequant_graph import GATE_PREFIX
-from jlcm_onnx.passes.weight_sites import iter_graphs
+from jlcm_onnx.ir.graph_building import GATE_PREFIX
+from jlcm_onnx.ir.lazy_weights import materialize
+from jlcm_onnx.ir.model_io import load_model
+from jlcm_onnx.ir.weight_sites import iter_graphs
 
 
 def inference_session(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAX_BITS = 8
+from jlcm_onnx.config import MAX_BITS
 
 
 @dataclass(frozen=True)

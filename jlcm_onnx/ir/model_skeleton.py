@@ -4,7 +4,7 @@
 is another gigabyte beside the loaded one. Shape inference needs the weights' types and shapes, and the *values* of
 small constants only (shapes, axes, pads), so the skeleton keeps every initializer of at most
 :data:`SKELETON_MAX_BYTES` and declares each larger one of the main graph (and each one still in its file,
-:mod:`jlcm_onnx.lazy_weights`) as a graph input of the same type and shape instead: the same nodes, the same inferred
+:mod:`jlcm_onnx.ir.lazy_weights`) as a graph input of the same type and shape instead: the same nodes, the same inferred
 shapes, a few kilobytes.
 
 For onnxruntime sessions that must see the weights as constants (so its constant folding and fusions, and thus its
@@ -23,9 +23,9 @@ import onnxruntime as ort
 from google.protobuf.message import Message
 from onnx import helper
 
-from jlcm_onnx.lazy_weights import is_lazy, lazy_location, materialize, tensor_array
-from jlcm_onnx.passes.weight_sites import names_read_in_bodies
-from jlcm_onnx.tensor_size import stored_bytes
+from jlcm_onnx.ir.lazy_weights import is_lazy, lazy_location, materialize, tensor_array
+from jlcm_onnx.ir.tensor_size import stored_bytes
+from jlcm_onnx.ir.weight_sites import names_read_in_bodies
 
 #: Initializers above this size are replaced by graph inputs in the skeleton.
 SKELETON_MAX_BYTES = 1 << 16
@@ -57,7 +57,7 @@ def session_with_weights(
     onnxruntime outside the serialized model; returns the session and the arrays handed over, which must live as long
     as the session.
 
-    Weights still in their file (:mod:`jlcm_onnx.lazy_weights`) are declared as external data of that file, which
+    Weights still in their file (:mod:`jlcm_onnx.ir.lazy_weights`) are declared as external data of that file, which
     onnxruntime reads itself (``session.model_external_initializers_file_folder_path``, onnxruntime 1.17+; it
     memory-maps what it can): it holds them once. The others are handed over as arrays
     (``add_external_initializers``), which onnxruntime copies."""

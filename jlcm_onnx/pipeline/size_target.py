@@ -10,10 +10,10 @@ section 2)::
     decoder    = the serialized decoder nodes, which depend on b through the number of byte planes (measured)
 
 Which (b, G) each tensor gets is a rate-distortion choice: the planner minimises the summed measured relative weight
-error ``sum_t D_t(b_t, G_t)`` (:mod:`jlcm_onnx.distortion`) subject to ``sum_t cost_t <= budget``. For a multiplier
-``lambda`` every tensor independently picks ``argmin_o D_t(o) + lambda * cost_t(o)``; ``lambda`` is bisected (in log
-space) to the smallest value whose total fits, which lands on the lower convex hull of every tensor's options. What
-is left under the budget is spent greedily on the upgrades with the largest error drop per byte, then in fine steps
+error ``sum_t D_t(b_t, G_t)`` (:mod:`jlcm_onnx.pipeline.distortion`) subject to ``sum_t cost_t <= budget``. For a
+multiplier ``lambda`` every tensor independently picks ``argmin_o D_t(o) + lambda * cost_t(o)``; ``lambda`` is bisected
+(in log space) to the smallest value whose total fits, which lands on the lower convex hull of every tensor's options.
+What is left under the budget is spent greedily on the upgrades with the largest error drop per byte, then in fine steps
 of group counts and outliers (:func:`adjust_fine`), so the total lands close to the budget.
 """
 
@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import onnx
 
-from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.distortion import ErrorTable
+from jlcm_onnx.analysis.plan import TensorChoice
+from jlcm_onnx.config import MAX_BITS, CompressionConfig
+from jlcm_onnx.encodings.packing import WordLayout
 from jlcm_onnx.errors import JlcmError
-from jlcm_onnx.packing import MAX_BITS, WordLayout
-from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites, is_lone_table_gather
-from jlcm_onnx.plan import TensorChoice
+from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites, is_lone_table_gather
+from jlcm_onnx.pipeline.distortion import ErrorTable
 
 #: Most outliers the size planner keeps in one tensor when it spends a budget on them.
 MAX_OUTLIER_FRACTION = 0.02

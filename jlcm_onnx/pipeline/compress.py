@@ -19,13 +19,24 @@ from typing import Any
 
 import onnx
 
-from jlcm_onnx.calibration import AUTO_MASK, DEFAULT_SAMPLES, CalibrationData, load_calibration
+from jlcm_onnx.analysis.calibration import AUTO_MASK, DEFAULT_SAMPLES, CalibrationData, load_calibration
+from jlcm_onnx.analysis.grouping import RowClusterings
+from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import check_device, cpu_cores, execution_providers, torch_device
-from jlcm_onnx.distortion import ErrorTable, estimate_errors
+from jlcm_onnx.encodings.affine_decoder import required_ir_version, required_opset
+from jlcm_onnx.encodings.row_block_learning import LEARNING_BLOCK_WEIGHTS
 from jlcm_onnx.errors import JlcmError
-from jlcm_onnx.grouping import RowClusterings
-from jlcm_onnx.lazy_weights import materialize
+from jlcm_onnx.ir.lazy_weights import materialize
+from jlcm_onnx.ir.model_io import (
+    check_input,
+    check_output,
+    load_model,
+    quantization_note,
+    reference_for,
+    save_model,
+)
+from jlcm_onnx.ir.runtime import fold_at_load
 from jlcm_onnx.memory_budget import (
     MAX_CHUNK_WEIGHTS,
     check_budget,
@@ -35,31 +46,18 @@ from jlcm_onnx.memory_budget import (
     peak_rss,
     release_freed_memory,
 )
-from jlcm_onnx.model_io import (
-    check_input,
-    check_output,
-    load_model,
-    quantization_note,
-    reference_for,
-    save_model,
-)
 from jlcm_onnx.passes.base import Pass
 from jlcm_onnx.passes.calibrate_sequentially import CalibrateSequentially
 from jlcm_onnx.passes.collect_statistics import CollectStatistics
-from jlcm_onnx.passes.dequantize_linear import required_ir_version, required_opset
 from jlcm_onnx.passes.encode_weights import EncodeWeights
 from jlcm_onnx.passes.placeholder_encodings import PlaceholderEncodings
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
 from jlcm_onnx.passes.strip_debug_metadata import StripDebugMetadata
 from jlcm_onnx.passes.untie_heads import UntieHeads
 from jlcm_onnx.passes.upgrade_opset import UpgradeOpset
-from jlcm_onnx.plan import CompressionPlan, TensorChoice
-from jlcm_onnx.progress import Phase
-from jlcm_onnx.report import CompressionReport, TensorRecord
-from jlcm_onnx.row_block_learning import LEARNING_BLOCK_WEIGHTS
-from jlcm_onnx.runtime import fold_at_load
-from jlcm_onnx.sensitivity import output_sensitivities, weight_errors
-from jlcm_onnx.size_target import (
+from jlcm_onnx.pipeline.distortion import ErrorTable, estimate_errors
+from jlcm_onnx.pipeline.sensitivity import output_sensitivities, weight_errors
+from jlcm_onnx.pipeline.size_target import (
     WeightShape,
     adjust_fine,
     largest_cost,
@@ -68,6 +66,8 @@ from jlcm_onnx.size_target import (
     total_cost,
     weight_shapes,
 )
+from jlcm_onnx.progress import Phase
+from jlcm_onnx.report import CompressionReport, TensorRecord
 
 #: Version of the on-disk encoding (packed codes, codebooks and decoder layout), stored in ``metadata_props``.
 FORMAT_VERSION = "2"  # 2: decoders are calls of model-local functions (domain jlcm)

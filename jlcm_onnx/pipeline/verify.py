@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from jlcm_onnx.calibration import (
+from jlcm_onnx.analysis.calibration import (
     CalibrationData,
     CalibrationSource,
     at_real_positions,
@@ -51,9 +51,9 @@ from jlcm_onnx.calibration import (
     model_inputs,
 )
 from jlcm_onnx.errors import ConfigError, ModelError
-from jlcm_onnx.model_io import load_model
+from jlcm_onnx.ir.model_io import load_model
+from jlcm_onnx.ir.runtime import inference_session
 from jlcm_onnx.report import align_columns, format_bytes
-from jlcm_onnx.runtime import inference_session
 
 SYMBOLIC_BATCH, SYMBOLIC_OTHER = 1, 16
 LOGITS, EMBEDDINGS = "logits", "embeddings"

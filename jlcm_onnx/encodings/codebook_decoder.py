@@ -1,7 +1,8 @@
 """The ONNX decode subgraph of one compressed weight, built from standard ops (opset 11 and up).
 
-Stored per weight: ``packed``, uint8 byte planes of the codes at exactly b bits (:mod:`jlcm_onnx.packing`), and
-``codebooks`` [G, K] in the codebook dtype (plus a uint8/uint16 row-to-group map when groups differ in size). Decoded::
+Stored per weight: ``packed``, uint8 byte planes of the codes at exactly b bits (:mod:`jlcm_onnx.encodings.packing`),
+and ``codebooks`` [G, K] in the codebook dtype (plus a uint8/uint16 row-to-group map when groups differ in size).
+Decoded::
 
     live   = BitShift(packed, gate)                               gate: uint8 zero computed from the consumer's input
     words  = sum_k Cast(live[k]) << 8k                            (uint32/uint64; skipped when B == 1)
@@ -21,9 +22,8 @@ outliers and re-ordered in that type, and ``W^`` is cast to W's type last: every
 so the result is the same bit for bit, and the largest transient (the int32 codes beside the gathered matrix) is 1.5x
 the dense weight instead of 2x. Multi-scaling tables and input blocks, which need arithmetic, are cast first.
 
-``gate`` is ``Cast(Size(x) - Size(x), uint8)`` for an activation ``x`` of the consumer: shifting by it changes nothing,
-but it makes the decode depend on run-time data, so onnxruntime can neither constant-fold it into a dense initializer at
-load time nor run it before the layer's input exists. Weights stay packed in memory and are decoded one layer at a time.
+``gate`` (:mod:`jlcm_onnx.ir.graph_building`) is a uint8 zero computed from an activation of the consumer: weights stay
+packed in memory and are decoded one layer at a time, when the layer's input exists.
 
 An embedding table read only by ``Gather`` is packed row by row ([rows, B, N]) and its Gather is replaced by a *row
 decoder* that gathers the packed rows and row codebooks of the requested ids first and decodes only those rows; the ids
@@ -38,47 +38,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from jlcm_onnx.codebook import EncodedMatrix
-from jlcm_onnx.packing import WordLayout, pack_codes
-from jlcm_onnx.tensor_size import stored_bytes
-
-#: Name prefix of the gate nodes (see :func:`build_gate`).
-GATE_PREFIX = "jlcm/gate"
-
+from jlcm_onnx.encodings.codebook import EncodedMatrix
+from jlcm_onnx.encodings.packing import WordLayout, pack_codes
+from jlcm_onnx.ir.graph_building import ConstantPool, NameAllocator, build_gate
+from jlcm_onnx.ir.tensor_size import stored_bytes
 
 FLOAT = onnx.TensorProto.FLOAT
-
-
-class NameAllocator:
-    """Hands out tensor and node names not used anywhere in the model."""
-
-    def __init__(self, used: set[str]) -> None:
-        self._used = set(used)
-
-    def fresh(self, base: str) -> str:
-        name, counter = base, 1
-        while name in self._used:
-            name, counter = f"{base}_{counter}", counter + 1
-        self._used.add(name)
-        return name
-
-
-class ConstantPool:
-    """Small constants (shapes, shifts, axes) shared by all decoders of one graph."""
-
-    def __init__(self, names: NameAllocator) -> None:
-        self.names = names
-        self.initializers: list[onnx.TensorProto] = []
-        self._by_value: dict[tuple[str, tuple[int, ...], bytes], str] = {}
-
-    def get(self, array: np.ndarray) -> str:
-        array = np.asarray(array)
-        key = (array.dtype.str, array.shape, array.tobytes())
-        if key not in self._by_value:
-            name = self.names.fresh("jlcm/const")
-            self.initializers.append(numpy_helper.from_array(array, name))
-            self._by_value[key] = name
-        return self._by_value[key]
 
 
 @dataclass(frozen=True)
@@ -111,17 +76,6 @@ class DecodeGraph:
     @property
     def stored_bytes(self) -> int:
         return sum(stored_bytes(t) for t in self.initializers)
-
-
-def build_gate(activation: str, names: NameAllocator) -> tuple[str, list[onnx.NodeProto]]:
-    """A uint8 zero that depends on ``activation`` at run time (see the module docstring)."""
-    size, zero, gate = (names.fresh(f"{GATE_PREFIX}/{part}") for part in ("size", "zero", "gate"))
-    nodes = [
-        helper.make_node("Size", [activation], [size], name=size),
-        helper.make_node("Sub", [size, size], [zero], name=zero),
-        helper.make_node("Cast", [zero], [gate], to=onnx.TensorProto.UINT8, name=gate),
-    ]
-    return gate, nodes
 
 
 class DecoderBuilder:

@@ -33,8 +33,8 @@ import onnx
 from onnx import numpy_helper
 
 from jlcm_onnx.errors import ModelError
-from jlcm_onnx.lazy_weights import tensor_array
-from jlcm_onnx.passes.weight_sites import FLOAT_TYPES, find_weight_sites, names_read_in_bodies, weight_row_axis
+from jlcm_onnx.ir.lazy_weights import tensor_array
+from jlcm_onnx.ir.weight_sites import FLOAT_TYPES, find_weight_sites, names_read_in_bodies, weight_row_axis
 
 #: Ops that act elementwise (with broadcasting) on all their inputs, so every output carries the permutation.
 ELEMENTWISE = frozenset({

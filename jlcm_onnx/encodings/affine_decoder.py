@@ -12,8 +12,9 @@ replaced by the same Gemm with ``transB=0`` reading the decoded ``W^T``, so it i
 
 *Unpacked layout*, for every other consumer (Conv, ConvTranspose, a weight with several readers)::
 
-    q = unpack(packed)                                  uint8 [rows, cols], from b-bit words (jlcm_onnx.packing)
-    W = Reshape/Transpose(DequantizeLinear(q, s [rows, nb], z [rows, nb], axis=1, block_size=B))
+    q = unpack(packed)                                  uint8 [rows, cols], from b-bit words
+    (jlcm_onnx.encodings.packing) W = Reshape/Transpose(DequantizeLinear(q, s [rows, nb], z [rows, nb], axis=1,
+    block_size=B))
 
 onnxruntime folds the unpacking at load (its inputs are initializers) into a uint8 tensor, but never folds
 ``DequantizeLinear``: the weight stays one byte per weight in memory and is dequantised by a vectorised kernel on
@@ -37,16 +38,9 @@ import onnx
 from onnx import helper
 
 from jlcm_onnx.encodings.affine_blocks import AffineBlocks
-from jlcm_onnx.packing import WordLayout, pack_codes
-from jlcm_onnx.passes.dequant_graph import (
-    ConstantPool,
-    DecodeGraph,
-    DecoderBuilder,
-    DecodeSpec,
-    NameAllocator,
-    finish_layout,
-    unpack_codes,
-)
+from jlcm_onnx.encodings.codebook_decoder import DecodeGraph, DecoderBuilder, DecodeSpec, finish_layout, unpack_codes
+from jlcm_onnx.encodings.packing import WordLayout, pack_codes
+from jlcm_onnx.ir.graph_building import ConstantPool, NameAllocator
 
 #: ONNX types of the stored codes and zero points of the fused layout, by bits.
 FUSED_TYPES = {2: onnx.TensorProto.UINT2, 4: onnx.TensorProto.UINT4, 8: onnx.TensorProto.UINT8}

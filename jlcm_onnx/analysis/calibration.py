@@ -28,7 +28,7 @@ cast), rank and fixed dims, equal lengths along the batch axis, and NaN/Inf in f
 **Padding.** An input that marks real positions (an attention mask: ``attention_mask`` is found automatically, or
 name one with ``mask=``) leaves its zero positions out of the statistics: padded tokens are not what the model sees
 in use, and a batch padded to a fixed length would otherwise weigh them in every layer's Gram
-(:mod:`jlcm_onnx.statistics`). ``mask=None`` counts every position.
+(:mod:`jlcm_onnx.analysis.statistics`). ``mask=None`` counts every position.
 
 **Sub-sampling.** When there are more than ``samples`` samples, ``samples`` of them are drawn without replacement with
 ``numpy.random.default_rng(seed)`` and kept in their original order, so equal data, ``samples`` and ``seed`` give the
@@ -48,7 +48,7 @@ import onnx
 from onnx import helper
 
 from jlcm_onnx.errors import CalibrationError, ConfigError
-from jlcm_onnx.model_io import load_model
+from jlcm_onnx.ir.model_io import load_model
 
 #: Samples kept by default (the CLI's ``--calibration-samples``).
 DEFAULT_SAMPLES = 128

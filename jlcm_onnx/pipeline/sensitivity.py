@@ -1,8 +1,8 @@
 """Output sensitivity of each weight, measured on calibration data: how much the size planner should care about it.
 
-Data-free, the planner (:mod:`jlcm_onnx.size_target`) counts every tensor's relative weight error ``D_t`` the same. With
-calibration data it can weigh them by what they do to the model's outputs. To first order the relative output error
-of a model whose tensors are quantised with small independent errors is a weighted sum of their weight errors::
+Data-free, the planner (:mod:`jlcm_onnx.pipeline.size_target`) counts every tensor's relative weight error ``D_t`` the
+same. With calibration data it can weigh them by what they do to the model's outputs. To first order the relative output
+error of a model whose tensors are quantised with small independent errors is a weighted sum of their weight errors::
 
     E(y) = sum_t ||y - y^||^2 / ||y||^2  ~  sum_t a_t * D_t          a_t = E_t / D_t(probe)
 
@@ -30,13 +30,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from jlcm_onnx.calibration import CalibrationData
+from jlcm_onnx.analysis.calibration import CalibrationData
+from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice
+from jlcm_onnx.analysis.site_encoding import encode_site
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.distortion import ESTIMATE_ITERATIONS, ErrorTable
-from jlcm_onnx.model_skeleton import skeleton
-from jlcm_onnx.passes.site_encoding import encode_site
-from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
-from jlcm_onnx.plan import CompressionPlan, TensorChoice
+from jlcm_onnx.ir.model_skeleton import skeleton
+from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites
+from jlcm_onnx.pipeline.distortion import ESTIMATE_ITERATIONS, ErrorTable
 from jlcm_onnx.progress import Phase
 
 #: Bits of the probe encoding whose output error is measured (the planner's usual range at 3-4 bits average).

@@ -33,10 +33,10 @@ from onnx import external_data_helper
 
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.errors import ModelError, OutputError
-from jlcm_onnx.lazy_weights import defer_external_data, defer_payloads, materialize, read_structure
+from jlcm_onnx.ir.lazy_weights import defer_external_data, defer_payloads, materialize, read_structure
+from jlcm_onnx.ir.model_skeleton import skeleton
+from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites
 from jlcm_onnx.memory_budget import release_freed_memory
-from jlcm_onnx.model_skeleton import skeleton
-from jlcm_onnx.passes.weight_sites import compressible_row_axis, find_weight_sites
 
 #: Serialized protobuf messages cannot exceed 2 GiB; stay clearly below it.
 INLINE_LIMIT_BYTES = 2**31 - 2**26
@@ -71,7 +71,7 @@ _ORT_SOURCE = re.compile(r"^\S*onnxruntime_src\S*:\d+ .*?\) (?=[A-Z])")
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """(a private copy of the model, its size in bytes: file size(s) on disk, or serialized size of a proto).
 
-    A model read from a file keeps its large weights in their files (:mod:`jlcm_onnx.lazy_weights`) until read."""
+    A model read from a file keeps its large weights in their files (:mod:`jlcm_onnx.ir.lazy_weights`) until read."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)

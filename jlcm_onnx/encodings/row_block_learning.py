@@ -1,7 +1,7 @@
 """Learning a tensor too large to learn at once: a block of whole row groups at a time.
 
-The learner (:mod:`jlcm_onnx.learning`) holds about :data:`jlcm_onnx.memory_budget.LEARNING_BYTES_PER_WEIGHT` bytes
-per weight of the tensor it learns (float64 weights, latents, Adam moments, gradients, codes): 21 GB for the
+The learner (:mod:`jlcm_onnx.encodings.learning`) holds about :data:`jlcm_onnx.memory_budget.LEARNING_BYTES_PER_WEIGHT`
+bytes per weight of the tensor it learns (float64 weights, latents, Adam moments, gradients, codes): 21 GB for the
 262,144 x 640 head of a 268M-parameter LLM. Its objective is a sum over rows, ``tr(ΔW H ΔW^T) = sum_r Δw_r H Δw_r^T``,
 and with one codebook per row group (or input blocks of a row) every parameter belongs to one group, so the problem
 splits exactly into independent problems on blocks of whole groups sharing ``H``. Learning them one after the other
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from jlcm_onnx.codebook import EncodedMatrix
-from jlcm_onnx.learning import LearnedLayer, damped_gram, learn_layer
+from jlcm_onnx.encodings.codebook import EncodedMatrix
+from jlcm_onnx.encodings.learning import LearnedLayer, damped_gram, learn_layer
 
 #: Tensors above this many weights are learned a block of row groups at a time (about 1 GB of learner state each).
 LEARNING_BLOCK_WEIGHTS = 1 << 23
@@ -34,8 +34,8 @@ LEARNING_BLOCK_WEIGHTS = 1 << 23
 
 def learn_in_row_blocks(matrix: np.ndarray, initial: EncodedMatrix, gram: np.ndarray | None,
                         **options: Any) -> LearnedLayer:
-    """:func:`jlcm_onnx.learning.learn_layer` of ``matrix``, a block of row groups at a time when it is large (see
-    the module docstring); ``options`` are ``learn_layer``'s."""
+    """:func:`jlcm_onnx.encodings.learning.learn_layer` of ``matrix``, a block of row groups at a time when it is large
+    (see the module docstring); ``options`` are ``learn_layer``'s."""
     splittable = not initial.multi_scaling and (gram is None or np.ndim(gram) == 2)
     if matrix.size <= LEARNING_BLOCK_WEIGHTS or not splittable:
         return learn_layer(matrix, initial, gram, **options)

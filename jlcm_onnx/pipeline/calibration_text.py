@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from jlcm_onnx.calibration import DEFAULT_SAMPLES, model_inputs, read_graph
+from jlcm_onnx.analysis.calibration import DEFAULT_SAMPLES, model_inputs, read_graph
 from jlcm_onnx.errors import CalibrationError
 
 

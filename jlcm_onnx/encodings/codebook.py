@@ -10,7 +10,7 @@ weight keeps a b-bit index ``I[r, j]``. Memory cost in bits (docs/method.md, sec
 (flat index, value) pairs, the value in the codebook dtype, written over the decoded matrix, and get zero weight in
 the k-means, so a few huge weights no longer drag the outermost codewords away from the bulk of the row.
 
-Groups of equal size are solved together by the batched Lloyd k-means of :mod:`jlcm_onnx.kmeans`.
+Groups of equal size are solved together by the batched Lloyd k-means of :mod:`jlcm_onnx.encodings.kmeans`.
 
 *Input blocks* (``block_size = B``): every row is also cut into blocks of B consecutive inputs, and each block gets a
 scale and an offset (codebook dtype) on top of its row group's codebook, which then holds normalised values::
@@ -38,7 +38,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from jlcm_onnx.kmeans import SortedGroups, fit_codebooks, lloyd, nearest_codes, rounded_codebooks
+from jlcm_onnx.encodings.kmeans import SortedGroups, fit_codebooks, lloyd, nearest_codes, rounded_codebooks
 from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS, RowChunk, group_chunks, row_chunks
 
 
@@ -223,8 +223,8 @@ def codebook_errors(
 ) -> dict[int, float]:
     """The squared error ``||W - W^||^2`` that :func:`encode_matrix` (no importances, no input blocks) reaches on
     ``matrix`` at each of ``bit_widths``, without building the encodings: each group is sorted once for every width
-    (:class:`~jlcm_onnx.kmeans.SortedGroups`) and the error read off its prefix sums. For small matrices (the whole
-    matrix is one batch)."""
+    (:class:`~jlcm_onnx.encodings.kmeans.SortedGroups`) and the error read off its prefix sums. For small matrices (the
+    whole matrix is one batch)."""
     rows, cols = matrix.shape
     outliers = select_outliers(matrix, outlier_fraction)
     weights = np.ones(matrix.size)

@@ -3,8 +3,8 @@
 ``moveaxis(W, row_axis, 0).reshape(rows, -1)`` is re-ordered by the site's stored order (when the re-ordering could not
 be folded into the graph), encoded with k-means codebooks (importance ``diag(H)`` per column when calibration
 statistics hold a Gram, so the codewords sit where the layer's inputs are large) and, with a Gram, learned jointly
-(:func:`jlcm_onnx.learning.learn_layer`; a large tensor a block of row groups at a time,
-:mod:`jlcm_onnx.row_block_learning`). Both the sequential calibration pass and the encoder use it, so a weight
+(:func:`jlcm_onnx.encodings.learning.learn_layer`; a large tensor a block of row groups at a time,
+:mod:`jlcm_onnx.encodings.row_block_learning`). Both the sequential calibration pass and the encoder use it, so a weight
 learned early is encoded exactly as the encoder would have.
 
 With ``speed="fast"`` the weights are encoded in affine blocks instead (a lone embedding table only with float offsets)
@@ -19,12 +19,18 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from jlcm_onnx.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, encoding_sqnr_db, outlier_count
+from jlcm_onnx.analysis.plan import CompressionPlan
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.encodings.affine_blocks import AffineBlocks, fit_affine_blocks, learn_affine_blocks
-from jlcm_onnx.passes.weight_sites import WeightSite, is_lone_matrix_input, is_lone_table_gather
-from jlcm_onnx.plan import CompressionPlan
-from jlcm_onnx.row_block_learning import learn_in_row_blocks
+from jlcm_onnx.encodings.codebook import (
+    EncodedMatrix,
+    encode_matrix,
+    encode_scaled_matrix,
+    encoding_sqnr_db,
+    outlier_count,
+)
+from jlcm_onnx.encodings.row_block_learning import learn_in_row_blocks
+from jlcm_onnx.ir.weight_sites import WeightSite, is_lone_matrix_input, is_lone_table_gather
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 FLOAT16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
@@ -35,7 +41,7 @@ class SiteEncoding:
     """The ``encoded`` form of the site's matrix (rows in stored order), its ``sqnr_db`` against the matrix,
     ``restore`` (the permutation back to the original row order, ``None`` when rows are stored in order), whether the
     codes were ``learned`` from data and then the ``layer_error``, the layer objective reached (see
-    :mod:`jlcm_onnx.learning`). The dense matrix is not kept: a run holds only the encodings it has made."""
+    :mod:`jlcm_onnx.encodings.learning`). The dense matrix is not kept: a run holds only the encodings it has made."""
 
     sqnr_db: float
     encoded: EncodedMatrix | AffineBlocks
@@ -99,7 +105,7 @@ def uses_affine_blocks(site: WeightSite, row_axis: int, config: CompressionConfi
 
 
 def affine_layout(site: WeightSite, row_axis: int, config: CompressionConfig) -> str:
-    """How an affine-blocks weight is written (:mod:`jlcm_onnx.passes.dequantize_linear`): ``"fused"`` (the B of a
+    """How an affine-blocks weight is written (:mod:`jlcm_onnx.encodings.affine_decoder`): ``"fused"`` (the B of a
     lone MatMul or Gemm), ``"transposed gemm"`` (a lone Gemm with transB=1), ``"offset matmul"`` (a lone MatMul with
     float offsets, its inputs whole blocks), ``"row decoder"`` (a table read by one Gather: the codebook row decoder
     with the grid as codebook and the blocks as input blocks), or for any other reader ``"unpacked"`` (dequantised on

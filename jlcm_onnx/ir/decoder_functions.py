@@ -1,6 +1,6 @@
 """Each weight's decoder as one call of a model-local ONNX function, so a compressed weight is one node in a viewer.
 
-A decoder (:mod:`jlcm_onnx.passes.dequant_graph`) reads its weight's stored tensors (packed codes, codebooks, row
+A decoder (:mod:`jlcm_onnx.encodings.codebook_decoder`) reads its weight's stored tensors (packed codes, codebooks, row
 order, outliers), a few small constants shared by all decoders of its graph (shapes, shift amounts) and one run-time
 tensor (the layer's input, which its decode gate is computed from, or the looked-up ids), and writes one tensor. Here
 it becomes one node::
@@ -23,7 +23,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from jlcm_onnx.passes.dequant_graph import GATE_PREFIX
+from jlcm_onnx.ir.graph_building import GATE_PREFIX
 
 #: The functions' domain.
 DOMAIN = "jlcm"
@@ -38,8 +38,8 @@ BLOCKED_MATMUL = "BlockedMatMul"
 
 def _intermediate(tensor: str, index: int) -> str:
     """The canonical name of an intermediate tensor: ``t<index>``, or for the decode gate's tensors their role after
-    :data:`~jlcm_onnx.passes.dequant_graph.GATE_PREFIX` (``jlcm/gate/gate<index>``), which
-    :func:`jlcm_onnx.runtime.fold_at_load` looks for."""
+    :data:`~jlcm_onnx.ir.graph_building.GATE_PREFIX` (``jlcm/gate/gate<index>``), which
+    :func:`jlcm_onnx.ir.runtime.fold_at_load` looks for."""
     if not tensor.startswith(f"{GATE_PREFIX}/"):
         return f"t{index}"
     role = tensor.removeprefix(f"{GATE_PREFIX}/").split("_")[0]
