@@ -24,39 +24,18 @@ import onnx
 from onnx import helper
 
 from jlcm_onnx.analysis.plan import CompressionPlan
-from jlcm_onnx.analysis.site_encoding import SiteEncoding, affine_layout, encode_site, uses_affine_blocks
+from jlcm_onnx.analysis.site_encoding import encode_site
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import map_on_cores
-from jlcm_onnx.encodings.affine_decoder import (
-    build_fused_decoder,
-    build_offset_matmul,
-    build_transposed_gemm,
-    build_unpacked_decoder,
-)
-from jlcm_onnx.encodings.codebook_decoder import (
-    ConstantPool,
-    DecodeGraph,
-    DecodeSpec,
-    NameAllocator,
-    build_blocked_matmul,
-    build_decoder,
-    build_gate,
-)
-from jlcm_onnx.ir.decoder_functions import (
-    BLOCKED_MATMUL,
-    DECODE_ROWS,
-    DECODE_WEIGHT,
-    DOMAIN,
-    DecoderFunctions,
-)
+from jlcm_onnx.encodings.base import DecoderContext, SiteEncoding, WrittenDecoder
+from jlcm_onnx.ir.decoder_functions import DOMAIN, DecoderFunctions
+from jlcm_onnx.ir.graph_building import GATE_PLACEHOLDER, ConstantPool, NameAllocator, build_gate
 from jlcm_onnx.ir.model_io import default_opset
 from jlcm_onnx.ir.weight_sites import (
     WeightSite,
     anchor_index,
     compressible_row_axis,
     find_weight_sites,
-    is_lone_matrix_input,
-    is_lone_table_gather,
     iter_graphs,
     names_read_in_bodies,
 )
@@ -64,33 +43,13 @@ from jlcm_onnx.memory_budget import release_freed_memory
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.report import COMPRESSED, SKIPPED, TensorRecord
 
-#: Weights of a MatMul above this count are decoded in column blocks of about this size (1 MB of fp32), one at a time.
-BLOCK_WEIGHTS = 1 << 18
-
-#: How an affine-blocks weight runs, for the report.
-FUSED = "none needed: DequantizeLinear, fused with its reader into MatMulNBits by onnxruntime"
-UNPACKED = "none needed: DequantizeLinear on uint8 codes (unpacked at load) each run"
-FOLDED = "none: decoded once at load (decode_at_load): dense speed and memory for this weight"
-
-#: Affine layouts whose decoder stands in for the reader node (a rewritten Gemm, a MatMul plus its offsets' share, the
-#: Gather of a table decoded row by row).
-REWRITTEN = ("transposed gemm", "offset matmul", "row decoder")
-
-#: Placeholder input name for the gate until the decoder's gate is built.
-_GATE = "__jlcm_gate__"
-
 
 @dataclass
 class _Insertion:
     graph: onnx.GraphProto
     before_node: int
-    gate_activation: str | None
-    decoder: DecodeGraph
     site: WeightSite
-    replaces_node: bool = False
-    #: The decoder function kind (:mod:`jlcm_onnx.ir.decoder_functions`) the decoder becomes one call of, or None
-    #: to leave its nodes inline (the DequantizeLinear forms onnxruntime fuses with their reader).
-    function: str | None = None
+    written: WrittenDecoder
 
 
 #: With calibration statistics the largest tensor starts once the tensors after it hold at most this many bytes of
@@ -150,9 +109,10 @@ class EncodeWeights(Pass):
         encodings = [encoding for _, encoding in sorted(zip(order, encoded, strict=True), key=lambda pair: pair[0])]
         for (site, row_axis), site_encoding in zip(todo, encodings, strict=True):
             pool = pools.setdefault(id(site.graph), ConstantPool(names))
-            insertion, record = self._encode(site, row_axis, site_encoding, names, pool, constants)
-            insertions.append(insertion)
-            records.append(record)
+            context = DecoderContext(names, pool, constants, self.config)
+            written = site_encoding.encoding.write(site, row_axis, site_encoding, context)
+            insertions.append(_Insertion(site.graph, anchor_index(site), site, written))
+            records.append(self._record(site, site_encoding, written))
         functions = DecoderFunctions({t.name: t for pool in pools.values() for t in pool.initializers},
                                      default_opset(model), {f.name for f in model.functions if f.domain == DOMAIN})
         _apply(model.graph, insertions, pools, names, functions)
@@ -170,120 +130,17 @@ class EncodeWeights(Pass):
             self.plan.statistics.pop(site.name, None)
             release_freed_memory()
 
-    def _encode(
-        self, site: WeightSite, row_axis: int, site_encoding: SiteEncoding, names: NameAllocator, pool: ConstantPool,
-        constants: set[str],
-    ) -> tuple[_Insertion, TensorRecord]:
-        if uses_affine_blocks(site, row_axis, self.config):
-            return self._encode_affine(site, row_axis, site_encoding, names, pool)
-        encoded, restore = site_encoding.encoded, site_encoding.restore
-        row_decoded = is_lone_table_gather(site, row_axis)
+    def _record(self, site: WeightSite, site_encoding: SiteEncoding, written: WrittenDecoder) -> TensorRecord:
         grouping = self.plan.groupings.get(site.name)
-        anchor = anchor_index(site)
-        first = site.graph.node[anchor]
-        boundaries = encoded.block_boundaries(BLOCK_WEIGHTS)
-        replaces_matmul = _is_lone_matmul_weight(site, row_axis) and len(boundaries) > 2
-        if replaces_matmul:
-            spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded, restore=restore)
-            activation = None
-            decoder = build_blocked_matmul(spec, first, boundaries, names, pool)
-        elif row_decoded:
-            spec = DecodeSpec(first.output[0], site.tensor.data_type, site.shape, row_axis, encoded,
-                              gather_indices=first.input[1], restore=restore)
-            activation = None
-            decoder = build_decoder(spec, names, pool, gate=None)
-        else:
-            spec = DecodeSpec(site.name, site.tensor.data_type, site.shape, row_axis, encoded, restore=restore)
-            activation = next((n for n in first.input if n and n not in constants), None)
-            if activation is None:
-                activation = next((v.name for v in site.graph.input if v.name not in constants), None)
-            decoder = build_decoder(spec, names, pool, gate=None if activation is None else _GATE)
-        record = _record(
-            site,
-            COMPRESSED,
-            compressed_bytes=decoder.stored_bytes,
-            bits=encoded.bits,
-            groups=len(encoded.group_sizes),
-            encoding=self.config.encoding + (f", input blocks of {encoded.block_size}" if encoded.blocked else "")
-            + (f", learned ({_learning(self.config)})" if site_encoding.learned else ""),
-            row_order=grouping.note if grouping is not None else None,
-            outliers=int(encoded.outlier_index.size),
-            sqnr_db=site_encoding.sqnr_db,
-            layer_error=site_encoding.layer_error,
-            decode_gate=_gate_description(spec, activation, len(boundaries) - 1 if replaces_matmul else 1),
-        )
-        replaces = spec.gather_indices is not None or replaces_matmul
-        function = BLOCKED_MATMUL if replaces_matmul else DECODE_ROWS if row_decoded else DECODE_WEIGHT
-        return _Insertion(site.graph, anchor, activation, decoder, site, replaces, function), record
-
-    def _encode_affine(
-        self, site: WeightSite, row_axis: int, site_encoding: SiteEncoding, names: NameAllocator, pool: ConstantPool,
-    ) -> tuple[_Insertion, TensorRecord]:
-        """The decoder of ``site``'s layout (:func:`~jlcm_onnx.analysis.site_encoding.affine_layout`): a
-        DequantizeLinear fused with its MatMul or Gemm, or unpacked; or the codebook decoder over the grid (an
-        embedding's row decoder, or folded at load)."""
-        encoded = site_encoding.encoded
-        anchor = anchor_index(site)
-        dtype = site.tensor.data_type
-        spec = DecodeSpec(site.name, dtype, site.shape, row_axis, encoded)
-        layout = affine_layout(site, row_axis, self.config)
-        reader = site.graph.node[anchor]
-        decoder = {
-            "row decoder": lambda: build_decoder(DecodeSpec(reader.output[0], dtype, site.shape, row_axis,
-                                                            encoded.as_codebook_encoding(),
-                                                            gather_indices=reader.input[1]), names, pool, gate=None),
-            "folded": lambda: build_decoder(DecodeSpec(site.name, dtype, site.shape, row_axis,
-                                                       encoded.as_codebook_encoding()), names, pool, gate=None),
-            "fused": lambda: build_fused_decoder(spec, names, pool),
-            "transposed gemm": lambda: build_transposed_gemm(spec, reader, names, pool),
-            "offset matmul": lambda: build_offset_matmul(spec, reader, names, pool),
-            "unpacked": lambda: build_unpacked_decoder(spec, names, pool),
-        }[layout]()
-        runtime = {"unpacked": UNPACKED, "folded": FOLDED,
-                   "row decoder": _row_decoded(reader.input[1])}.get(
-            layout, FUSED)
-        offsets = encoded.offsets is not None
-        learned = (f", learned (error-feedback codes, closed-form scales{' and offsets' if offsets else ''})"
-                   if site_encoding.learned else "")
-        record = _record(
-            site, COMPRESSED, compressed_bytes=decoder.stored_bytes, bits=encoded.bits,
-            encoding=f"affine blocks of {self.config.affine_block_size}{', float offsets' if offsets else ''}{learned}",
-            sqnr_db=site_encoding.sqnr_db, layer_error=site_encoding.layer_error,
-            decode_gate=runtime, outliers=0,
-        )
-        function = {"row decoder": DECODE_ROWS, "folded": DECODE_WEIGHT, "unpacked": DECODE_WEIGHT}.get(layout)
-        return _Insertion(site.graph, anchor, None, decoder, site, layout in REWRITTEN, function), record
+        return _record(site, COMPRESSED, compressed_bytes=written.decoder.stored_bytes,
+                       row_order=grouping.note if grouping is not None else None, sqnr_db=site_encoding.sqnr_db,
+                       layer_error=site_encoding.layer_error, **written.record)
 
 
 def _describe(site_encoding: SiteEncoding) -> str:
     """The progress bar's note on an encoded weight: the layer error its learning reached."""
     error = site_encoding.layer_error
     return "" if error is None else f"layer error {error:.4f}"
-
-
-def _learning(config: CompressionConfig) -> str:
-    """How the codes were learned, for the report: ``error-feedback`` or ``kmeans, 50 proximal steps``."""
-    steps = config.learning_steps
-    return config.init + (f", {steps} {config.mapping} step{'s' if steps > 1 else ''}" if steps else "")
-
-
-def _is_lone_matmul_weight(site: WeightSite, row_axis: int) -> bool:
-    """True when the weight is the [in, out] B of a single MatMul and nothing else reads it."""
-    return row_axis == 1 and is_lone_matrix_input(site, row_axis, "MatMul", 1)
-
-
-def _row_decoded(indices: str) -> str:
-    return f"row decoder: only the rows picked by '{indices}' are decoded"
-
-
-def _gate_description(spec: DecodeSpec, activation: str | None, blocks: int) -> str:
-    if blocks > 1:
-        return f"blocked MatMul: decoded in {blocks} column blocks, one at a time"
-    if spec.gather_indices is not None:
-        return _row_decoded(spec.gather_indices)
-    if activation is None:
-        return "none: no run-time input before the first consumer, onnxruntime may fold the decoder"
-    return activation
 
 
 def _apply(
@@ -303,7 +160,7 @@ def _apply(
     for graph in innermost_first:
         group = by_graph[id(graph)]
         removed_constants = {i.site.name for i in group if i.site.constant_node is not None}
-        replaced_nodes = {i.before_node for i in group if i.replaces_node}
+        replaced_nodes = {i.before_node for i in group if i.written.replaces_node}
         removed_tensors = {i.site.name for i in group if i.site.constant_node is None}
         before: dict[int, list[_Insertion]] = defaultdict(list)
         for insertion in group:
@@ -312,7 +169,7 @@ def _apply(
         for position, node in enumerate(graph.node):
             for insertion in before.get(position, []):
                 nodes.extend(_decoder_nodes(insertion, names, functions))
-                graph.initializer.extend(insertion.decoder.initializers)
+                graph.initializer.extend(insertion.written.decoder.initializers)
             removed = node.op_type == "Constant" and node.output[0] in removed_constants
             if not removed and position not in replaced_nodes:
                 nodes.append(node)
@@ -331,16 +188,16 @@ def _apply(
 def _decoder_nodes(insertion: _Insertion, names: NameAllocator, functions: DecoderFunctions) -> list[onnx.NodeProto]:
     """The decoder, after the gate on its activation (its own, so that the call holds it): its nodes, or one call of
     its decoder function."""
-    nodes = insertion.decoder.nodes
-    activation = insertion.gate_activation
-    if activation is not None:
-        gate, gate_nodes = build_gate(activation, names)
+    written = insertion.written
+    nodes = written.decoder.nodes
+    if written.gate_activation is not None:
+        gate, gate_nodes = build_gate(written.gate_activation, names)
         for node in nodes:
-            node.input[:] = [gate if name == _GATE else name for name in node.input]
+            node.input[:] = [gate if name == GATE_PLACEHOLDER else name for name in node.input]
         nodes = [*gate_nodes, *nodes]
-    if insertion.function is None:
+    if written.function is None:
         return nodes
-    return [functions.call(nodes, insertion.function, names.fresh(f"jlcm/decode/{insertion.site.name}"))]
+    return [functions.call(nodes, written.function, names.fresh(f"jlcm/decode/{insertion.site.name}"))]
 
 
 def _remove_named(field, names: set[str]) -> None:  # noqa: ANN001 - a protobuf repeated field

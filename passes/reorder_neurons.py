@@ -24,9 +24,9 @@ import onnx
 
 from jlcm_onnx.analysis.grouping import RowClusterings
 from jlcm_onnx.analysis.plan import CompressionPlan, RowGrouping
-from jlcm_onnx.analysis.site_encoding import uses_affine_blocks
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.encodings.codebook import equal_group_sizes
+from jlcm_onnx.encodings.registry import encoding_for
 from jlcm_onnx.ir.permute_channels import ChannelPaths, apply_permutation
 from jlcm_onnx.ir.weight_sites import WeightSite, compressible_row_axis
 from jlcm_onnx.passes.base import Pass, PassResult
@@ -51,8 +51,10 @@ class ReorderNeurons(Pass):
         row_axes = {site.name: (compressible_row_axis(site, self.config)[0], len(site.shape)) for site in sites}
         for site in sites:
             row_axis = row_axes[site.name][0]
-            if row_axis is None or site.name in self.plan.groupings or uses_affine_blocks(site, row_axis, self.config):
-                continue  # affine blocks have no row groups
+            if row_axis is None or site.name in self.plan.groupings:
+                continue
+            if not encoding_for(site, row_axis, self.config).groups_rows:
+                continue
             rows = site.shape[row_axis]
             groups = self.plan.groups(site.name, rows, site.num_elements // rows)
             if not 1 < groups < rows:

@@ -118,7 +118,7 @@ def test_bad_block_settings(changes: dict, field: str) -> None:
 
 def test_column_blocked_matmul_slices_the_block_scales_with_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """A large MatMul decoded one block of output columns at a time gives each block its own rows' scales."""
-    monkeypatch.setattr("jlcm_onnx.passes.encode_weights.BLOCK_WEIGHTS", 1024)
+    monkeypatch.setattr("jlcm_onnx.encodings.codebook_formats.BLOCK_WEIGHTS", 1024)
     matrix = np.random.default_rng(6).standard_normal((96, 64)).astype(np.float32)  # [out, in]
     config = CompressionConfig(bits=3, min_elements=64, block_size=16, outlier_fraction=0.01, reorder=False)
     result = jlcm_onnx.compress(matmul_model(matrix.T.copy()), config)

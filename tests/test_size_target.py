@@ -17,12 +17,13 @@ from jlcm_onnx.analysis.calibration import load_calibration
 from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice
 from jlcm_onnx.cli import main
 from jlcm_onnx.config import parse_size
+from jlcm_onnx.encodings.base import WeightShape
+from jlcm_onnx.encodings.codebook_formats import MultiCodebook
 from jlcm_onnx.pipeline import sensitivity
 from jlcm_onnx.pipeline.compress import build_pipeline
 from jlcm_onnx.pipeline.distortion import ErrorTable, estimate_errors, tensor_options
 from jlcm_onnx.pipeline.sensitivity import output_sensitivities
 from jlcm_onnx.pipeline.size_target import (
-    WeightShape,
     adjust_fine,
     plan_for_budget,
     smallest_cost,
@@ -113,7 +114,7 @@ def test_unreachable_targets_name_the_reachable_range() -> None:
 
 def test_planner_spends_the_budget() -> None:
     config = CompressionConfig()
-    shapes = [WeightShape(f"t{i}", rows * cols, rows, 2, False, 4) for i, (rows, cols) in
+    shapes = [WeightShape(f"t{i}", rows * cols, rows, 2, False, 4, MultiCodebook()) for i, (rows, cols) in
               enumerate([(64, 128), (256, 64), (32, 32), (512, 384)])]
     smallest = smallest_cost(shapes, config)
     for budget in (smallest, int(1.3 * smallest), int(1.8 * smallest), 3 * smallest):
@@ -127,7 +128,7 @@ def test_fine_adjustment_never_spends_more_than_offered(change: int) -> None:
     """Going from one group to two also stores the row map, and outliers come whole: a run that landed just over
     its target (12 layers of 192x192 at ratio 4 did, every time, until it gave up) is not pushed over again."""
     config = CompressionConfig()
-    shapes = [WeightShape(f"t{i}", 192 * 192, 192, 2, False, 4) for i in range(4)]
+    shapes = [WeightShape(f"t{i}", 192 * 192, 192, 2, False, 4, MultiCodebook()) for i in range(4)]
     choices = {s.name: TensorChoice(8, 1, 0.0) for s in shapes}  # no outliers to give back an overshoot
     adjusted, unabsorbed = adjust_fine(shapes, choices, change, config)
     spent = total_cost(shapes, adjusted, config) - total_cost(shapes, choices, config)
@@ -145,7 +146,7 @@ def test_planner_minimises_measured_error() -> None:
     """At the size of a uniform choice, the planner's choice has no larger summed error than that uniform choice,
     and spends bytes where error drops most: a tensor whose error barely depends on bits gets fewer of them."""
     config = CompressionConfig()
-    shapes = [WeightShape(name, 256 * 256, 256, 2, False, 4) for name in ("steep", "flat")]
+    shapes = [WeightShape(name, 256 * 256, 256, 2, False, 4, MultiCodebook()) for name in ("steep", "flat")]
     errors = modelled_errors(shapes)
     errors["flat"] = {c: 0.01 + 1e-4 * 2.0 ** -c.bits for c in errors["flat"]}
     uniform = {s.name: TensorChoice(4, 16) for s in shapes}

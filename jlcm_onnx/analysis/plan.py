@@ -4,12 +4,13 @@ are grouped (from the re-ordering pass). One plan object is shared by the passes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from jlcm_onnx.analysis.statistics import LayerStatistics
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.encodings.codebook import EncodedMatrix, equal_group_sizes
+from jlcm_onnx.encodings.codebook import equal_group_sizes
 from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS
 
 #: Per-row codebooks ("groups=None") pool rows whose weights number fewer than this many codebooks' entries.
@@ -50,7 +51,7 @@ class CompressionPlan:
     choices: dict[str, TensorChoice] = field(default_factory=dict)
     groupings: dict[str, RowGrouping] = field(default_factory=dict)
     statistics: dict[str, LayerStatistics] = field(default_factory=dict)
-    encodings: dict[str, EncodedMatrix] = field(default_factory=dict)
+    encodings: dict[str, Any] = field(default_factory=dict)  # each a format's encoded value
     layer_errors: dict[str, float] = field(default_factory=dict)
     calibration_passes: int = 0
     device: str = "cpu"

@@ -14,6 +14,8 @@ from onnx import helper, numpy_helper
 
 #: Name prefix of the gate nodes (see :func:`build_gate`).
 GATE_PREFIX = "jlcm/gate"
+#: The input name a decoder reads its gate by until the gate is built (its nodes are added last, before the call).
+GATE_PLACEHOLDER = "__jlcm_gate__"
 
 
 class NameAllocator:

@@ -25,6 +25,7 @@ from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import check_device, cpu_cores, execution_providers, torch_device
 from jlcm_onnx.encodings.affine_decoder import required_ir_version, required_opset
+from jlcm_onnx.encodings.base import WeightShape
 from jlcm_onnx.encodings.row_block_learning import LEARNING_BLOCK_WEIGHTS
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.ir.lazy_weights import materialize
@@ -50,15 +51,14 @@ from jlcm_onnx.passes.base import Pass
 from jlcm_onnx.passes.calibrate_sequentially import CalibrateSequentially
 from jlcm_onnx.passes.collect_statistics import CollectStatistics
 from jlcm_onnx.passes.encode_weights import EncodeWeights
-from jlcm_onnx.passes.placeholder_encodings import PlaceholderEncodings
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
+from jlcm_onnx.passes.stand_in_encodings import StandInEncodings
 from jlcm_onnx.passes.strip_debug_metadata import StripDebugMetadata
 from jlcm_onnx.passes.untie_heads import UntieHeads
 from jlcm_onnx.passes.upgrade_opset import UpgradeOpset
 from jlcm_onnx.pipeline.distortion import ErrorTable, estimate_errors
 from jlcm_onnx.pipeline.sensitivity import output_sensitivities, weight_errors
 from jlcm_onnx.pipeline.size_target import (
-    WeightShape,
     adjust_fine,
     largest_cost,
     plan_for_budget,
@@ -72,7 +72,7 @@ from jlcm_onnx.report import CompressionReport, TensorRecord
 #: Version of the on-disk encoding (packed codes, codebooks and decoder layout), stored in ``metadata_props``.
 FORMAT_VERSION = "2"  # 2: decoders are calls of model-local functions (domain jlcm)
 METADATA_PREFIX = "jlcm_onnx."
-#: Rehearsals of a size target's choices on stand-in encodings (:mod:`jlcm_onnx.passes.placeholder_encodings`),
+#: Rehearsals of a size target's choices on stand-in encodings (:mod:`jlcm_onnx.passes.stand_in_encodings`),
 #: which measure the file exactly in a fraction of a run's time; the second one almost always lands within 1%.
 MAX_REHEARSALS = 4
 #: Real compression runs allowed to converge on a size target (the first one lands when a rehearsal did).
@@ -112,7 +112,7 @@ def build_pipeline(
     if config.speed == "fast":
         upgrade = [UpgradeOpset(required_opset(config.bits), required_ir_version(config.bits)), UntieHeads(config)]
     if rehearsal:
-        middle: list[Pass] = [PlaceholderEncodings(config, plan)]
+        middle: list[Pass] = [StandInEncodings(config, plan)]
     else:
         calibration = CalibrateSequentially if config.sequential else CollectStatistics
         middle = [] if data is None else [calibration(config, plan, data, progress)]
@@ -354,11 +354,8 @@ def _estimated_peak(source: onnx.ModelProto, model_bytes: int, config: Compressi
                     calibrated: bool) -> int:
     """The run's peak memory estimated from the shapes (:func:`jlcm_onnx.memory_budget.estimated_peak`)."""
     shapes = weight_shapes(source, config)
-    unchunked = 0
-    if config.encoding == "multi-scaling" and config.speed != "fast":
-        unchunked = max((shape.size for shape in shapes), default=0)
-    blocked = config.encoding != "multi-scaling"  # learned a block of row groups at a time past the block size
-    learned = max((min(shape.size, LEARNING_BLOCK_WEIGHTS) if blocked else shape.size
+    unchunked = max((shape.size for shape in shapes if shape.encoding.fits_whole_tensor), default=0)
+    learned = max((shape.size if shape.encoding.learns_whole_tensor else min(shape.size, LEARNING_BLOCK_WEIGHTS)
                    for shape in shapes if not shape.row_decoded), default=0) if calibrated else 0
     grams = sum((shape.size // shape.rows) ** 2 * 8 for shape in shapes) if calibrated else 0
     return estimated_peak(model_bytes, chunk, cpu_cores(), unchunked, learned, grams, calibrated)

@@ -32,7 +32,9 @@ from jlcm_onnx.analysis.grouping import RowClusterings, RowGroups
 from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice
 from jlcm_onnx.config import MAX_BITS, CompressionConfig
 from jlcm_onnx.devices import map_on_cores
-from jlcm_onnx.encodings.codebook import codebook_errors, encode_matrix, encode_scaled_matrix, equal_group_sizes
+from jlcm_onnx.encodings.base import Encoding
+from jlcm_onnx.encodings.codebook import equal_group_sizes
+from jlcm_onnx.encodings.registry import encoding_for
 from jlcm_onnx.ir.weight_sites import WeightSite, compressible_row_axis, find_weight_sites
 
 #: Group counts the planner chooses from, besides ``None`` (one codebook per row); fine steps come later.
@@ -66,7 +68,9 @@ def estimate_errors(model: onnx.ModelProto, config: CompressionConfig, progress:
         matrix = np.ascontiguousarray(np.moveaxis(weight, row_axis, 0).reshape(rows, -1), dtype=np.float32)
         fp16 = site.tensor.data_type == onnx.TensorProto.FLOAT16 or config.codebook_dtype == "float16"
         cluster = partial(clusterings.cluster, site.name, matrix) if config.reorder else None
-        return _tensor_errors(site.name, matrix, config, np.dtype(np.float16 if fp16 else np.float32), cluster)
+        encoding = encoding_for(site, row_axis, config)
+        return _tensor_errors(site.name, matrix, config, np.dtype(np.float16 if fp16 else np.float32), cluster,
+                              encoding)
 
     def sampled_elements(site_and_axis: tuple[WeightSite, int]) -> float:
         site, row_axis = site_and_axis
@@ -79,7 +83,7 @@ def estimate_errors(model: onnx.ModelProto, config: CompressionConfig, progress:
 
 def _tensor_errors(
     name: str, matrix: np.ndarray, config: CompressionConfig, codebook_dtype: np.dtype,
-    cluster: Callable[[int], RowGroups] | None,
+    cluster: Callable[[int], RowGroups] | None, encoding: Encoding,
 ) -> dict[TensorChoice, float]:
     rows, cols = matrix.shape
     by_count: dict[int, list[TensorChoice]] = {}
@@ -90,26 +94,9 @@ def _tensor_errors(
         sample_rows, sizes = _sampled_groups(cluster, rows, count)
         sample = matrix[sample_rows]
         signal = float(np.sum(sample.astype(np.float64) ** 2))
-        noise = _squared_errors(sample, [option.bits for option in options], sizes, config, codebook_dtype)
+        noise = encoding.squared_errors(sample, [option.bits for option in options], sizes, codebook_dtype, config,
+                                        ESTIMATE_ITERATIONS)
         errors.update({option: noise[option.bits] / signal if signal > 0 else 0.0 for option in options})
-    return errors
-
-
-def _squared_errors(
-    sample: np.ndarray, bit_widths: list[int], sizes: tuple[int, ...], config: CompressionConfig,
-    codebook_dtype: np.dtype,
-) -> dict[int, float]:
-    """``||W - W^||^2`` of the sample encoded at each of ``bit_widths``: read off the sorted groups for plain
-    codebooks, else measured on the encoding."""
-    if config.encoding != "multi-scaling" and config.codebook_block_size is None:
-        return codebook_errors(sample, bit_widths, sizes, codebook_dtype, ESTIMATE_ITERATIONS, config.outlier_fraction)
-    encode = encode_scaled_matrix if config.encoding == "multi-scaling" else encode_matrix
-    blocks = {} if config.codebook_block_size is None else {"block_size": config.codebook_block_size}
-    errors = {}
-    for bits in bit_widths:
-        encoded = encode(sample, bits, sizes, codebook_dtype, max_iterations=ESTIMATE_ITERATIONS,
-                         outlier_fraction=config.outlier_fraction, **blocks)
-        errors[bits] = float(np.sum((encoded.decode().astype(np.float64) - sample) ** 2))
     return errors
 
 

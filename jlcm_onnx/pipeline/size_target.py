@@ -1,13 +1,7 @@
 """Choosing bits and groups per tensor so the compressed model meets a size target.
 
-The stored bytes of a tensor of n weights in ``rows`` output rows, at b bits with G groups, are (docs/method.md,
-section 2)::
-
-    cost(b, G) = packed(n, b) + codebook(b, G) + maps(G) + outliers + blocks + decoder(b)
-    codebook   = c * G * 2^b   (multi-codebook)      or   c * (2^b + G)   (multi-scaling)      c = codebook bytes
-    blocks     = 2 * c * rows * ceil(cols / B)   with input blocks of B (a scale and an offset each), else 0
-    maps       = row-to-group and stored-order maps when 1 < G < rows and rows are re-ordered (an upper bound)
-    decoder    = the serialized decoder nodes, which depend on b through the number of byte planes (measured)
+The stored bytes of a tensor at b bits with G groups are its format's estimate
+(:meth:`~jlcm_onnx.encodings.base.Encoding.stored_bytes`; codebooks: :mod:`jlcm_onnx.encodings.codebook_formats`).
 
 Which (b, G) each tensor gets is a rate-distortion choice: the planner minimises the summed measured relative weight
 error ``sum_t D_t(b_t, G_t)`` (:mod:`jlcm_onnx.pipeline.distortion`) subject to ``sum_t cost_t <= budget``. For a
@@ -19,37 +13,18 @@ of group counts and outliers (:func:`adjust_fine`), so the total lands close to 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import onnx
 
 from jlcm_onnx.analysis.plan import TensorChoice
 from jlcm_onnx.config import MAX_BITS, CompressionConfig
-from jlcm_onnx.encodings.packing import WordLayout
+from jlcm_onnx.encodings.base import WeightShape
+from jlcm_onnx.encodings.registry import encoding_for
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites, is_lone_table_gather
 from jlcm_onnx.pipeline.distortion import ErrorTable
 
 #: Most outliers the size planner keeps in one tensor when it spends a budget on them.
 MAX_OUTLIER_FRACTION = 0.02
-
-#: Serialized bytes of one weight's decoder nodes by bits (measured on a MatMul weight; L = 8/gcd(b, 8) code planes).
-DECODER_BYTES = {1: 2900, 2: 1900, 3: 4400, 4: 1400, 5: 5100, 6: 3100, 7: 5800, 8: 1000}
-#: Serialized bytes of the input-block scale-and-offset nodes of one decoder (measured).
-BLOCK_DECODER_BYTES = 600
-
-
-@dataclass(frozen=True)
-class WeightShape:
-    """What the cost of a compressible tensor depends on."""
-
-    name: str
-    size: int
-    rows: int
-    codebook_bytes: int
-    row_decoded: bool
-    original_itemsize: int
-
 
 def weight_shapes(model: onnx.ModelProto, config: CompressionConfig) -> list[WeightShape]:
     """The compressible weights of ``model`` under ``config``."""
@@ -61,30 +36,15 @@ def weight_shapes(model: onnx.ModelProto, config: CompressionConfig) -> list[Wei
         fp16 = site.tensor.data_type == onnx.TensorProto.FLOAT16 or config.codebook_dtype == "float16"
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(site.tensor.data_type).itemsize
         shapes.append(WeightShape(site.name, site.num_elements, site.shape[row_axis], 2 if fp16 else 4,
-                                  is_lone_table_gather(site, row_axis), itemsize))
+                                  is_lone_table_gather(site, row_axis), itemsize, encoding_for(site, row_axis, config)))
     return shapes
 
 
 def tensor_cost(shape: WeightShape, choice: TensorChoice, config: CompressionConfig) -> int:
-    """Stored bytes of ``shape`` encoded with ``choice`` (see the module docstring)."""
+    """Stored bytes of ``shape`` encoded with ``choice``, as its format estimates them."""
     groups = shape.rows if choice.groups is None else min(choice.groups, shape.rows)
-    entries = 1 << choice.bits
-    if shape.row_decoded:
-        packed = shape.rows * WordLayout(choice.bits).packed_bytes(shape.size // shape.rows)
-    else:
-        packed = WordLayout(choice.bits).packed_bytes(shape.size)
-    if config.encoding == "multi-scaling":
-        codebooks = shape.codebook_bytes * (entries + groups)
-    else:
-        codebooks = shape.codebook_bytes * groups * entries
-    maps = shape.rows * (3 if groups <= 256 else 4) if 1 < groups < shape.rows and config.reorder else 0
     fraction = config.outlier_fraction if choice.outlier_fraction is None else choice.outlier_fraction
-    outliers = 0 if shape.row_decoded else round(fraction * shape.size) * (4 + shape.codebook_bytes)
-    blocks = 0
-    if config.codebook_block_size is not None:
-        blocks = 2 * shape.codebook_bytes * shape.rows * -(-(shape.size // shape.rows) // config.codebook_block_size)
-        blocks += BLOCK_DECODER_BYTES
-    return packed + codebooks + maps + outliers + blocks + DECODER_BYTES[choice.bits] + 3 * len(shape.name)
+    return shape.encoding.stored_bytes(shape, choice.bits, groups, fraction, config)
 
 
 def total_cost(shapes: list[WeightShape], choices: dict[str, TensorChoice], config: CompressionConfig) -> int:

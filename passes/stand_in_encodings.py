@@ -2,7 +2,7 @@
 
 The encoder's bytes depend only on the layout of each encoding (bits, group sizes, outlier count, input blocks,
 codebook dtype), never on its values, so encoding every weight with
-:func:`~jlcm_onnx.analysis.site_encoding.placeholder_encoding` gives a model of exactly the compressed file's size in a
+:func:`~jlcm_onnx.analysis.site_encoding.stand_in_encoding` gives a model of exactly the compressed file's size in a
 fraction of the time: no k-means, no calibration, no learning. The size planner rehearses its choices this way before
 the real run (:func:`jlcm_onnx.pipeline.compress.build_pipeline` with ``rehearsal=True``). Runs after the re-ordering
 pass, whose group sizes the stand-ins take; the model is not changed.
@@ -13,13 +13,13 @@ from __future__ import annotations
 import onnx
 
 from jlcm_onnx.analysis.plan import CompressionPlan
-from jlcm_onnx.analysis.site_encoding import placeholder_encoding
+from jlcm_onnx.analysis.site_encoding import stand_in_encoding
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites
 from jlcm_onnx.passes.base import Pass, PassResult
 
 
-class PlaceholderEncodings(Pass):
+class StandInEncodings(Pass):
     """Puts a stand-in encoding of every compressible weight into ``plan.encodings``; leaves the model unchanged."""
 
     def __init__(self, config: CompressionConfig, plan: CompressionPlan) -> None:
@@ -30,5 +30,5 @@ class PlaceholderEncodings(Pass):
         for site in find_weight_sites(model):
             row_axis, _ = compressible_row_axis(site, self.config)
             if row_axis is not None:
-                self.plan.encodings[site.name] = placeholder_encoding(site, row_axis, self.config, self.plan)
+                self.plan.encodings[site.name] = stand_in_encoding(site, row_axis, self.config, self.plan)
         return PassResult(model, modified=False)
