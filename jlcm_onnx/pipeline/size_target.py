@@ -123,7 +123,7 @@ def _with_groups(
         return None
     step = tensor_cost(shape, TensorChoice(choice.bits, 3), config) - tensor_cost(
         shape, TensorChoice(choice.bits, 2), config)
-    if abs(change) < step:
+    if step <= 0 or abs(change) < step:  # a format whose cost does not depend on the group count
         return None
     groups = min(max(choice.groups + int(change / step), 2), shape.rows - 1)
     before = tensor_cost(shape, choice, config)
@@ -136,8 +136,10 @@ def _with_groups(
 def _with_outliers(
     shape: WeightShape, choice: TensorChoice, change: int, config: CompressionConfig
 ) -> TensorChoice | None:
-    if shape.row_decoded or abs(change) < 4 + shape.codebook_bytes:
+    step = tensor_cost(shape, TensorChoice(choice.bits, choice.groups, 1 / shape.size), config) - tensor_cost(
+        shape, TensorChoice(choice.bits, choice.groups, 0.0), config)  # one outlier's bytes; none in a row decoder
+    if step <= 0 or abs(change) < step:
         return None
     current = config.outlier_fraction if choice.outlier_fraction is None else choice.outlier_fraction
-    count = round(current * shape.size) + int(change / (4 + shape.codebook_bytes))  # whole outliers: never over
+    count = round(current * shape.size) + int(change / step)  # whole outliers: never over
     return TensorChoice(choice.bits, choice.groups, min(max(count / shape.size, 0.0), MAX_OUTLIER_FRACTION))
