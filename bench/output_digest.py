@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 
 import jlcm_onnx
-from jlcm_onnx.ir.model_io import gather_rows, synthetic_feed
+from jlcm_onnx.ir.synthetic_inputs import gather_rows
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "bits 4": {"bits": 4},
@@ -47,10 +47,24 @@ CALIBRATION_SAMPLES = 8
 
 
 def calibration_inputs(model: Path, samples: int = CALIBRATION_SAMPLES) -> list[dict[str, np.ndarray]]:
-    """Deterministic synthetic inputs for ``model`` (the output gate's generator, one seed per sample)."""
+    """Fixed inputs for ``model``, one seed per sample: symbolic dims 1 on axis 0 and 8 elsewhere, floats standard
+    normal, integers uniform in ``[0, min(10, rows of the smallest Gather table))``. They only need to stay the same
+    from one version of the package to the next, so they are drawn here, not by the package's generator."""
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    rows = gather_rows(onnx.load(str(model)))
-    return [synthetic_feed(session, rows, seed=seed) for seed in range(samples)]
+    high = min(10, gather_rows(onnx.load(str(model))) or 10)
+    feeds = []
+    for seed in range(samples):
+        rng = np.random.default_rng(seed)
+        symbols: dict[str, int] = {}
+        feed = {}
+        for spec in session.get_inputs():
+            shape = [dim if isinstance(dim, int) and dim >= 0 else symbols.setdefault(dim, 1 if axis == 0 else 8)
+                     for axis, dim in enumerate(spec.shape)]
+            dtype = np.dtype({"float": "float32"}.get(spec.type[7:-1], spec.type[7:-1]))  # "tensor(int64)" -> int64
+            feed[spec.name] = (rng.standard_normal(shape) if dtype.kind == "f"
+                               else rng.integers(0, high, shape)).astype(dtype)
+        feeds.append(feed)
+    return feeds
 
 
 def digests(model: Path, only: list[str] | None = None) -> dict[str, str]:

@@ -21,7 +21,7 @@ from jlcm_onnx.analysis.calibration import AUTO_MASK, DEFAULT_SAMPLES, load_cali
 from jlcm_onnx.config import AFFINE_OFFSETS, CODEBOOK_DTYPES, ENCODINGS, INITS, MAPPINGS, SPEEDS, CompressionConfig
 from jlcm_onnx.devices import DEVICES, execution_providers
 from jlcm_onnx.errors import JlcmError
-from jlcm_onnx.ir.model_io import check_destination
+from jlcm_onnx.ir.model_save import check_destination
 from jlcm_onnx.pipeline.calibration_text import calibration_from_text, load_tokenizer
 from jlcm_onnx.pipeline.compress import compress, save
 from jlcm_onnx.pipeline.describe import describe_model

@@ -30,7 +30,7 @@ from jlcm_onnx.devices import map_on_cores
 from jlcm_onnx.encodings.base import DecoderContext, SiteEncoding, WrittenDecoder
 from jlcm_onnx.ir.decoder_functions import DOMAIN, DecoderFunctions
 from jlcm_onnx.ir.graph_building import GATE_PLACEHOLDER, ConstantPool, NameAllocator, build_gate
-from jlcm_onnx.ir.model_io import default_opset
+from jlcm_onnx.ir.model_load import default_opset
 from jlcm_onnx.ir.weight_sites import (
     WeightSite,
     anchor_index,

@@ -18,7 +18,7 @@ import onnx
 from onnx import inliner, version_converter
 
 from jlcm_onnx.errors import ModelError
-from jlcm_onnx.ir.model_io import default_opset
+from jlcm_onnx.ir.model_load import default_opset
 from jlcm_onnx.ir.model_skeleton import skeleton
 from jlcm_onnx.passes.base import Pass, PassResult
 

@@ -163,7 +163,7 @@ def test_save_refuses_a_folder(tmp_path: Path) -> None:
 
 def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write that fails half way leaves the previous file as it was and no partial file around."""
-    import jlcm_onnx.ir.model_io as model_io
+    import jlcm_onnx.ir.model_save as model_save
 
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous model")
@@ -173,7 +173,7 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         path.write_bytes(model.SerializeToString()[:100])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(model_io, "_write", failing_write)
+    monkeypatch.setattr(model_save, "_write", failing_write)
     with pytest.raises(OutputError):
         result.save(out)
     assert out.read_bytes() == b"previous model"

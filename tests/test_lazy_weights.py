@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 import jlcm_onnx
 from jlcm_onnx.errors import ModelError
 from jlcm_onnx.ir.lazy_weights import LAZY_MIN_BYTES, is_lazy, materialize, tensor_array
-from jlcm_onnx.ir.model_io import load_model
+from jlcm_onnx.ir.model_load import load_model
 from jlcm_onnx.ir.model_skeleton import session_with_weights
 from tests.conftest import make_model, tensor, value
 
@@ -161,7 +161,7 @@ def test_loading_holds_the_structure_not_the_weights(tmp_path: Path) -> None:
     del model, weights
     script = textwrap.dedent(f"""
         import resource
-        from jlcm_onnx.ir.model_io import load_model
+        from jlcm_onnx.ir.model_load import load_model
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         model, _ = load_model({str(path)!r})
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)

@@ -18,12 +18,15 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 import jlcm_onnx
-import jlcm_onnx.ir.model_io as model_io
+import jlcm_onnx.ir.model_load as model_load
+import jlcm_onnx.ir.model_save as model_save
 from jlcm_onnx import CompressionConfig, ConfigError, JlcmError, ModelError, OutputError
 from jlcm_onnx.cli import main
+from jlcm_onnx.ir.output_check import reference_for
+from jlcm_onnx.ir.synthetic_inputs import declared_inputs, synthetic_feed
 from jlcm_onnx.passes.base import Pass, PassResult
 
-from conftest import FLOAT, FLOAT16, INT64, make_model, run, session, tensor, value
+from conftest import FLOAT, FLOAT16, INT64, make_model, run, tensor, value
 
 CONFIG = CompressionConfig(bits=3, min_elements=16)
 compress_module = importlib.import_module("jlcm_onnx.pipeline.compress")  # the module, not the function
@@ -96,7 +99,7 @@ def assert_left_alone(path: Path, tmp_path: Path, note: str) -> jlcm_onnx.Compre
     assert any(note in n for n in result.report.notes), result.report.notes
     onnx.checker.check_model(result.model, full_check=True)
     original = onnx.load(path)
-    feed = model_io.synthetic_feed(session(original), seed=3)
+    feed = synthetic_feed(declared_inputs(original), np.random.default_rng(3))
     for got, want in zip(run(result.model, feed), run(original, feed), strict=True):
         np.testing.assert_array_equal(got, want)
     out = tmp_path / "left-alone.onnx"
@@ -139,7 +142,7 @@ def no_onnx_external_read(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("onnx read external data of a refused model")
 
-    monkeypatch.setattr(model_io.external_data_helper, "load_external_data_for_model", forbidden)
+    monkeypatch.setattr(model_load.external_data_helper, "load_external_data_for_model", forbidden)
 
 
 def test_external_data_absolute_location_is_refused(tmp_path, secret, no_onnx_external_read):
@@ -185,7 +188,7 @@ def test_external_data_inside_a_subfolder_is_read(tmp_path):
 def test_model_past_the_protobuf_limit_round_trips_through_external_data(tmp_path, monkeypatch):
     """Past 2 GB (the limit lowered to 4 KB here) the input is read with its external data, checked and run from a
     temporary file, and the output is written as a model file plus one external-data file beside it."""
-    monkeypatch.setattr(model_io, "INLINE_LIMIT_BYTES", 4096)
+    monkeypatch.setattr(model_save, "INLINE_LIMIT_BYTES", 4096)
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((256, 128)).astype(np.float32)
     model = make_model([helper.make_node("MatMul", ["X", "W"], ["Y"], name="fc")], [value("X", FLOAT, ["N", 256])],
@@ -438,7 +441,7 @@ def test_output_in_unwritable_folder(tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(model_io.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    monkeypatch.setattr(model_save.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
     with pytest.raises(OutputError, match="is not writable"):
         result.save(locked / "o.onnx")
     code, _, stderr = cli("compress", path, "-o", locked / "o.onnx")
@@ -453,7 +456,7 @@ def test_permission_denied_while_writing(tmp_path, monkeypatch):
     def denied(*args: object, **kwargs: object) -> None:
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(model_io.tempfile, "TemporaryDirectory", denied)
+    monkeypatch.setattr(model_save.tempfile, "TemporaryDirectory", denied)
     with pytest.raises(OutputError, match="Permission denied"):
         result.save(tmp_path / "o.onnx")
     assert os.listdir(tmp_path) == []
@@ -464,7 +467,7 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
         path.write_bytes(model.SerializeToString()[:64])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(model_io, "_write", write_half_then_fail)
+    monkeypatch.setattr(model_save, "_write", write_half_then_fail)
 
 
 def test_disk_full_leaves_no_partial_file(tmp_path, monkeypatch):
@@ -601,7 +604,7 @@ def test_spot_check_token_ids_stay_inside_the_embedding_table():
         [tensor("E", rng.standard_normal((6, 16)).astype(np.float32)),
          tensor("W", rng.standard_normal((16, 8)).astype(np.float32))],
     )
-    feed = model_io.synthetic_feed(session(model), model_io.gather_rows(model))
+    feed = reference_for(model).feed  # the spot check's batch
     assert feed["ids"].shape == (1, 8) and feed["ids"].min() >= 0 and feed["ids"].max() < 6
     result = jlcm_onnx.compress(model, CompressionConfig(min_elements=16))
     assert len(result.report.compressed) == 2 and result.report.notes == []

@@ -48,7 +48,7 @@ import onnx
 from onnx import helper
 
 from jlcm_onnx.errors import CalibrationError, ConfigError
-from jlcm_onnx.ir.model_io import load_model
+from jlcm_onnx.ir.model_load import load_model
 
 #: Samples kept by default (the CLI's ``--calibration-samples``).
 DEFAULT_SAMPLES = 128

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from jlcm_onnx.analysis.calibration import at_real_positions, real_rows
 from jlcm_onnx.config import DATA_READERS
 from jlcm_onnx.ir.model_skeleton import session_with_weights, skeleton
+from jlcm_onnx.ir.sessions import session_options
 from jlcm_onnx.ir.weight_sites import Consumer, WeightSite, find_weight_sites, transposed_matmul, weight_row_axis
 from jlcm_onnx.progress import Phase
 
@@ -462,9 +463,7 @@ def _session(
         if name in types:
             value.type.tensor_type.elem_type = types[name]
         outputs.append(value)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return session_with_weights(model, options, providers or ["CPUExecutionProvider"], outputs)
+    return session_with_weights(model, session_options(), providers or ["CPUExecutionProvider"], outputs)
 
 
 def _statistics(entry: WeightActivations, sums: dict[ActivationInput, _Sum]) -> LayerStatistics:

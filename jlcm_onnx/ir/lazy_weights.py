@@ -13,7 +13,7 @@ page cache, and leave the process once the array is dropped. :func:`materialize`
 message, for anything that serializes the model (checks, sessions from bytes, the written output).
 
 An absolute location is what marks a tensor as lazy: a model read from disk never carries one (they are refused on
-input, see :func:`jlcm_onnx.ir.model_io.check_external_locations`), and lazy tensors never leave the process.
+input, see :func:`jlcm_onnx.ir.model_load.check_external_locations`), and lazy tensors never leave the process.
 
 Wire format (protobuf): a field is a varint key ``number << 3 | wire_type`` then its value: a varint (type 0), 8 bytes
 (1), a varint length and that many bytes (2), or 4 bytes (5). The path walked is ``ModelProto.graph`` (7) ->

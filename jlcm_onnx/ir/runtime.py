@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from jlcm_onnx.ir.graph_building import GATE_PREFIX
 from jlcm_onnx.ir.lazy_weights import materialize
-from jlcm_onnx.ir.model_io import load_model
+from jlcm_onnx.ir.model_load import load_model
 from jlcm_onnx.ir.weight_sites import iter_graphs
 
 

@@ -29,14 +29,9 @@ from jlcm_onnx.encodings.base import WeightShape
 from jlcm_onnx.encodings.row_block_learning import LEARNING_BLOCK_WEIGHTS
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.ir.lazy_weights import materialize
-from jlcm_onnx.ir.model_io import (
-    check_input,
-    check_output,
-    load_model,
-    quantization_note,
-    reference_for,
-    save_model,
-)
+from jlcm_onnx.ir.model_load import check_input, load_model, quantization_note
+from jlcm_onnx.ir.model_save import save_model
+from jlcm_onnx.ir.output_check import check_output, reference_for
 from jlcm_onnx.ir.runtime import fold_at_load
 from jlcm_onnx.memory_budget import (
     MAX_CHUNK_WEIGHTS,

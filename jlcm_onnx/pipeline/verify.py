@@ -22,9 +22,10 @@ the cosine is one position's vector.
 Sizes are bytes on disk (model file plus external data; serialized size for an in-memory model). Latency is the median
 of ``repeats`` runs on the first sample after one warm-up run, with a fixed number of intra-op threads.
 
-Synthetic inputs: symbolic dims are 1 on axis 0 (the batch) and 16 elsewhere, the same symbol getting the same size in
-every input; floats are standard normal; integer inputs look like token ids (``0..99``), except names containing
-``mask`` (ones), ``type``/``segment`` (zeros) and ``position`` (``0, 1, 2, ...`` along the last axis).
+Synthetic inputs (:mod:`jlcm_onnx.ir.synthetic_inputs`): symbolic dims are 1 on axis 0 (the batch) and 16 elsewhere,
+the same symbol getting the same size in every input; floats are standard normal; integer inputs look like token ids
+(``0..99``, and below the rows of the smallest table a Gather reads), except names containing ``mask`` (ones),
+``type``/``segment`` (zeros) and ``position`` (``0, 1, 2, ...`` along the last axis).
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ from jlcm_onnx.analysis.calibration import (
     model_inputs,
 )
 from jlcm_onnx.errors import ConfigError, ModelError
-from jlcm_onnx.ir.model_io import load_model
+from jlcm_onnx.ir.model_load import load_model
 from jlcm_onnx.ir.runtime import inference_session
+from jlcm_onnx.ir.sessions import session_options
+from jlcm_onnx.ir.synthetic_inputs import declared_inputs, gather_rows, synthetic_feed
 from jlcm_onnx.report import align_columns, format_bytes
 
 SYMBOLIC_BATCH, SYMBOLIC_OTHER = 1, 16
@@ -196,7 +199,7 @@ def verify(
         feeds = load_calibration(data, reference, samples=samples, seed=seed)
         description = str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
     providers = list(providers or ["CPUExecutionProvider"])
-    options = _session_options(threads)
+    options = session_options(threads)
     first = inference_session(original, sess_options=options, providers=providers)
     second = inference_session(compressed, keep_compressed=keep_compressed, sess_options=options,
                                providers=providers)
@@ -222,55 +225,15 @@ def verify(
 
 
 def synthetic_feeds(model: onnx.ModelProto, samples: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """``samples`` seeded feeds shaped and typed like the model's inputs (rules in the module docstring)."""
+    """``samples`` seeded feeds shaped and typed like the model's inputs (:mod:`jlcm_onnx.ir.synthetic_inputs`; token
+    ids below :data:`TOKEN_IDS` and below the rows of the smallest table a Gather reads)."""
     rng = np.random.default_rng(seed)
-    symbols = _symbol_sizes(model)
-    specs = model_inputs(model)
-    feeds = []
-    for _ in range(samples):
-        feed = {}
-        for spec in specs:
-            shape = tuple(symbols[(spec.name, axis)] if dim is None else dim
-                          for axis, dim in enumerate(spec.shape or ()))
-            feed[spec.name] = _synthetic_array(spec.name, spec.dtype, shape, rng)
-        feeds.append(feed)
-    return feeds
+    inputs = declared_inputs(model)
+    high = min(TOKEN_IDS, gather_rows(model) or TOKEN_IDS)
+    return [synthetic_feed(inputs, rng, SYMBOLIC_BATCH, SYMBOLIC_OTHER, high) for _ in range(samples)]
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-
-
-def _symbol_sizes(model: onnx.ModelProto) -> dict[tuple[str, int], int]:
-    """(input, axis) -> size of each symbolic dim: 1 on axis 0, 16 elsewhere, equal symbols equal sizes."""
-    by_symbol: dict[str, int] = {}
-    sizes = {}
-    for value in model.graph.input:
-        tensor_type = value.type.tensor_type
-        for axis, dim in enumerate(tensor_type.shape.dim):
-            if dim.HasField("dim_value") and dim.dim_value > 0:
-                continue
-            size = SYMBOLIC_BATCH if axis == 0 else SYMBOLIC_OTHER
-            if dim.dim_param:
-                size = by_symbol.setdefault(dim.dim_param, size)
-            sizes[(value.name, axis)] = size
-    return sizes
-
-
-def _synthetic_array(name: str, dtype: np.dtype, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    lower = name.lower()
-    if dtype.kind == "f":
-        return rng.standard_normal(shape).astype(dtype)
-    if dtype.kind == "b":
-        return np.ones(shape, dtype) if "mask" in lower else rng.integers(0, 2, shape).astype(dtype)
-    if dtype.kind in "iu":
-        if "mask" in lower:
-            return np.ones(shape, dtype)
-        if "type" in lower or "segment" in lower:
-            return np.zeros(shape, dtype)
-        if "position" in lower and shape:
-            return np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
-        return rng.integers(0, TOKEN_IDS, shape).astype(dtype)
-    raise ModelError(f"model input '{name}' has type {dtype}: give --data, synthetic inputs cannot be made for it")
 
 
 def _check_same_inputs(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
@@ -289,15 +252,6 @@ def _common_outputs(first: ort.InferenceSession, second: ort.InferenceSession) -
     if not names:
         raise ModelError("the models have no output name in common")
     return names
-
-
-def _session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return options
 
 
 class _Accumulator:
