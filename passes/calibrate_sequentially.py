@@ -27,8 +27,9 @@ from collections import defaultdict
 import onnx
 from onnx import helper, numpy_helper
 
+from jlcm_onnx.analysis.activation_inputs import WeightActivations, activation_inputs
 from jlcm_onnx.analysis.site_encoding import encode_site
-from jlcm_onnx.analysis.statistics import WeightActivations, activation_inputs, batch_size, collect_statistics
+from jlcm_onnx.analysis.statistics import batch_size, collect_statistics
 from jlcm_onnx.devices import execution_providers
 from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites, names_read_in_bodies
 from jlcm_onnx.passes.base import PassResult

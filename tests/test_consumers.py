@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig
-from jlcm_onnx.encodings.codebook import sqnr_db
 from jlcm_onnx.encodings.packing import WordLayout
+from jlcm_onnx.encodings.sqnr import sqnr_db
 
 from conftest import (
     FLOAT,

@@ -10,8 +10,10 @@ from onnx import helper
 
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig, ConfigError
-from jlcm_onnx.encodings.codebook import encode_matrix, equal_group_sizes, sqnr_db
-from jlcm_onnx.encodings.learning import error_feedback_codes, layer_objective, learn_layer, refit_codebooks
+from jlcm_onnx.encodings.codebook import encode_matrix, equal_group_sizes
+from jlcm_onnx.encodings.error_feedback import error_feedback_codes
+from jlcm_onnx.encodings.learning import layer_objective, learn_layer, refit_codebooks
+from jlcm_onnx.encodings.sqnr import sqnr_db
 
 from conftest import FLOAT, INT64, check_full, correlated_inputs, make_model, matmul_model, run, tensor, value
 

@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from jlcm_onnx.encodings.codebook import codebook_errors, encode_matrix, equal_group_sizes, sqnr_db
+from jlcm_onnx.encodings.codebook import codebook_errors, encode_matrix, equal_group_sizes
 from jlcm_onnx.encodings.kmeans import fit_codebooks
+from jlcm_onnx.encodings.sqnr import sqnr_db
 
 #: SQNR (dB) of the Lloyd-Max scalar quantizer of a unit Gaussian with 2**b levels.
 LLOYD_MAX_GAUSSIAN_DB = {1: 4.40, 2: 9.30, 3: 14.62, 4: 20.22}

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from jlcm_onnx.encodings.codebook import EncodedMatrix, encode_matrix, encode_scaled_matrix, equal_group_sizes
-from jlcm_onnx.encodings.learning import error_feedback_codes, layer_objective, learn_layer, refit_codebooks
+from jlcm_onnx.encodings.codebook import EncodedMatrix, encode_matrix, equal_group_sizes
+from jlcm_onnx.encodings.error_feedback import error_feedback_codes
+from jlcm_onnx.encodings.learning import layer_objective, learn_layer, refit_codebooks
+from jlcm_onnx.encodings.multi_scaling import encode_scaled_matrix
 
 ROWS, COLS, BITS, GROUPS = 64, 48, 3, 4
 

@@ -15,13 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from jlcm_onnx.encodings import codebook
 from jlcm_onnx.encodings.affine_blocks import fit_affine_blocks
-from jlcm_onnx.encodings.codebook import (
-    EncodedMatrix,
-    encode_matrix,
-    encode_scaled_matrix,
-    equal_group_sizes,
-    select_outliers,
-)
+from jlcm_onnx.encodings.codebook import EncodedMatrix, encode_matrix, equal_group_sizes
+from jlcm_onnx.encodings.multi_scaling import encode_scaled_matrix
+from jlcm_onnx.encodings.outliers import select_outliers
 from jlcm_onnx.ir.model_skeleton import skeleton
 from jlcm_onnx.memory_budget import chunk_weights, estimated_peak, group_chunks, row_chunks
 

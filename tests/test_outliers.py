@@ -9,7 +9,9 @@ import pytest
 
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig, ConfigError
-from jlcm_onnx.encodings.codebook import encode_matrix, equal_group_sizes, select_outliers, sqnr_db
+from jlcm_onnx.encodings.codebook import encode_matrix, equal_group_sizes
+from jlcm_onnx.encodings.outliers import select_outliers
+from jlcm_onnx.encodings.sqnr import sqnr_db
 
 from conftest import matmul_model, run
 

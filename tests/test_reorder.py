@@ -12,7 +12,9 @@ import jlcm_onnx
 from jlcm_onnx import CompressionConfig
 from jlcm_onnx.analysis.grouping import RowClusterings, cluster_rows
 from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice
-from jlcm_onnx.encodings.codebook import encode_matrix, encode_scaled_matrix, equal_group_sizes, sqnr_db
+from jlcm_onnx.encodings.codebook import encode_matrix, equal_group_sizes
+from jlcm_onnx.encodings.multi_scaling import encode_scaled_matrix
+from jlcm_onnx.encodings.sqnr import sqnr_db
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
 
 from conftest import FLOAT, check_full, make_model, run, tensor, value

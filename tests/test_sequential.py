@@ -13,9 +13,9 @@ from onnx import helper, numpy_helper
 
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig
+from jlcm_onnx.analysis.activation_inputs import activation_inputs
 from jlcm_onnx.analysis.calibration import load_calibration
 from jlcm_onnx.analysis.plan import CompressionPlan
-from jlcm_onnx.analysis.statistics import activation_inputs
 from jlcm_onnx.passes.calibrate_sequentially import CalibrateSequentially, weight_levels
 
 from conftest import FLOAT, make_model, tensor, value

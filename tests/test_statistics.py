@@ -11,8 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig
+from jlcm_onnx.analysis import activation_inputs as activation_inputs_module
 from jlcm_onnx.analysis import statistics
-from jlcm_onnx.analysis.statistics import activation_inputs, collect_statistics
+from jlcm_onnx.analysis.activation_inputs import activation_inputs
+from jlcm_onnx.analysis.statistics import collect_statistics
 
 from conftest import FLOAT, INT64, correlated_inputs, make_model, matmul_model, run, tensor, value
 
@@ -217,12 +219,10 @@ def shared_input_model(rng) -> object:
 
 
 def test_shared_input_gram_computed_once(rng, monkeypatch):
-    from jlcm_onnx.analysis import statistics
-
     model = shared_input_model(rng)
     calls = []
-    original = statistics.RowInput.reduce
-    monkeypatch.setattr(statistics.RowInput, "reduce",
+    original = activation_inputs_module.RowInput.reduce
+    monkeypatch.setattr(activation_inputs_module.RowInput, "reduce",
                         lambda self, a, real=None: calls.append(self.tensor) or original(self, a, real))
     x = rng.standard_normal((5, 8)).astype(np.float32)
     stats = collect_statistics(model, ["Q", "K", "O"], [{"X": x}])
@@ -249,7 +249,6 @@ def test_weight_with_two_consumers_sums_them(rng):
 
 def test_feeds_are_streamed_not_kept(rng, monkeypatch):
     """A generator is read one batch at a time, and no batch's activations outlive its reduction."""
-    from jlcm_onnx.analysis import statistics
 
     model = matmul_model(rng.standard_normal((16, 4)).astype(np.float32))
     seen: list[weakref.ref] = []
@@ -260,13 +259,13 @@ def test_feeds_are_streamed_not_kept(rng, monkeypatch):
             alive_when_drawn.append(sum(ref() is not None for ref in seen))
             yield {"X": rng.standard_normal((32, 16)).astype(np.float32)}
 
-    original = statistics.RowInput.reduce
+    original = activation_inputs_module.RowInput.reduce
 
     def reduce(self, activation, real=None):
         seen.append(weakref.ref(activation))
         return original(self, activation, real)
 
-    monkeypatch.setattr(statistics.RowInput, "reduce", reduce)
+    monkeypatch.setattr(activation_inputs_module.RowInput, "reduce", reduce)
     stats = collect_statistics(model, ["W"], batches(), progress=True)["W"]
     assert stats.count == 5 * 32 and len(seen) == 5
     assert alive_when_drawn == [0] * 5  # every earlier batch's activation was freed before the next was drawn

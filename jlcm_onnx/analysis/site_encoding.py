@@ -11,17 +11,13 @@ encoded exactly as the encoder would have. :func:`stand_in_encoding` gives the s
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from jlcm_onnx.analysis.plan import CompressionPlan
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.encodings.base import EncodeRequest, SiteEncoding
-from jlcm_onnx.encodings.codebook import encoding_sqnr_db
+from jlcm_onnx.encodings.base import EncodeRequest, SiteEncoding, codebook_dtype
 from jlcm_onnx.encodings.registry import encoding_for
+from jlcm_onnx.encodings.sqnr import encoding_sqnr_db
 from jlcm_onnx.ir.weight_sites import WeightSite, is_lone_table_gather
-
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-FLOAT16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
 
 
 def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan: CompressionPlan) -> SiteEncoding:
@@ -75,14 +71,3 @@ def _sqnr(matrix: np.ndarray, encoded: object, plan: CompressionPlan) -> float:
 def _outlier_fraction(site: WeightSite, row_axis: int, plan: CompressionPlan) -> float:
     """The plan's outlier fraction, except none for a table decoded row by row (its decoder reads no outliers)."""
     return 0.0 if is_lone_table_gather(site, row_axis) else plan.choice(site.name).outlier_fraction
-
-
-def codebook_dtype(config: CompressionConfig, site: WeightSite, matrix: np.ndarray) -> np.dtype:
-    """The configured codebook dtype, except: float16 for a float16 weight (what its decoder reads), and float32 where
-    float16 cannot hold the weights (overflow above 65504, or magnitudes lost in float16's subnormal range)."""
-    if site.tensor.data_type == onnx.TensorProto.FLOAT16:
-        return np.dtype(np.float16)
-    magnitude = max(-float(matrix.min(initial=0.0)), float(matrix.max(initial=0.0)))  # no |matrix| temporary
-    if config.codebook_dtype == "float16" and (magnitude > FLOAT16_MAX or 0.0 < magnitude < FLOAT16_MIN_NORMAL * 1024):
-        return np.dtype(np.float32)
-    return np.dtype(config.codebook_dtype)

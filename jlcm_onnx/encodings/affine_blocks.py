@@ -22,9 +22,9 @@ of llama.cpp's k-quants and HQQ's, rather than plain min/max). Scales are rounde
 final codes are taken, so the codes are nearest for the stored scale.
 
 **Calibrated** (a Gram ``H`` of the layer's inputs): GPTQ-style error-feedback codes against the fitted grid
-(:func:`jlcm_onnx.encodings.learning.error_feedback_codes`, the uniform grid as a one-row codebook), then the scales
-refit in closed form for the layer's output error with the zero points fixed. Row r's decoded weights are linear in its
-block scales, ``W^_r = D_r s_r`` with ``D_r`` [cols, nb] the block-masked ``q_r - z_r``, so::
+(:func:`~jlcm_onnx.encodings.error_feedback.error_feedback_codes`, the uniform grid as a one-row codebook), then the
+scales refit in closed form for the layer's output error with the zero points fixed. Row r's decoded weights are
+linear in its block scales, ``W^_r = D_r s_r`` with ``D_r`` [cols, nb] the block-masked ``q_r - z_r``, so::
 
     (D_r^T H D_r + λ Id) s_r = D_r^T H w_r + λ s_r_old           (λ = 1e-6 mean diagonal, H damped)
 
@@ -52,7 +52,8 @@ import numpy as np
 import torch
 
 from jlcm_onnx.encodings.codebook import EncodedMatrix, expand_blocks
-from jlcm_onnx.encodings.learning import damped_gram, error_feedback_codes, layer_objective, refit_input_blocks
+from jlcm_onnx.encodings.error_feedback import damped_gram, error_feedback_codes
+from jlcm_onnx.encodings.learning import layer_objective, refit_input_blocks
 from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS, row_chunks
 
 #: Shrink factors of a block's range tried by the data-free fit.

@@ -12,9 +12,8 @@ replaced by the same Gemm with ``transB=0`` reading the decoded ``W^T``, so it i
 
 *Unpacked layout*, for every other consumer (Conv, ConvTranspose, a weight with several readers)::
 
-    q = unpack(packed)                                  uint8 [rows, cols], from b-bit words
-    (jlcm_onnx.encodings.packing) W = Reshape/Transpose(DequantizeLinear(q, s [rows, nb], z [rows, nb], axis=1,
-    block_size=B))
+    q = unpack(packed)                                  uint8 [rows, cols], from b-bit words (encodings.packing)
+    W = Reshape/Transpose(DequantizeLinear(q, s [rows, nb], z [rows, nb], axis=1, block_size=B))
 
 onnxruntime folds the unpacking at load (its inputs are initializers) into a uint8 tensor, but never folds
 ``DequantizeLinear``: the weight stays one byte per weight in memory and is dequantised by a vectorised kernel on

@@ -22,11 +22,15 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import onnx
 
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.encodings.codebook_decoder import DecodeGraph
 from jlcm_onnx.ir.graph_building import ConstantPool, NameAllocator
 from jlcm_onnx.ir.weight_sites import WeightSite
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+FLOAT16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
 
 
 @dataclass(frozen=True)
@@ -148,3 +152,17 @@ class Encoding(ABC):
     @abstractmethod
     def write(self, site: WeightSite, row_axis: int, encoding: SiteEncoding, context: DecoderContext) -> WrittenDecoder:
         """The decoder that gives ``site``'s reader its weight back (or stands in for the reader)."""
+
+
+def codebook_dtype(config: CompressionConfig, site: WeightSite, matrix: np.ndarray | None = None) -> np.dtype:
+    """The dtype a weight's codebook values (and scales and offsets) are stored in: float16 for a float16 weight
+    (what its decoder reads); else the configured dtype, except float32 where float16 cannot hold the weights
+    (overflow above 65504, or magnitudes lost in float16's subnormal range), which only a given ``matrix`` shows (the
+    size planner, which reads no weights, assumes it can)."""
+    if site.tensor.data_type == onnx.TensorProto.FLOAT16:
+        return np.dtype(np.float16)
+    if config.codebook_dtype == "float16" and matrix is not None:
+        magnitude = max(-float(matrix.min(initial=0.0)), float(matrix.max(initial=0.0)))  # no |matrix| temporary
+        if magnitude > FLOAT16_MAX or 0.0 < magnitude < FLOAT16_MIN_NORMAL * 1024:
+            return np.dtype(np.float32)
+    return np.dtype(config.codebook_dtype)

@@ -33,12 +33,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import torch
 
-from jlcm_onnx.encodings.kmeans import SortedGroups, fit_codebooks, lloyd, nearest_codes, rounded_codebooks
+from jlcm_onnx.encodings.kmeans import SortedGroups, fit_codebooks, lloyd, rounded_codebooks
+from jlcm_onnx.encodings.outliers import select_outliers
 from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS, RowChunk, group_chunks, row_chunks
 
 
@@ -152,12 +152,6 @@ class EncodedMatrix:
         first, last = np.searchsorted(self.outlier_index, [start * cols, stop * cols])
         decoded.reshape(-1)[self.outlier_index[first:last] - start * cols] = self.outlier_values[first:last]
         return decoded
-
-
-class RowDecodable(Protocol):
-    """An encoding that decodes any range of its rows (:class:`EncodedMatrix`, the affine blocks)."""
-
-    def decode(self, rows: slice = slice(None)) -> np.ndarray: ...
 
 
 def expand_blocks(per_block: np.ndarray, cols: int, block_size: int) -> np.ndarray:
@@ -369,114 +363,3 @@ def _padded_groups(
     return values, weights, slots
 
 
-def encode_scaled_matrix(
-    matrix: np.ndarray,
-    bits: int,
-    group_sizes: tuple[int, ...],
-    codebook_dtype: np.dtype,
-    max_iterations: int = 100,
-    importance: np.ndarray | None = None,
-    outlier_fraction: float = 0.0,
-    refinements: int = 3,
-    chunk_weights: int = MAX_CHUNK_WEIGHTS,
-) -> EncodedMatrix:
-    """Multi-scaling: one codebook ``c`` of ``2**bits`` values shared by all groups and a scale per group,
-    ``W^[r, j] = s[g(r)] * c[I[r, j]]``, at ``n*b + 16*(K + G)`` bits (fp16).
-
-    Alternates (``refinements`` times) a k-means of the group-normalised weights ``W / s[g]`` for ``c`` with the
-    least-squares scale of each group given its codes, ``s_g = <w, c[I]> / <c[I], c[I]>`` (importance-weighted).
-    """
-    rows, cols = matrix.shape
-    outliers = select_outliers(matrix, outlier_fraction, chunk_weights)
-    weights = np.ones(matrix.shape) if importance is None else np.array(importance, dtype=np.float64, order="C")
-    weights.reshape(-1)[outliers] = 0.0
-    values = matrix.astype(np.float64)
-    group_of_row = np.repeat(np.arange(len(group_sizes)), group_sizes)
-    scales = np.sqrt(_group_sum(weights * values**2, group_of_row) / _group_sum(weights, group_of_row).clip(1e-300))
-    scales = np.where(scales > 0, scales, 1.0)
-    for _ in range(refinements):
-        divisor = np.where(scales > 0, scales, 1.0)  # a scale below the codebook dtype's range rounds to 0
-        normalized = values / divisor[group_of_row][:, None]
-        fitted = fit_codebooks(normalized.reshape(1, -1), bits, codebook_dtype, weights.reshape(1, -1), max_iterations)
-        shared = fitted.values[0].astype(np.float64)
-        picked = shared[fitted.codes.reshape(rows, cols)]
-        fit = _group_sum(weights * values * picked, group_of_row) / _group_sum(weights * picked**2, group_of_row).clip(
-            1e-300)
-        scales = np.where(fit > 0, fit, scales).astype(codebook_dtype).astype(np.float64)
-    shared_stored = fitted.values[0]
-    scales_stored = scales.astype(codebook_dtype)
-    codebooks = scales_stored.astype(np.float32)[:, None] * shared_stored.astype(np.float32)[None, :]
-    row_books = np.empty((rows, cols), dtype=np.uint8)
-    for chunk in row_chunks(rows, cols, chunk_weights):
-        row_books[chunk] = torch_nearest(values[chunk], codebooks[group_of_row[chunk]])
-    return EncodedMatrix(codebooks=codebooks, codes=row_books, group_sizes=tuple(int(s) for s in group_sizes),
-                         outlier_index=outliers, outlier_values=matrix.reshape(-1)[outliers].astype(codebook_dtype),
-                         scales=scales_stored, shared_codebook=shared_stored)
-
-
-def _group_sum(values: np.ndarray, group_of_row: np.ndarray) -> np.ndarray:
-    return np.bincount(group_of_row, weights=values.sum(axis=1), minlength=int(group_of_row.max()) + 1)
-
-
-def torch_nearest(values: np.ndarray, row_codebooks: np.ndarray) -> np.ndarray:
-    """Index of the nearest codeword of each row's own sorted codebook: values [rows, cols], [rows, K] -> uint8."""
-    books = torch.from_numpy(row_codebooks.astype(np.float64))
-    return nearest_codes(torch.from_numpy(values.astype(np.float64)), books).numpy().astype(np.uint8)
-
-
-def outlier_count(size: int, fraction: float) -> int:
-    """How many of ``size`` weights are kept as outliers at ``fraction``: ``round(fraction * size)``."""
-    return int(round(fraction * size))
-
-
-def select_outliers(matrix: np.ndarray, fraction: float, chunk_weights: int = MAX_CHUNK_WEIGHTS) -> np.ndarray:
-    """Sorted flat indices of the :func:`outlier_count` weights with the largest ``|w - mean(row)| / std(row)`` (ties
-    broken towards the lower index), scored ``chunk_weights`` weights of rows at a time."""
-    count = outlier_count(matrix.size, fraction)
-    if count == 0:
-        return np.zeros(0, dtype=np.int64)
-    cols = matrix.shape[1]
-    best_scores, best_index = np.zeros(0), np.zeros(0, dtype=np.int64)
-    for rows in row_chunks(matrix.shape[0], cols, chunk_weights):
-        values = matrix[rows].astype(np.float64)
-        spread = values.std(axis=1, keepdims=True)
-        score = (np.abs(values - values.mean(axis=1, keepdims=True)) / np.where(spread > 0, spread, 1.0)).reshape(-1)
-        score, index = _at_least_top(score, np.arange(rows.start * cols, rows.stop * cols, dtype=np.int64), count)
-        best_scores, best_index = _at_least_top(np.concatenate([best_scores, score]),
-                                                np.concatenate([best_index, index]), count)
-    order = np.lexsort((best_index, -best_scores))[:count]
-    return np.sort(best_index[order])
-
-
-def _at_least_top(scores: np.ndarray, index: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The scores (with their indices) at least as large as the ``count``-th largest: the top ``count`` and any ties."""
-    if scores.size <= count:
-        return scores, index
-    keep = scores >= np.partition(scores, scores.size - count)[scores.size - count]
-    return scores[keep], index[keep]
-
-
-def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio ``10 log10(|W|^2 / |W - W^|^2)`` in dB (inf when exact)."""
-    return _decibels(*_signal_and_noise(reference, approximation))
-
-
-def encoding_sqnr_db(matrix: np.ndarray, encoded: RowDecodable,
-                     chunk_weights: int = MAX_CHUNK_WEIGHTS) -> float:
-    """:func:`sqnr_db` of ``matrix`` and its encoding, decoded ``chunk_weights`` weights of rows at a time."""
-    signal = noise = 0.0
-    for rows in row_chunks(matrix.shape[0], matrix.shape[1], chunk_weights):
-        chunk_signal, chunk_noise = _signal_and_noise(matrix[rows], encoded.decode(rows))
-        signal, noise = signal + chunk_signal, noise + chunk_noise
-    return _decibels(signal, noise)
-
-
-def _signal_and_noise(reference: np.ndarray, approximation: np.ndarray) -> tuple[float, float]:
-    reference = reference.astype(np.float64)
-    return float(np.sum(reference**2)), float(np.sum((reference - approximation.astype(np.float64)) ** 2))
-
-
-def _decibels(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(max(signal, 1e-300) / noise)

@@ -29,14 +29,10 @@ from jlcm_onnx.encodings.base import (
     WeightShape,
     WrittenDecoder,
 )
-from jlcm_onnx.encodings.codebook import (
-    EncodedMatrix,
-    codebook_errors,
-    encode_matrix,
-    encode_scaled_matrix,
-    outlier_count,
-)
+from jlcm_onnx.encodings.codebook import EncodedMatrix, codebook_errors, encode_matrix
 from jlcm_onnx.encodings.codebook_decoder import DecodeSpec, build_blocked_matmul, build_decoder
+from jlcm_onnx.encodings.multi_scaling import encode_scaled_matrix
+from jlcm_onnx.encodings.outliers import outlier_count
 from jlcm_onnx.encodings.packing import WordLayout
 from jlcm_onnx.encodings.row_block_learning import learn_in_row_blocks
 from jlcm_onnx.ir.decoder_functions import BLOCKED_MATMUL, DECODE_ROWS, DECODE_WEIGHT

@@ -3,8 +3,9 @@
 A weight ``W`` [rows, cols] (rows = output neurons) is approximated by ``W^[r, j] = C[g(r), I[r, j]]`` (codebooks
 ``C`` [G, K] of contiguous row groups, codes ``I``), except for the dense-and-sparse outliers, kept exactly. With the
 Gram ``H = X X^T`` of the layer's input activations (damped, ``H + 0.3 * mean(diag H) * Id``: well posed, and pulled
-towards plain weight MSE so it generalises beyond the calibration data, see ``DAMPING``; ``H = Id`` without data) the
-objective is the relative output error::
+towards plain weight MSE so it generalises beyond the calibration data, see
+:data:`~jlcm_onnx.encodings.error_feedback.DAMPING`; ``H = Id`` without data) the objective is the relative output
+error::
 
     L(C, I) = tr(ΔW H ΔW^T) / tr(W H W^T),     ΔW = W - W^   (ΔW = 0 at outliers up to their storage rounding)
 
@@ -26,28 +27,14 @@ dtype, and up to the float32 products of ``PRODUCT_DTYPE``). Codebooks are re-so
 permuted with them, so "neighbouring codeword" keeps its meaning. Cost per solve: ``rows * K * cols^2`` (a dense product
 of the one-hot codes with H).
 
-**Mapping step, proximal (the paper's).** A continuous latent ``V`` per weight is updated by Adam with the
-straight-through gradient ``dL/dW^`` (the gradient at the quantized point applied to the latent), and every weight is
-re-mapped to the codeword nearest its latent, ``I = argmin_k |V - C[g, k]|``. A weight moves only to a codeword near
-its latent value, which drifts by about ``learning_rate`` codeword gaps per step (V is parametrised as ``V0 + gap_g *
-Z`` and Adam updates Z): the proximal step. Two choices made by measurement (64x48 layers, correlated inputs, 3 seeds):
-``V0`` is the decoded value ``W^`` (the codeword, so a latent must travel half a cell before its code changes), not
-``W`` as the paper's description suggests (from ``W`` the final objective was 20-70% higher: weights next to a cell
-edge flip on noise); and when a refit moves the codewords each latent moves with its own codeword (``V += C_new[I] -
-C_old[I]``), so the refit changes no code by itself (without this, every refit re-mapped many weights at once and the
-final objective doubled). Frequent refits still hurt (every step: 2-3x worse than every 50 steps), hence
-``refit_every=50``.
-
-**Mapping step, naive (the ablation the paper rejects).** The index is treated as continuous, ``U`` (initialised at
-``I``) with ``dL/dU = dL/dW^ * (C[I+1] - C[I])``, and ``I = clip(round(U), 0, K-1)``; the step in value space grows
-with the gap between codewords.
-
-**Frozen.** Codes never change; only the codebooks are refit.
+**Mapping step** (:mod:`jlcm_onnx.encodings.mapping_update`): between refits the codes move by the paper's proximal
+update (the default), the naive update it rejects, or not at all (frozen).
 
 Each run does ``steps`` Adam steps with a cosine schedule and refits the codebooks in closed form every
 ``refit_every`` steps and once at the end; the best (lowest objective) state seen is returned, so the result is never
-worse than its starting point. ``init="error-feedback"`` starts from GPTQ codes (:func:`error_feedback_codes`,
-column by column, error propagated with the Cholesky factor of ``H^-1``) followed by a closed-form codebook refit.
+worse than its starting point. ``init="error-feedback"`` starts from GPTQ codes
+(:func:`~jlcm_onnx.encodings.error_feedback.error_feedback_codes`, column by column, error propagated with the Cholesky
+factor of ``H^-1``) followed by a closed-form codebook refit.
 
 **Input blocks.** With a scale and an offset per block of inputs (``W^ = S ⊙ C[I] + M``, S and M the per-block values
 repeated over their block) everything above runs in the codebook's normalised space: the one-hot matrix ``E_r``
@@ -81,12 +68,9 @@ import numpy as np
 import torch
 
 from jlcm_onnx.encodings.codebook import EncodedMatrix
-from jlcm_onnx.encodings.kmeans import nearest_codes
+from jlcm_onnx.encodings.error_feedback import damped_gram, error_feedback_codes
+from jlcm_onnx.encodings.mapping_update import Mapping, MappingUpdate
 
-#: Damping ``H + DAMPING * mean(diag H) * Id``: 30x GPTQ's 1e-2, a pull towards plain weight MSE that generalises
-#: beyond the calibration texts. all-MiniLM-L6-v2, 128 calibration sentences, fidelity over 1,555 texts: 3 bits 0.916
-#: (1e-2), 0.922 (0.1), 0.922 (0.3), 0.919 (1.0); with the size planner at the same file size 0.942, 0.947, 0.949.
-DAMPING = 0.3
 #: Alternations of the closed-form block scales and offsets with the closed-form codebooks at every refit (SmolLM2
 #: 3 bits, blocks of 32, calibrated: perplexity +29.4% with 1, +29.2% with 2).
 BLOCK_ROUNDS = 1
@@ -98,7 +82,6 @@ PRODUCT_DTYPE = torch.float32
 #: One-hot blocks of the closed-form solve hold at most this many elements (32 MB in float32).
 CHUNK_ELEMENTS = 1 << 23
 
-Mapping = Literal["proximal", "naive", "frozen"]
 Init = Literal["kmeans", "error-feedback"]
 
 
@@ -251,20 +234,6 @@ class _Layer:
         return rounded.gather(1, order), rank[self.group_of_row].gather(1, codes)
 
 
-def damped_gram(gram: np.ndarray | None, cols: int) -> torch.Tensor:
-    """``H + DAMPING * mean(diag H) * Id`` as float64 [Q, cols, cols] (Q = 1 unless per conv group); Id without data."""
-    eye = torch.eye(cols, dtype=torch.float64)
-    if gram is None:
-        return eye[None]
-    grams = torch.from_numpy(np.array(gram, dtype=np.float64))  # a copy: shared Grams are read-only
-    grams = grams[None] if grams.ndim == 2 else grams
-    if grams.shape[-2:] != (cols, cols):
-        raise ValueError(f"gram of shape {tuple(grams.shape)} does not match {cols} columns")
-    mean_diag = torch.diagonal(grams, dim1=-2, dim2=-1).mean(dim=-1)
-    mean_diag = torch.where(mean_diag > 0, mean_diag, torch.ones_like(mean_diag))
-    return grams + DAMPING * mean_diag[:, None, None] * eye
-
-
 def _round(values: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
     """``values`` rounded to the storage dtype, back in float64."""
     return torch.from_numpy(values.cpu().numpy().astype(dtype).astype(np.float64)).to(values.device)
@@ -345,80 +314,6 @@ def _check_codebook_size(encoded: EncodedMatrix) -> None:
         raise ValueError(f"codebooks of {encoded.codebooks.shape[1]} values do not fit uint8 codes")
 
 
-def error_feedback_codes(
-    matrix: np.ndarray,
-    codebooks: np.ndarray,
-    group_sizes: tuple[int, ...],
-    gram: np.ndarray | None,
-    *,
-    outlier_index: np.ndarray | None = None,
-    outlier_values: np.ndarray | None = None,
-    block_affine: tuple[np.ndarray, np.ndarray] | None = None,
-    block: int = 128,
-) -> np.ndarray:
-    """GPTQ-style codes (uint8 [rows, cols]) for fixed ``codebooks`` [G, K] (indices into them as given).
-
-    Columns are quantised in order, each weight to the nearest codeword of its row's codebook, and the error of column
-    j, divided by ``U[j, j]``, is propagated to the later columns through row j of ``U``, the upper Cholesky factor of
-    ``H^-1`` (damped H); columns are processed in blocks of ``block`` with a lazy update of the rest. Outliers are
-    "quantised" to their stored values and their error propagated too. With ``block_affine`` (the scale and offset of
-    every weight, [rows, cols] each) a weight is quantised to ``s * C[k] + m``.
-    """
-    rows, cols = matrix.shape
-    grams = damped_gram(gram, cols)
-    per_block = rows // grams.shape[0]
-    books = torch.as_tensor(np.asarray(codebooks, dtype=np.float64))
-    order = books.argsort(dim=1, stable=True)
-    row_books = books.gather(1, order)[torch.repeat_interleave(torch.arange(len(group_sizes)),
-                                                               torch.tensor(group_sizes))]
-    row_order = order[torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))]
-    weight = torch.as_tensor(np.asarray(matrix, dtype=np.float64)).clone()
-    exact = torch.zeros(rows * cols, dtype=torch.bool)
-    stored = torch.zeros(rows * cols, dtype=torch.float64)
-    if outlier_index is not None and len(outlier_index):
-        index = torch.as_tensor(np.asarray(outlier_index, dtype=np.int64))
-        exact[index] = True
-        stored[index] = torch.as_tensor(np.asarray(outlier_values, dtype=np.float64))
-    exact, stored = exact.view(rows, cols), stored.view(rows, cols)
-    affine = block_affine is not None
-    if affine:
-        scale, offset = (torch.as_tensor(a, dtype=torch.float64) for a in block_affine)
-        divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.zeros(rows, cols, dtype=torch.int64)
-    midpoints = (row_books[:, 1:] + row_books[:, :-1]) / 2
-    for q in range(grams.shape[0]):
-        upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(grams[q])), upper=True)
-        part = slice(q * per_block, (q + 1) * per_block)
-        work, part_books, part_midpoints = weight[part], row_books[part], midpoints[part].contiguous()
-        for start in range(0, cols, block):
-            stop = min(start + block, cols)
-            columns = slice(start, stop)
-            # the block's columns as contiguous rows: [stop - start, rows]
-            chunk = work[:, columns].T.contiguous()
-            if affine:
-                block_offset, block_divisor, block_scale = (a[part, columns].T.contiguous()
-                                                            for a in (offset, divisor, scale))
-            block_exact, block_stored = exact[part, columns].T.contiguous(), stored[part, columns].T.contiguous()
-            has_outliers = bool(block_exact.any())
-            errors, indices = torch.zeros_like(chunk), torch.zeros(chunk.shape, dtype=torch.int64)
-            for j in range(stop - start):
-                column = chunk[j]
-                normalized = (column - block_offset[j]) / block_divisor[j] if affine else column
-                index = torch.searchsorted(part_midpoints, normalized[:, None])
-                quantized = part_books.gather(1, index)[:, 0]
-                if affine:
-                    quantized = quantized * block_scale[j] + block_offset[j]
-                if has_outliers:
-                    quantized = torch.where(block_exact[j], block_stored[j], quantized)
-                indices[j] = index[:, 0]
-                error = (column - quantized) / upper[start + j, start + j]
-                chunk[j + 1:].addr_(upper[start + j, start + j + 1:stop], error, alpha=-1.0)
-                errors[j] = error
-            codes[part, columns] = indices.T
-            work[:, stop:] -= errors.T @ upper[start:stop, stop:]
-    return row_order.gather(1, codes).numpy().astype(np.uint8)
-
-
 def learn_layer(
     matrix: np.ndarray,
     initial: EncodedMatrix,
@@ -436,10 +331,10 @@ def learn_layer(
 
     Args:
         matrix: the float weight [rows, cols], rows = output neurons.
-        initial: its encoding (k-means from :func:`jlcm_onnx.encodings.codebook.encode_matrix`); group sizes and
-        outliers kept. gram: ``H = sum x x^T`` [cols, cols] (or [Q, cols, cols] per conv group), float64; None: plain
-        weight MSE. mapping: ``"proximal"`` (straight-through latent, nearest codeword), ``"naive"`` (continuous index,
-        the
+        initial: its encoding (k-means from :func:`~jlcm_onnx.encodings.codebook.encode_matrix`); group sizes and
+            outliers kept.
+        gram: ``H = sum x x^T`` [cols, cols] (or [Q, cols, cols] per conv group), float64; None: plain weight MSE.
+        mapping: ``"proximal"`` (straight-through latent, nearest codeword), ``"naive"`` (continuous index, the
             rejected update) or ``"frozen"`` (codebooks only).
         init: ``"kmeans"`` (the codes of ``initial``) or ``"error-feedback"`` (GPTQ codes against ``initial``'s
             codebooks, then a closed-form codebook refit).
@@ -469,18 +364,8 @@ def learn_layer(
         books, codes = layer.refit(books, codes, dtype)
         if layer.learns_blocks:
             books, codes = layer.refit_all(books, codes, dtype)
-    latent = layer.codewords(books, codes)
-    num_codes = books.shape[1]
-    gap = ((books[:, -1] - books[:, 0]) / max(num_codes - 1, 1))[layer.group_of_row][:, None]
-    gap = torch.where(gap > 0, gap, torch.full_like(gap, 1e-8))
-    parameter = torch.zeros_like(layer.weight) if mapping != "naive" else codes.to(torch.float64)
-    parameter.requires_grad_(True)
-    moves_codes = steps > 0 and mapping != "frozen"
-    if moves_codes:  # only then: the first torch optimizer made in a process costs seconds of imports
-        optimizer = torch.optim.Adam([parameter], lr=learning_rate)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1))))
-
+    update = MappingUpdate(mapping, layer.codewords(books, codes), books, codes, layer.group_of_row, steps,
+                           learning_rate)
     best = (math.inf, books, codes, None)
     trace: list[float] = []
     for step in range(steps + 1):
@@ -490,30 +375,11 @@ def learn_layer(
             best = (value, books, codes, (layer.block_scales, layer.block_offsets) if layer.learns_blocks else None)
         if step == steps:
             break
-        if moves_codes:
-            row_books = books[layer.group_of_row]
-            if mapping == "proximal":
-                parameter.grad = gradient * layer.scale * gap
-            else:
-                upper = row_books.gather(1, (codes + 1).clamp(max=num_codes - 1))
-                lower = row_books.gather(1, (codes + 1).clamp(max=num_codes - 1) - 1)
-                parameter.grad = gradient * layer.scale * (upper - lower)
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():
-                if mapping == "proximal":
-                    codes = nearest_codes(latent + gap * parameter, row_books)
-                else:
-                    codes = parameter.round().clamp(0, num_codes - 1).to(torch.int64)
+        codes = update.step(gradient * layer.scale, books, codes)
         if (step + 1) % refit_every == 0 or step + 1 == steps:
-            old_values = layer.codewords(books, codes)
-            old = codes
+            old_values, old = layer.codewords(books, codes), codes
             books, codes = layer.refit_all(books, codes, dtype)
-            with torch.no_grad():
-                if mapping == "naive":
-                    parameter += (codes - old).to(torch.float64)
-                elif mapping == "proximal":  # each latent moves with its codeword, so the refit changes no code
-                    latent = latent + (layer.codewords(books, codes) - old_values)
+            update.follow_refit(layer.codewords(books, codes) - old_values, old, codes)
     final_objective, books, codes, blocks = best
     return LearnedLayer(encoded=_from_shared_codebook(template, _encoded(initial, books, codes, blocks)), trace=trace,
                         initial_objective=initial_objective, final_objective=final_objective)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from jlcm_onnx.encodings.codebook import EncodedMatrix
-from jlcm_onnx.encodings.learning import LearnedLayer, damped_gram, learn_layer
+from jlcm_onnx.encodings.error_feedback import damped_gram
+from jlcm_onnx.encodings.learning import LearnedLayer, learn_layer
 
 #: Tensors above this many weights are learned a block of row groups at a time (about 1 GB of learner state each).
 LEARNING_BLOCK_WEIGHTS = 1 << 23

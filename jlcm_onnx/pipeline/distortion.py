@@ -32,7 +32,7 @@ from jlcm_onnx.analysis.grouping import RowClusterings, RowGroups
 from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice
 from jlcm_onnx.config import MAX_BITS, CompressionConfig
 from jlcm_onnx.devices import map_on_cores
-from jlcm_onnx.encodings.base import Encoding
+from jlcm_onnx.encodings.base import Encoding, codebook_dtype
 from jlcm_onnx.encodings.codebook import equal_group_sizes
 from jlcm_onnx.encodings.registry import encoding_for
 from jlcm_onnx.ir.weight_sites import WeightSite, compressible_row_axis, find_weight_sites
@@ -66,10 +66,9 @@ def estimate_errors(model: onnx.ModelProto, config: CompressionConfig, progress:
         weight = site.array()
         rows = weight.shape[row_axis]
         matrix = np.ascontiguousarray(np.moveaxis(weight, row_axis, 0).reshape(rows, -1), dtype=np.float32)
-        fp16 = site.tensor.data_type == onnx.TensorProto.FLOAT16 or config.codebook_dtype == "float16"
         cluster = partial(clusterings.cluster, site.name, matrix) if config.reorder else None
         encoding = encoding_for(site, row_axis, config)
-        return _tensor_errors(site.name, matrix, config, np.dtype(np.float16 if fp16 else np.float32), cluster,
+        return _tensor_errors(site.name, matrix, config, codebook_dtype(config, site, matrix), cluster,
                               encoding)
 
     def sampled_elements(site_and_axis: tuple[WeightSite, int]) -> float:
@@ -82,7 +81,7 @@ def estimate_errors(model: onnx.ModelProto, config: CompressionConfig, progress:
 
 
 def _tensor_errors(
-    name: str, matrix: np.ndarray, config: CompressionConfig, codebook_dtype: np.dtype,
+    name: str, matrix: np.ndarray, config: CompressionConfig, dtype: np.dtype,
     cluster: Callable[[int], RowGroups] | None, encoding: Encoding,
 ) -> dict[TensorChoice, float]:
     rows, cols = matrix.shape
@@ -94,7 +93,7 @@ def _tensor_errors(
         sample_rows, sizes = _sampled_groups(cluster, rows, count)
         sample = matrix[sample_rows]
         signal = float(np.sum(sample.astype(np.float64) ** 2))
-        noise = encoding.squared_errors(sample, [option.bits for option in options], sizes, codebook_dtype, config,
+        noise = encoding.squared_errors(sample, [option.bits for option in options], sizes, dtype, config,
                                         ESTIMATE_ITERATIONS)
         errors.update({option: noise[option.bits] / signal if signal > 0 else 0.0 for option in options})
     return errors

@@ -17,7 +17,7 @@ import onnx
 
 from jlcm_onnx.analysis.plan import TensorChoice
 from jlcm_onnx.config import MAX_BITS, CompressionConfig
-from jlcm_onnx.encodings.base import WeightShape
+from jlcm_onnx.encodings.base import WeightShape, codebook_dtype
 from jlcm_onnx.encodings.registry import encoding_for
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites, is_lone_table_gather
@@ -33,9 +33,9 @@ def weight_shapes(model: onnx.ModelProto, config: CompressionConfig) -> list[Wei
         row_axis, _ = compressible_row_axis(site, config)
         if row_axis is None:
             continue
-        fp16 = site.tensor.data_type == onnx.TensorProto.FLOAT16 or config.codebook_dtype == "float16"
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(site.tensor.data_type).itemsize
-        shapes.append(WeightShape(site.name, site.num_elements, site.shape[row_axis], 2 if fp16 else 4,
+        value_bytes = codebook_dtype(config, site).itemsize
+        shapes.append(WeightShape(site.name, site.num_elements, site.shape[row_axis], value_bytes,
                                   is_lone_table_gather(site, row_axis), itemsize, encoding_for(site, row_axis, config)))
     return shapes
 
