@@ -49,6 +49,15 @@ class TensorRecord:
         return values
 
 
+@dataclass(frozen=True)
+class PassLog:
+    """One pass of a run: its class name, its wall time and whether it changed the model."""
+
+    name: str
+    seconds: float
+    modified: bool
+
+
 @dataclass
 class CompressionReport:
     """Per-tensor records, whole-file sizes, the settings used, and the memory budget and peak resident set size of
@@ -62,6 +71,7 @@ class CompressionReport:
     notes: list[str] = field(default_factory=list)
     memory_budget: int | None = None
     peak_rss: int | None = None
+    passes: list[PassLog] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -87,6 +97,7 @@ class CompressionReport:
             "memory": {"budget_bytes": self.memory_budget, "peak_rss_bytes": self.peak_rss},
             "config": self.config,
             "notes": self.notes,
+            "passes": [{"name": p.name, "seconds": round(p.seconds, 3), "modified": p.modified} for p in self.passes],
             "tensors": [t.to_dict() for t in self.tensors],
         }
 

@@ -40,6 +40,9 @@ from jlcm_onnx.progress import Phase
 class CalibrateSequentially(CalibrationPass):
     """Fills ``plan.statistics`` and ``plan.encodings`` level by level; leaves the model unchanged."""
 
+    needs = frozenset({"choices", "groupings"})
+    makes = frozenset({"statistics", "encodings", "layer_errors", "calibration_passes"})
+
     def call(self, model: onnx.ModelProto) -> PassResult:
         row_axes = {site.name: axis for site in find_weight_sites(model)
                     if (axis := compressible_row_axis(site, self.config)[0]) is not None}

@@ -33,6 +33,9 @@ class CalibrationPass(Pass):
 class CollectStatistics(CalibrationPass):
     """Fills ``plan.statistics`` from one onnxruntime pass over the calibration data; leaves the model unchanged."""
 
+    needs = frozenset({"groupings"})
+    makes = frozenset({"statistics", "calibration_passes"})
+
     def call(self, model: onnx.ModelProto) -> PassResult:
         sites = find_weight_sites(model)
         names = [site.name for site in sites if compressible_row_axis(site, self.config)[0] is not None]

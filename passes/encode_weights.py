@@ -81,7 +81,9 @@ def _encoding_order(todo: list[tuple[WeightSite, int]], plan: CompressionPlan) -
 
 
 class EncodeWeights(Pass):
-    """The codebook-encoding pass; ``records`` of its result hold one :class:`TensorRecord` per float tensor."""
+    """The encoding pass; its result holds one :class:`TensorRecord` per float tensor."""
+
+    needs = frozenset({"choices", "groupings"})  # and statistics and encodings, where a pass before made them
 
     def __init__(self, config: CompressionConfig, plan: CompressionPlan | None = None, progress: bool = False) -> None:
         self.config = config
@@ -117,7 +119,7 @@ class EncodeWeights(Pass):
                                      default_opset(model), {f.name for f in model.functions if f.domain == DOMAIN})
         _apply(model.graph, insertions, pools, names, functions)
         functions.install(model)
-        return PassResult(model, modified=bool(insertions), records=records)
+        return PassResult(model, modified=bool(insertions), tensors=records)
 
     def _encode_site(self, item: tuple[WeightSite, int]) -> SiteEncoding:
         """Encodes one site; its statistics are released once it is encoded (a Gram shared by several weights when

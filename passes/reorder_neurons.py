@@ -35,6 +35,9 @@ from jlcm_onnx.passes.base import Pass, PassResult
 class ReorderNeurons(Pass):
     """Clusters and re-orders output rows, folding the permutation into the graph; fills ``plan``."""
 
+    needs = frozenset({"choices"})
+    makes = frozenset({"groupings"})
+
     def __init__(self, config: CompressionConfig, plan: CompressionPlan,
                  clusterings: RowClusterings | None = None) -> None:
         self.config = config
@@ -66,7 +69,7 @@ class ReorderNeurons(Pass):
                                                                                           groups, row_axes), True,
                                                            f"rows permuted with {site.name}")
             modified |= grouping.reordered
-        return PassResult(model, modified=modified, records=list(self.plan.groupings.values()))
+        return PassResult(model, modified=modified)
 
     def _sibling_sizes(
         self, sibling: WeightSite, grouping: RowGrouping, groups: int, row_axes: dict[str, tuple[int | None, int]]

@@ -22,6 +22,9 @@ from jlcm_onnx.passes.base import Pass, PassResult
 class StandInEncodings(Pass):
     """Puts a stand-in encoding of every compressible weight into ``plan.encodings``; leaves the model unchanged."""
 
+    needs = frozenset({"choices", "groupings"})
+    makes = frozenset({"encodings"})
+
     def __init__(self, config: CompressionConfig, plan: CompressionPlan) -> None:
         self.config = config
         self.plan = plan

@@ -46,7 +46,7 @@ class StripDebugMetadata(Pass):
             return PassResult(model, modified=False)
         note = (f"dropped the exporter's debug metadata ({entries} entries, {format_bytes(size)}: stack traces, FX "
                 "nodes, module scopes); --keep-debug-metadata keeps it")
-        return PassResult(model, modified=True, records=[note])
+        return PassResult(model, modified=True, notes=[note])
 
 
 def _metadata_holders(model: onnx.ModelProto) -> Iterator[Message]:

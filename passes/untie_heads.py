@@ -30,7 +30,7 @@ HEAD_SUFFIX = ".jlcm_head"
 
 
 class UntieHeads(Pass):
-    """Unties every compressible table read by one Gather and one transposed head MatMul; ``records`` name them."""
+    """Unties every compressible table read by one Gather and one transposed head MatMul; its notes name them."""
 
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config
@@ -46,7 +46,7 @@ class UntieHeads(Pass):
             site.graph.node.remove(transpose.node)
         notes = [f"{site.name}: tied to the head {matmul.describe()}, stored twice (a copy for each reader)"
                  for site, (_, matmul) in tied]
-        return PassResult(model, modified=bool(tied), records=notes)
+        return PassResult(model, modified=bool(tied), notes=notes)
 
 
 def _tied_head(site: WeightSite) -> tuple[Consumer, Consumer] | None:

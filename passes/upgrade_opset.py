@@ -24,7 +24,7 @@ from jlcm_onnx.passes.base import Pass, PassResult
 
 
 class UpgradeOpset(Pass):
-    """Converts the model to at least ai.onnx ``opset`` and IR ``ir_version``; ``records`` say what changed."""
+    """Converts the model to at least ai.onnx ``opset`` and IR ``ir_version``; its notes say what changed."""
 
     def __init__(self, opset: int, ir_version: int) -> None:
         self.opset = opset
@@ -34,7 +34,7 @@ class UpgradeOpset(Pass):
         current = default_opset(model)
         if current >= self.opset and model.ir_version >= self.ir_version:
             return PassResult(model, modified=False)
-        records = []
+        notes = []
         if current < self.opset:
             try:
                 structure = inliner.inline_local_functions(skeleton(model))  # the converter drops functions
@@ -43,12 +43,12 @@ class UpgradeOpset(Pass):
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise ModelError(f"speed 'fast' needs ai.onnx opset {self.opset}, and onnx.version_converter cannot "
                                  f"upgrade this model from opset {current}: {reason}") from None
-            records.append(f"ai.onnx opset {current} -> {self.opset} (onnx.version_converter): what DequantizeLinear "
+            notes.append(f"ai.onnx opset {current} -> {self.opset} (onnx.version_converter): what DequantizeLinear "
                            "with blocks needs")
         if model.ir_version < self.ir_version:
-            records.append(f"IR version {model.ir_version} -> {self.ir_version}")
+            notes.append(f"IR version {model.ir_version} -> {self.ir_version}")
             model.ir_version = self.ir_version
-        return PassResult(model, modified=True, records=records)
+        return PassResult(model, modified=True, notes=notes)
 
 
 def _with_weights_of(original: onnx.ModelProto, converted: onnx.ModelProto) -> onnx.ModelProto:

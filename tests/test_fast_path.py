@@ -292,7 +292,7 @@ def test_a_tied_head_gets_its_own_fused_copy(tmp_path) -> None:
     model = tied_language_model(np.random.default_rng(8))
     ids = {"ids": np.array([0, 95, 7, 7])}
     untied = UntieHeads(CompressionConfig(speed="fast", min_elements=256))(copy_of(model))
-    assert untied.records == ["E: tied to the head MatMul:head, stored twice (a copy for each reader)"]
+    assert untied.notes == ["E: tied to the head MatMul:head, stored twice (a copy for each reader)"]
     assert "Transpose" not in {node.op_type for node in untied.model.graph.node}
     np.testing.assert_array_equal(session(untied.model).run(None, ids)[0], session(model).run(None, ids)[0])
 
@@ -301,7 +301,7 @@ def test_a_tied_head_gets_its_own_fused_copy(tmp_path) -> None:
     assert records["E"].decode_gate.startswith("row decoder")
     head = records["E.jlcm_head"]
     assert head.encoding == "affine blocks of 32" and "MatMulNBits" in head.decode_gate
-    assert untied.records[0] in result.report.notes
+    assert untied.notes[0] in result.report.notes
     path = str(tmp_path / "optimized.onnx")
     got = session(result.model, optimized_path=path).run(None, ids)[0]
     assert "MatMulNBits" in {node.op_type for node in onnx.load(path).graph.node}

@@ -47,8 +47,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from jlcm_onnx.analysis.calibration_files import read_feed_files
 from jlcm_onnx.errors import CalibrationError, ConfigError
 from jlcm_onnx.ir.model_load import load_model
+from jlcm_onnx.ir.sessions import first_line
 
 #: Samples kept by default (the CLI's ``--calibration-samples``).
 DEFAULT_SAMPLES = 128
@@ -270,7 +272,7 @@ def _read_feeds(source: Any) -> Iterator[tuple[str, Mapping[str, Any]]]:
         for index, sample in enumerate(source):
             yield f"calibration sample {index}", sample
     elif isinstance(source, (str, os.PathLike)):
-        yield from _read_path(Path(source))
+        yield from read_feed_files(Path(source))
     elif isinstance(source, Mapping):
         yield "calibration feed 0", source
     elif isinstance(source, FeedReader):
@@ -294,40 +296,6 @@ def _as_mapping(label: str, feed: Any) -> Mapping[str, Any]:
     return feed
 
 
-def _read_path(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    if path.is_file():
-        if path.suffix != ".npz":
-            raise CalibrationError(f"calibration file {path} is not a .npz file (or give a folder of .npy/.npz files)")
-        yield f"calibration file {path}", _load_npz(path)
-    elif path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
-        arrays = [f for f in files if f.suffix == ".npy"]
-        archives = [f for f in files if f.suffix == ".npz"]
-        if not arrays and not archives:
-            raise CalibrationError(f"calibration folder {path} holds no .npy or .npz files")
-        if arrays:
-            yield f"calibration folder {path}", {f.stem: _load_npy(f) for f in arrays}
-        for archive in archives:
-            yield f"calibration file {archive}", _load_npz(archive)
-    else:
-        raise CalibrationError(f"calibration data {path} does not exist")
-
-
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError) as error:
-        raise CalibrationError(f"cannot read calibration file {path}: {_first_line(error)}") from None
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as error:
-        raise CalibrationError(f"cannot read calibration file {path}: {_first_line(error)}") from None
-
-
 # ---------------------------------------------------------------------------------------------------------- checks
 
 
@@ -347,7 +315,7 @@ def _check_feed(label: str, feed: Mapping[str, Any], inputs: tuple[InputSpec, ..
             try:
                 array = np.asarray(array)
             except (TypeError, ValueError, RuntimeError) as error:
-                raise CalibrationError(f"{label}: input '{spec.name}' is not an array: {_first_line(error)}") from None
+                raise CalibrationError(f"{label}: input '{spec.name}' is not an array: {first_line(error)}") from None
         if array.dtype != spec.dtype:
             raise CalibrationError(
                 f"{label}: input '{spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}")
@@ -398,8 +366,3 @@ def _split(label: str, feed: Feed, inputs: tuple[InputSpec, ...], mode: str, ite
         raise CalibrationError(f"{label}: input '{inputs[0].name}' has no items (axis 0 has length 0)")
     # FIXED: _check_shape let through multiples of the model's batch size along axis 0 only.
     return [{name: array[start:start + items] for name, array in feed.items()} for start in range(0, length, items)]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -46,6 +46,7 @@ from jlcm_onnx.passes.base import Pass
 from jlcm_onnx.passes.calibrate_sequentially import CalibrateSequentially
 from jlcm_onnx.passes.collect_statistics import CollectStatistics
 from jlcm_onnx.passes.encode_weights import EncodeWeights
+from jlcm_onnx.passes.manager import PassManager, PipelineRun
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
 from jlcm_onnx.passes.stand_in_encodings import StandInEncodings
 from jlcm_onnx.passes.strip_debug_metadata import StripDebugMetadata
@@ -181,11 +182,12 @@ def compress(
 
     if target is None:
         plan = CompressionPlan(config, device=device, chunk_weights=chunk)
-        working, records, run_notes = _run(load(), config, plan, progress, data)
+        run = _run(load(), config, plan, progress, data)
     else:
-        working, records, plan, run_notes = _run_to_target(load, target, config, progress, data, device, chunk)
+        run, plan = _run_to_target(load, target, config, progress, data, device, chunk)
+    working = run.model
     release_freed_memory()
-    notes.extend(run_notes)
+    notes.extend(run.notes)
     if config.decode_at_load:
         notes.append("decode_at_load: the decoders that would run on every run have no run-time gate; onnxruntime "
                      "decodes those weights once at load (dense latency and memory for them)")
@@ -197,7 +199,7 @@ def compress(
         spot_note = check_output(working, reference)
     notes.extend([spot_note] if spot_note else [])
     report = CompressionReport(
-        tensors=records,
+        tensors=run.tensors,
         original_file_bytes=original_bytes,
         compressed_file_bytes=working.ByteSize(),
         config=config.to_dict(),
@@ -205,6 +207,7 @@ def compress(
         notes=notes,
         memory_budget=budget,
         peak_rss=peak_rss(),
+        passes=run.log,
     )
     source = None if isinstance(model, onnx.ModelProto) else Path(model)
     return CompressionResult(working, report, source)
@@ -218,25 +221,20 @@ def _run(
     data: CalibrationData | None = None,
     rehearsal: bool = False,
     clusterings: RowClusterings | None = None,
-) -> tuple[onnx.ModelProto, list[TensorRecord], list[str]]:
-    """One pass of the pipeline over ``source``, which it consumes (edits in place or replaces), with metadata
-    written: the compressed model (a fresh message), its tensor records and the notes of the passes."""
-    working = source
-    del source  # passes may return a new model: the one they replaced must go
-    records: list[TensorRecord] = []
-    notes: list[str] = []
-    for graph_pass in build_pipeline(config, plan, progress, data, rehearsal, clusterings):
-        result = graph_pass(working)
-        working = result.model
-        release_freed_memory()  # a replaced model's buffers go back to the system before the next pass
-        records.extend(r for r in result.records if isinstance(r, TensorRecord))
-        notes.extend(r for r in result.records if isinstance(r, str))
+) -> PipelineRun:
+    """One run of the pipeline over ``source``, which it consumes (edits in place or replaces), with metadata
+    written: the compressed model (a fresh message), its tensor records, the notes of the passes and what ran."""
+    manager = PassManager(build_pipeline(config, plan, progress, data, rehearsal, clusterings))
+    held = [source]
+    del source  # the manager holds the only reference: a pass that returns a new model frees the old one
+    run = manager.run(held.pop())
     if config.decode_at_load:
-        fold_at_load(working)
-    _write_metadata(working, config, records)
+        fold_at_load(run.model)
+    _write_metadata(run.model, config, run.tensors)
     compact = onnx.ModelProto()  # a fresh message: the input's buffers, which the edited one still holds, can go
-    compact.CopyFrom(working)
-    return compact, records, notes
+    compact.CopyFrom(run.model)
+    run.model = compact
+    return run
 
 
 @dataclass(frozen=True)
@@ -299,9 +297,9 @@ def _run_to_target(
     data: CalibrationData | None = None,
     device: str = "cpu",
     chunk: int = MAX_CHUNK_WEIGHTS,
-) -> tuple[onnx.ModelProto, list[TensorRecord], CompressionPlan, list[str]]:
+) -> tuple[PipelineRun, CompressionPlan]:
     """Compresses with per-tensor bits and groups chosen to meet the config's size target within 1%; returns the
-    model, its records, the plan and the notes (the target's first).
+    last run (the target's note first among its notes) and its plan.
 
     The planner budgets the tensors' stored bytes; the rest of the file (graph, decoders, uncompressed tensors) is
     measured after each run and the budget corrected, aiming half a percent under the target. The choices are first
@@ -315,14 +313,13 @@ def _run_to_target(
     for attempt in range(MAX_REHEARSALS + MAX_TARGET_RUNS):
         rehearsal = runs == 0 and not landed and rehearsed < MAX_REHEARSALS
         plan = CompressionPlan(config, choices=choices, device=device, chunk_weights=chunk)
-        working = records = None  # the previous run's model goes before the next copy comes
+        run = None  # the previous run's model goes before the next copy comes
         release_freed_memory()
         with Phase(f"size target: rehearsal {rehearsed + 1} on stand-in encodings", enabled=progress and rehearsal):
-            working, records, run_notes = _run(load(), config, plan, progress and not rehearsal, data, rehearsal,
-                                               target.clusterings)
+            run = _run(load(), config, plan, progress and not rehearsal, data, rehearsal, target.clusterings)
         if fixed:
-            materialize(working)  # the weights left dense count as they will be written
-        achieved = working.ByteSize() if fixed else sum(r.compressed_bytes or 0 for r in records)
+            materialize(run.model)  # the weights left dense count as they will be written
+        achieved = run.model.ByteSize() if fixed else sum(r.compressed_bytes or 0 for r in run.tensors)
         rehearsed, runs = rehearsed + rehearsal, runs + (not rehearsal)
         if 0.99 * goal <= achieved <= goal:
             if not rehearsal:
@@ -342,7 +339,8 @@ def _run_to_target(
                         f"{goal:,.0f}")
     note = (f"{target.kind}={target.value}: goal {goal:,.0f} bytes, achieved {achieved:,} ({achieved / goal - 1:+.2%})"
             f" after {rehearsed} rehearsal{'s' if rehearsed != 1 else ''} and {runs} run{'s' if runs != 1 else ''}")
-    return working, records, plan, [note, *run_notes]
+    run.notes.insert(0, note)
+    return run, plan
 
 
 def _estimated_peak(source: onnx.ModelProto, model_bytes: int, config: CompressionConfig, chunk: int,
