@@ -392,7 +392,7 @@ def readme_block(payload: dict[str, Any]) -> str:
 def _edge_lines(edge: list[dict[str, Any]]) -> list[str]:
     if not edge:
         return []
-    lines = ["", "Edge-case models (default config; the output gate spot-checks each):", "",
+    lines = ["", "Edge-case models (default config; the output check spot-checks each):", "",
              "| model | result | tensors compressed / left | ratio | notes; the main reason large tensors were left |",
              "|---|---|---|---|---|"]
     for entry in edge:

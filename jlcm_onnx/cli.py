@@ -20,7 +20,7 @@ import numpy as np
 from jlcm_onnx.analysis.calibration import AUTO_MASK, DEFAULT_SAMPLES, load_calibration
 from jlcm_onnx.config import AFFINE_OFFSETS, CODEBOOK_DTYPES, ENCODINGS, INITS, MAPPINGS, SPEEDS, CompressionConfig
 from jlcm_onnx.devices import DEVICES, execution_providers
-from jlcm_onnx.errors import JlcmError
+from jlcm_onnx.errors import ConfigError, JlcmError
 from jlcm_onnx.ir.model_save import check_destination
 from jlcm_onnx.pipeline.calibration_text import calibration_from_text, load_tokenizer
 from jlcm_onnx.pipeline.compress import compress, save
@@ -50,6 +50,27 @@ def _reporting_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(EXIT_INTERNAL)
 
     return run
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"op_type=Gather,bits=8"`` as ``{"op_type": "Gather", "bits": 8}``: integers and decimals as numbers,
+    ``none`` as None, anything else as text; the config validates it."""
+    override: dict[str, Any] = {}
+    for part in text.split(","):
+        key, equals, value = (piece.strip() for piece in part.partition("="))
+        if not key or not equals:
+            raise ConfigError("overrides", text, "SELECTOR,SETTING=VALUE,... such as 'op_type=Gather,bits=8'")
+        override[key] = None if value.lower() == "none" else _number(value)
+    return override
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -90,6 +111,10 @@ def main() -> None:
               help="Fraction of weights kept beside the codebooks (dense-and-sparse), 0..0.1  [default: 0.002]")
 @click.option("--include", multiple=True, help="Only compress weights whose name matches this glob (repeatable).")
 @click.option("--exclude", multiple=True, help="Never compress weights whose name matches this glob (repeatable).")
+@click.option("--override", "override_texts", multiple=True, metavar="SELECTOR,SETTING=VALUE,...",
+              help="Per-tensor settings (repeatable, later ones win; name overrides over op-type ones), e.g. "
+                   "'op_type=Gather,bits=8' or 'name=*attention*,bits=6,groups=1'. Settings: bits, groups "
+                   "(none: one per row), outlier_fraction.")
 @click.option("--target-size", help="Size of the output file, e.g. 40MB or 1.5GiB (bits and groups per tensor)")
 @click.option("--ratio", "target_ratio", type=float, help="Make the file this many times smaller than MODEL")
 @click.option("--bits-per-weight", "target_bits_per_weight", type=float,
@@ -123,12 +148,13 @@ def main() -> None:
 @_reporting_errors
 def compress_command(model: Path, output: Path, config_file: Path | None, calibration: Path | None,
                      calibration_samples: int, calibration_mask: str, device: str, force: bool, as_json: bool,
-                     quiet: bool,
-                     **overrides: Any) -> None:
+                     quiet: bool, override_texts: tuple[str, ...], **flags: Any) -> None:
     """Compress MODEL and write the result to the file named by -o."""
     check_destination(output, protect=model)
     config = CompressionConfig.from_file(config_file) if config_file else CompressionConfig()
-    changes = {key: value for key, value in overrides.items() if value not in (None, ())}
+    changes = {key: value for key, value in flags.items() if value not in (None, ())}
+    if override_texts:
+        changes["overrides"] = [*config.overrides, *(parse_override(text) for text in override_texts)]
     config = config.replace(**changes) if changes else config
     data = None
     if calibration is not None:

@@ -7,9 +7,11 @@ defaults.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,11 @@ FAST_MIN_BLOCK_2_BITS = 32
 FAST_DEFAULT_BLOCK = 32
 #: Fields that bound how a run works but not what it writes.
 RUN_ONLY_FIELDS = ("max_memory",)
+#: What picks the weights of a per-tensor override, from the least specific to the most: the op type of any of the
+#: weight's readers, and a glob on the weight's name.
+OVERRIDE_SELECTORS = ("op_type", "name")
+#: The settings an override may give its weights.
+OVERRIDE_SETTINGS = ("bits", "groups", "outlier_fraction")
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,13 @@ class CompressionConfig:
             stack trace, an FX node dump and module scopes on every node: 0.6 MB on MiniLM, 3.7 MB on SmolLM2), which
             is otherwise dropped from the output (the report says how much); a model's own ``metadata_props`` are
             always kept.
+        overrides: per-tensor settings over the ones above, coremltools-style: a list of objects, each with one
+            selector, ``op_type`` (a weight any of whose readers is of that type, one of :data:`OP_TYPES`) or ``name``
+            (a glob on the weight's name), and settings among :data:`OVERRIDE_SETTINGS`, e.g.
+            ``[{"op_type": "Gather", "bits": 8}, {"name": "*attention*", "bits": 6}]``. The global settings apply
+            first, then every op-type override that picks the weight, then every name override, each in list order
+            (the later wins). With speed 'fast', bits must be 2, 4 or 8. Not with a size target (which chooses
+            every tensor's bits); ``exclude`` leaves a weight dense with or without one.
         max_memory: the memory the run may use, in bytes or as text (``"4GB"``); ``None``: 80% of what is available
             when it starts. It sizes the chunks of rows the encoders take at a time (the output does not depend on
             it), and a run whose estimated peak exceeds it is refused before it starts
@@ -152,6 +166,7 @@ class CompressionConfig:
     affine_offsets: str = "integer"
     decode_at_load: bool = False
     keep_debug_metadata: bool = False
+    overrides: tuple[dict[str, Any], ...] = ()
     max_memory: int | str | None = None
 
     def __post_init__(self) -> None:
@@ -196,6 +211,7 @@ class CompressionConfig:
         if len(targets) > 1:
             raise ConfigError(targets[1], getattr(self, targets[1]), f"no second target besides {targets[0]}")
         self._check_speed()
+        self._check_overrides()
         if self.codebook_dtype not in CODEBOOK_DTYPES:
             raise ConfigError("codebook_dtype", self.codebook_dtype, f"one of {list(CODEBOOK_DTYPES)}")
 
@@ -217,6 +233,44 @@ class CompressionConfig:
             raise ConfigError(self.target[0], self.target[1], "unset with speed 'fast' (size targets choose among "
                               "codebook formats only, for now)")
 
+    def _check_overrides(self) -> None:
+        expected = (f"a list of objects, each with one of {list(OVERRIDE_SELECTORS)} and settings among "
+                    f"{list(OVERRIDE_SETTINGS)}")
+        if isinstance(self.overrides, str | dict) or not isinstance(self.overrides, list | tuple):
+            raise ConfigError("overrides", self.overrides, expected)
+        for item in self.overrides:
+            selectors = [key for key in OVERRIDE_SELECTORS if isinstance(item, dict) and key in item]
+            if len(selectors) != 1 or set(item) - set(OVERRIDE_SELECTORS) - set(OVERRIDE_SETTINGS) or len(item) < 2:
+                raise ConfigError("overrides", item, expected)
+            picked = item[selectors[0]]
+            if selectors[0] == "op_type" and picked not in OP_TYPES:
+                raise ConfigError("overrides", item, f"an op_type among {list(OP_TYPES)}")
+            if not isinstance(picked, str):
+                raise ConfigError("overrides", item, "a name glob given as a string")
+            settings = {key: value for key, value in item.items() if key in OVERRIDE_SETTINGS}
+            try:
+                replace(self, overrides=(), target_size=None, target_ratio=None, target_bits_per_weight=None,
+                        **settings)
+            except ConfigError as error:
+                raise ConfigError("overrides", item, f"valid settings ({error.expected})") from None
+        object.__setattr__(self, "overrides", tuple(dict(item) for item in self.overrides))
+        if self.overrides and self.target is not None:
+            raise ConfigError("overrides", list(self.overrides), "unset with a size target (which chooses every "
+                              "tensor's bits); use exclude to leave weights dense")
+
+    def override_settings(self, name: str, op_types: Iterable[str]) -> dict[str, Any]:
+        """The settings :attr:`overrides` give a weight named ``name`` whose readers are of ``op_types``: op-type
+        overrides first, then name overrides, each in list order (the later wins); empty when none picks it."""
+        readers = set(op_types)
+        merged: dict[str, Any] = {}
+        for selector in OVERRIDE_SELECTORS:
+            for item in self.overrides:
+                picked = item.get(selector)
+                if picked is not None and (picked in readers if selector == "op_type"
+                                           else fnmatch.fnmatchcase(name, picked)):
+                    merged.update({key: value for key, value in item.items() if key in OVERRIDE_SETTINGS})
+        return merged
+
     @property
     def codebook_block_size(self) -> int | None:
         """The input blocks of codebook encodings: ``block_size``, except with speed 'fast', where it sizes the
@@ -237,9 +291,11 @@ class CompressionConfig:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
     def encoding_settings(self) -> dict[str, Any]:
-        """:meth:`to_dict` without the fields that only bound the run (:data:`RUN_ONLY_FIELDS`): what a compressed
-        model's metadata records, so its bytes do not depend on them."""
-        return {key: value for key, value in self.to_dict().items() if key not in RUN_ONLY_FIELDS}
+        """:meth:`to_dict` without the fields that only bound the run (:data:`RUN_ONLY_FIELDS`), and without
+        ``overrides`` when there are none (so files written without them keep the bytes they had before the field
+        existed): what a compressed model's metadata records."""
+        return {key: value for key, value in self.to_dict().items()
+                if key not in RUN_ONLY_FIELDS and not (key == "overrides" and not value)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CompressionConfig:

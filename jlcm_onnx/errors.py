@@ -18,6 +18,7 @@ class ConfigError(JlcmError, ValueError):
         super().__init__(f"config field '{field}' = {value!r} is invalid: expected {expected}")
         self.field = field
         self.value = value
+        self.expected = expected
 
 
 class ModelError(JlcmError):

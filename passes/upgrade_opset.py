@@ -2,7 +2,7 @@
 
 The affine-blocks decoders use ``DequantizeLinear`` with ``block_size`` and UINT4 codes (opset 21, IR 10), or UINT2
 codes (opset 25, IR 11). A model exported at an older opset is converted first; the converter rewrites only the nodes
-whose semantics changed between the two opsets, so the model computes the same function (the output gate of
+whose semantics changed between the two opsets, so the model computes the same function (the output check of
 :func:`jlcm_onnx.compress` compares it with the original). A model the converter cannot upgrade is refused with the
 converter's reason, rather than written in a format its runtime would reject.
 

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 
 from jlcm_onnx.analysis.statistics import LayerStatistics
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.encodings.codebook import equal_group_sizes
+from jlcm_onnx.ir.weight_sites import find_weight_sites
 from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS
 
 #: Per-row codebooks ("groups=None") pool rows whose weights number fewer than this many codebooks' entries.
@@ -76,3 +78,17 @@ class CompressionPlan:
     def group_sizes(self, weight: str, rows: int, cols: int) -> tuple[int, ...]:
         grouping = self.groupings.get(weight)
         return grouping.sizes if grouping is not None else equal_group_sizes(rows, self.groups(weight, rows, cols))
+
+
+def override_choices(model: onnx.ModelProto, config: CompressionConfig) -> dict[str, TensorChoice]:
+    """The choices the config's per-tensor overrides give the weights they pick (see
+    :attr:`~jlcm_onnx.config.CompressionConfig.overrides`); the other weights keep the config's."""
+    if not config.overrides:
+        return {}
+    choices = {}
+    for site in find_weight_sites(model):
+        settings = config.override_settings(site.name, {consumer.node.op_type for consumer in site.consumers})
+        if settings:
+            choices[site.name] = TensorChoice(settings.get("bits", config.bits), settings.get("groups", config.groups),
+                                              settings.get("outlier_fraction"))
+    return choices

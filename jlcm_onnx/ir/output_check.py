@@ -1,4 +1,4 @@
-"""The gate an output passes before it is returned or written: ``onnx.checker`` full check, an onnxruntime load,
+"""The output check, passed before an output is returned or written: ``onnx.checker`` full check, an onnxruntime load,
 and a numeric spot check against the original on one batch of synthetic inputs (same output names, shapes and
 dtypes, and no NaN or Inf where the original has none). A failure there is an internal error, never a written file.
 An input must load in stock onnxruntime (no custom-op library is registered), as the output must too.
@@ -31,7 +31,7 @@ SPOT_INT_HIGH = 10
 
 @dataclass
 class Reference:
-    """The input as the output gate compares against it: whether it passes the full ``onnx.checker`` check (strict
+    """The input as the output check compares against it: whether it passes the full ``onnx.checker`` check (strict
     shape inference) itself (when it does not, the output is held to the basic check), and its outputs on one
     synthetic batch (``feed``, ``output_names`` and ``outputs``), or why it runs on none (``skipped``). Only these are
     kept, never an onnxruntime session, so the input's weights are not held twice while it is compressed."""
@@ -93,9 +93,9 @@ def _passes_full_check(model: bytes | str) -> bool:
 
 
 def check_output(model: onnx.ModelProto, reference: Reference | None = None) -> str | None:
-    """The gate before an output is returned or written: ``onnx.checker`` full check (the basic check when the input
-    itself fails the full one), an onnxruntime load and, given the input's reference, a numeric spot check
-    (:func:`spot_check`).
+    """The output check before an output is returned or written: ``onnx.checker`` full check (the basic check when
+    the input itself fails the full one), an onnxruntime load and, given the input's reference, a numeric spot
+    check (:func:`spot_check`).
 
     Raises RuntimeError (an internal error: the input was fine, the output is not) when a check fails; returns a note
     when the spot check could not be run.

@@ -21,7 +21,7 @@ import onnx
 
 from jlcm_onnx.analysis.calibration import AUTO_MASK, DEFAULT_SAMPLES, CalibrationData, load_calibration
 from jlcm_onnx.analysis.grouping import RowClusterings
-from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice
+from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice, override_choices
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import check_device, cpu_cores, execution_providers, torch_device
 from jlcm_onnx.encodings.affine_decoder import required_ir_version, required_opset
@@ -181,7 +181,7 @@ def compress(
         return loaded.pop() if loaded else load_model(model)[0]
 
     if target is None:
-        plan = CompressionPlan(config, device=device, chunk_weights=chunk)
+        plan = CompressionPlan(config, override_choices(loaded[0], config), device=device, chunk_weights=chunk)
         run = _run(load(), config, plan, progress, data)
     else:
         run, plan = _run_to_target(load, target, config, progress, data, device, chunk)
