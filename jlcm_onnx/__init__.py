@@ -13,7 +13,8 @@ from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.errors import CalibrationError, ConfigError, JlcmError, ModelError, OutputError
 from jlcm_onnx.ir.runtime import fold_at_load, inference_session
 from jlcm_onnx.pipeline.calibration_text import calibration_from_text
-from jlcm_onnx.pipeline.compress import CompressionResult, compress, read_metadata, save
+from jlcm_onnx.pipeline.compress import CompressionResult, compress, save
+from jlcm_onnx.pipeline.metadata import read_metadata
 from jlcm_onnx.pipeline.verify import OutputFidelity, VerifyReport, verify
 from jlcm_onnx.report import CompressionReport, TensorRecord
 

@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import onnx
@@ -18,10 +22,29 @@ from jlcm_onnx.encodings.codebook import encode_matrix, equal_group_sizes
 
 OPSET = 17
 IR_VERSION = 9
+#: The repository's root: bench/ and models/ hold scripts some tests import (see :func:`script`).
+ROOT = Path(__file__).resolve().parent.parent
 
 FLOAT = TensorProto.FLOAT
 FLOAT16 = TensorProto.FLOAT16
 INT64 = TensorProto.INT64
+
+
+def script(relative: str) -> ModuleType:
+    """A script of the repository (``"bench/memory.py"``, ``"models/minilm.py"``) imported as a module named after its
+    file, once; while it loads, its own folder is searched first for the scripts it imports, as when it runs."""
+    path = ROOT / relative
+    if path.stem in sys.modules:
+        return sys.modules[path.stem]
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up there
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
 
 
 # ---------------------------------------------------------------------------------------------------------- models

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +10,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parent.parent
-SPEC = importlib.util.spec_from_file_location("benchmarks", ROOT / "bench" / "benchmarks.py")
-benchmarks = importlib.util.module_from_spec(SPEC)
-sys.modules["benchmarks"] = benchmarks
-SPEC.loader.exec_module(benchmarks)
+from conftest import script
+
+benchmarks = script("bench/benchmarks.py")
 
 FEED = {"X": np.random.default_rng(1).standard_normal((16, 128)).astype(np.float32)}
 

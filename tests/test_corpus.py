@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import script
+
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("corpus", ROOT / "bench" / "corpus.py")
-corpus = importlib.util.module_from_spec(SPEC)
-sys.modules.setdefault("corpus", corpus)  # dataclasses look their module up there
-SPEC.loader.exec_module(corpus)
+corpus = script("bench/corpus.py")
 
 #: Node tests whose frozen variant has weights to compress (MatMul/Gemm B, Conv/ConvTranspose W, Gather data).
 WEIGHT_TESTS = ("test_conv", "test_gemm", "test_matmul", "test_gather_", "test_causal_conv")

@@ -3,7 +3,6 @@ and it compresses."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +11,10 @@ import pytest
 
 import jlcm_onnx
 
+from conftest import script
+
 pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
-import llama_shaped  # noqa: E402
+llama_shaped = script("models/llama_shaped.py")
 
 TINY = llama_shaped.Shape(vocab=2048, hidden=64, layers=1, intermediate=128, heads=2, kv_heads=1, head_dim=32)
 

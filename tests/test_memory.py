@@ -3,7 +3,6 @@ constant-folded at load, and the process holds far less than the dense model (me
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import jlcm_onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import memory  # noqa: E402
+from conftest import script
+
+memory = script("bench/memory.py")
 
 SIZE, LAYERS = 768, 12  # 28 MB of fp32 weights: large enough to see in RSS, fast to compress
 

@@ -14,7 +14,7 @@ from jlcm_onnx.passes.encode_weights import EncodeWeights
 from jlcm_onnx.passes.manager import PassManager, PipelineError
 from jlcm_onnx.passes.reorder_neurons import ReorderNeurons
 from jlcm_onnx.passes.stand_in_encodings import StandInEncodings
-from jlcm_onnx.pipeline.compress import build_pipeline
+from jlcm_onnx.pipeline.pass_list import build_pipeline
 
 from conftest import matmul_model
 

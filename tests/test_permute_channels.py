@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from onnx import helper
 from jlcm_onnx.ir.permute_channels import ChannelPath, apply_permutation, find_channel_path
 from jlcm_onnx.ir.weight_sites import find_weight_sites
 
-from conftest import FLOAT, INT64, check_full, make_model, run, tensor, value
+from conftest import FLOAT, INT64, check_full, make_model, run, script, tensor, value
 
 ROOT = Path(__file__).resolve().parents[1]
 MINILM = ROOT / "build" / "minilm.onnx"
@@ -407,8 +406,7 @@ def minilm_feeds() -> dict[str, np.ndarray]:
     if not MINILM.exists():
         pytest.skip(f"{MINILM} not exported (python models/minilm.py export {MINILM})")
     pytest.importorskip("transformers")
-    sys.path.insert(0, str(ROOT / "models"))
-    minilm = pytest.importorskip("minilm")
+    minilm = script("models/minilm.py")
     return minilm.tokenize(["A man is playing a guitar on the stage.", "Permutations leave embeddings unchanged."])
 
 

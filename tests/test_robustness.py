@@ -29,7 +29,7 @@ from jlcm_onnx.passes.base import Pass, PassResult
 from conftest import FLOAT, FLOAT16, INT64, make_model, run, tensor, value
 
 CONFIG = CompressionConfig(bits=3, min_elements=16)
-compress_module = importlib.import_module("jlcm_onnx.pipeline.compress")  # the module, not the function
+pass_list = importlib.import_module("jlcm_onnx.pipeline.pass_list")
 INT8 = TensorProto.INT8
 
 
@@ -543,8 +543,8 @@ class Corrupt(Pass):
 
 
 def with_buggy_pass(monkeypatch: pytest.MonkeyPatch, edit: Callable[[onnx.ModelProto], None]) -> None:
-    real = compress_module.build_pipeline
-    monkeypatch.setattr(compress_module, "build_pipeline", lambda *a: [*real(*a), Corrupt(edit)])
+    real = pass_list.build_pipeline
+    monkeypatch.setattr(pass_list, "build_pipeline", lambda *a: [*real(*a), Corrupt(edit)])
 
 
 def poison_weight(model: onnx.ModelProto) -> None:

@@ -20,8 +20,8 @@ from jlcm_onnx.config import parse_size
 from jlcm_onnx.encodings.base import WeightShape
 from jlcm_onnx.encodings.codebook_formats import MultiCodebook
 from jlcm_onnx.pipeline import sensitivity
-from jlcm_onnx.pipeline.compress import build_pipeline
 from jlcm_onnx.pipeline.distortion import ErrorTable, estimate_errors, tensor_options
+from jlcm_onnx.pipeline.pass_list import build_pipeline
 from jlcm_onnx.pipeline.sensitivity import output_sensitivities
 from jlcm_onnx.pipeline.size_target import (
     adjust_fine,

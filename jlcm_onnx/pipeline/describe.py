@@ -12,7 +12,7 @@ import onnx
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.ir.model_load import load_model
 from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites
-from jlcm_onnx.pipeline.compress import read_metadata
+from jlcm_onnx.pipeline.metadata import read_metadata
 from jlcm_onnx.report import align_columns, format_bytes
 
 
