@@ -31,7 +31,7 @@ from jlcm_onnx.analysis.activation_inputs import WeightActivations, activation_i
 from jlcm_onnx.analysis.site_encoding import encode_site
 from jlcm_onnx.analysis.statistics import batch_size, collect_statistics
 from jlcm_onnx.devices import execution_providers
-from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites, names_read_in_bodies
+from jlcm_onnx.ir.weight_sites import compressible_sites, find_weight_sites, names_read_in_bodies
 from jlcm_onnx.passes.base import PassResult
 from jlcm_onnx.passes.collect_statistics import CalibrationPass
 from jlcm_onnx.progress import Phase
@@ -44,8 +44,7 @@ class CalibrateSequentially(CalibrationPass):
     makes = frozenset({"statistics", "encodings", "layer_errors", "calibration_passes"})
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        row_axes = {site.name: axis for site in find_weight_sites(model)
-                    if (axis := compressible_row_axis(site, self.config)[0]) is not None}
+        row_axes = {site.name: axis for site, axis in compressible_sites(model, self.config)}
         inputs = activation_inputs(model, row_axes)
         measured = {name: entry for name, entry in inputs.items() if entry.inputs}
         self.plan.statistics.update(collect_statistics(model, set(inputs) - set(measured), [], inputs=inputs))

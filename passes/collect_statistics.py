@@ -14,7 +14,7 @@ from jlcm_onnx.analysis.plan import CompressionPlan
 from jlcm_onnx.analysis.statistics import batch_size, collect_statistics
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import execution_providers
-from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites
+from jlcm_onnx.ir.weight_sites import compressible_sites
 from jlcm_onnx.passes.base import Pass, PassResult
 
 
@@ -37,8 +37,7 @@ class CollectStatistics(CalibrationPass):
     makes = frozenset({"statistics", "calibration_passes"})
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        sites = find_weight_sites(model)
-        names = [site.name for site in sites if compressible_row_axis(site, self.config)[0] is not None]
+        names = [site.name for site, _ in compressible_sites(model, self.config)]
         batches = self.data.batches(batch_size(model, names, next(iter(self.data))))
         self.plan.statistics.update(
             collect_statistics(model, names, batches, progress=self.progress,

@@ -15,7 +15,7 @@ import onnx
 from jlcm_onnx.analysis.plan import CompressionPlan
 from jlcm_onnx.analysis.site_encoding import stand_in_encoding
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites
+from jlcm_onnx.ir.weight_sites import compressible_sites
 from jlcm_onnx.passes.base import Pass, PassResult
 
 
@@ -30,8 +30,6 @@ class StandInEncodings(Pass):
         self.plan = plan
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        for site in find_weight_sites(model):
-            row_axis, _ = compressible_row_axis(site, self.config)
-            if row_axis is not None:
-                self.plan.encodings[site.name] = stand_in_encoding(site, row_axis, self.config, self.plan)
+        for site, row_axis in compressible_sites(model, self.config):
+            self.plan.encodings[site.name] = stand_in_encoding(site, row_axis, self.config, self.plan)
         return PassResult(model, modified=False)

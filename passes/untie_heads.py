@@ -19,8 +19,7 @@ from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.ir.weight_sites import (
     Consumer,
     WeightSite,
-    compressible_row_axis,
-    find_weight_sites,
+    compressible_sites,
     transposed_matmul,
 )
 from jlcm_onnx.passes.base import Pass, PassResult
@@ -36,8 +35,7 @@ class UntieHeads(Pass):
         self.config = config
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        tied = [(site, head) for site in find_weight_sites(model)
-                if compressible_row_axis(site, self.config)[0] is not None
+        tied = [(site, head) for site, _ in compressible_sites(model, self.config)
                 for head in [_tied_head(site)] if head is not None]
         for site, (transpose, matmul) in tied:
             copy = numpy_helper.from_array(np.ascontiguousarray(site.array().T), f"{site.name}{HEAD_SUFFIX}")

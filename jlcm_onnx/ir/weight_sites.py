@@ -230,6 +230,13 @@ def compressible_row_axis(site: WeightSite, config: CompressionConfig) -> tuple[
     return axes[0], ""
 
 
+def compressible_sites(model: onnx.ModelProto, config: CompressionConfig) -> list[tuple[WeightSite, int]]:
+    """Every weight site of ``model`` that ``config`` compresses, with its row axis, in graph order: the one place
+    that decides (:func:`compressible_row_axis`)."""
+    found = ((site, compressible_row_axis(site, config)[0]) for site in find_weight_sites(model))
+    return [(site, row_axis) for site, row_axis in found if row_axis is not None]
+
+
 def _not_a_weight(site: WeightSite, config: CompressionConfig) -> str:
     """Why no consumer of ``site`` reads it as a weight or as compressible data."""
     for consumer in site.consumers:

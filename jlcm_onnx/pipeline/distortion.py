@@ -35,7 +35,7 @@ from jlcm_onnx.devices import map_on_cores
 from jlcm_onnx.encodings.base import Encoding, codebook_dtype
 from jlcm_onnx.encodings.codebook import equal_group_sizes
 from jlcm_onnx.encodings.registry import encoding_for
-from jlcm_onnx.ir.weight_sites import WeightSite, compressible_row_axis, find_weight_sites
+from jlcm_onnx.ir.weight_sites import WeightSite, compressible_sites
 
 #: Group counts the planner chooses from, besides ``None`` (one codebook per row); fine steps come later.
 GROUP_LADDER = (1, 4, 16, 64, 256)
@@ -58,8 +58,7 @@ def estimate_errors(model: onnx.ModelProto, config: CompressionConfig, progress:
     """``D_t`` of every option (:func:`tensor_options`) of every compressible tensor of ``model``; the row
     clusterings are kept in ``clusterings`` for the runs that follow."""
     clusterings = RowClusterings() if clusterings is None else clusterings
-    sites = [(site, compressible_row_axis(site, config)[0]) for site in find_weight_sites(model)]
-    sites = [(site, axis) for site, axis in sites if axis is not None]
+    sites = compressible_sites(model, config)
 
     def measure(site_and_axis: tuple[WeightSite, int]) -> dict[TensorChoice, float]:
         site, row_axis = site_and_axis

@@ -35,7 +35,7 @@ from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice
 from jlcm_onnx.analysis.site_encoding import encode_site
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.ir.model_skeleton import skeleton
-from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites
+from jlcm_onnx.ir.weight_sites import compressible_sites
 from jlcm_onnx.pipeline.distortion import ESTIMATE_ITERATIONS, ErrorTable
 from jlcm_onnx.progress import Phase
 
@@ -52,8 +52,7 @@ def output_sensitivities(
     progress: bool = False,
 ) -> dict[str, float]:
     """``a_t = E_t / D_t(probe)`` of every compressible tensor of ``model`` (see the module docstring)."""
-    sites = [(site, compressible_row_axis(site, config)[0]) for site in find_weight_sites(model)]
-    sites = [(site, axis) for site, axis in sites if axis is not None]
+    sites = compressible_sites(model, config)
     feedable = [(site, axis) for site, axis in sites if site.graph is model.graph and site.constant_node is None]
     with Phase("output sensitivity", total=len(feedable), enabled=progress) as phase:
         probed = skeleton(model, {site.name for site, _ in feedable})

@@ -20,7 +20,7 @@ from jlcm_onnx.config import MAX_BITS, CompressionConfig
 from jlcm_onnx.encodings.base import WeightShape, codebook_dtype
 from jlcm_onnx.encodings.registry import encoding_for
 from jlcm_onnx.errors import JlcmError
-from jlcm_onnx.ir.weight_sites import compressible_row_axis, find_weight_sites, is_lone_table_gather
+from jlcm_onnx.ir.weight_sites import compressible_sites, is_lone_table_gather
 from jlcm_onnx.pipeline.distortion import ErrorTable
 
 #: Most outliers the size planner keeps in one tensor when it spends a budget on them.
@@ -29,10 +29,7 @@ MAX_OUTLIER_FRACTION = 0.02
 def weight_shapes(model: onnx.ModelProto, config: CompressionConfig) -> list[WeightShape]:
     """The compressible weights of ``model`` under ``config``."""
     shapes = []
-    for site in find_weight_sites(model):
-        row_axis, _ = compressible_row_axis(site, config)
-        if row_axis is None:
-            continue
+    for site, row_axis in compressible_sites(model, config):
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(site.tensor.data_type).itemsize
         value_bytes = codebook_dtype(config, site).itemsize
         shapes.append(WeightShape(site.name, site.num_elements, site.shape[row_axis], value_bytes,
