@@ -93,8 +93,8 @@ class CompressionConfig:
             k-means codebooks, each column's error pushed onto the columns not yet assigned, then a least-squares
             codebook refit) or ``"kmeans"`` (the data-free encoding).
         learning_steps: optimiser steps of the joint learning per layer after the init (with calibration data only);
-            0 by default: on all-MiniLM-L6-v2 at 3 bits, 50 proximal steps after the error-feedback init did not
-            raise the fidelity and doubled the time (``bench/calibration.py``).
+            0 by default: on all-MiniLM-L6-v2 at 3 bits, proximal steps after the error-feedback init did not raise
+            the fidelity and doubled the time (``python bench/calibration.py``, README "calibration").
         sequential: with calibration data, take each layer's statistics with the layers before it already compressed
             (one onnxruntime pass per level of the network) so it learns to correct their error; otherwise one pass
             on the float model.

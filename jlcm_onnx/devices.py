@@ -56,10 +56,9 @@ def map_on_cores(function: Callable[[Item], Result], items: Sequence[Item], *, d
                  weight: Callable[[Item], float] | None = None, progress: bool = False,
                  postfix: Callable[[Result], str] | None = None) -> list[Result]:
     """``[function(item) for item in items]`` on one thread per CPU core, torch single-threaded meanwhile: the items'
-    numpy and torch work releases the GIL, and their small ops gain nothing from torch's own threads (MiniLM's option
-    errors: 28 s in one thread, 19 s on two cores). ``function`` must not share mutable state between items. Progress
-    counts each finished item as ``weight(item)`` (its share of the work; 1 without ``weight``) and shows
-    ``postfix(result)`` of the latest result."""
+    numpy and torch work releases the GIL, and their small ops gain nothing from torch's own threads. ``function``
+    must not share mutable state between items. Progress counts each finished item as ``weight(item)`` (its share of the
+    work; 1 without ``weight``) and shows ``postfix(result)`` of the latest result."""
     weigh = weight or (lambda _: 1.0)
     cores = cpu_cores()
     threads = torch.get_num_threads()

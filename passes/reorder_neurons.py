@@ -11,8 +11,8 @@ contiguous range that shares one codebook, at no per-weight mapping cost. The gr
 Where the permutation cannot be folded (residual stream, attention heads, graph outputs, ...) the rows are still
 clustered and stored re-ordered, and a Gather restores their order after decoding (``rows`` uint16/int32 indices and
 one copy of the decoded weight, of a blocked MatMul's output, or of an embedding's looked-up ids); the reason is
-recorded. Measured on all-MiniLM-L6-v2 linear weights at 3 bits and 8 or 32 groups, clustering raises weight SQNR by
-0.4-0.8 dB over the same number of contiguous groups in the original order. A weight whose rows were already permuted
+recorded. Clustering raises the weight SQNR over the same number of contiguous groups in the original order
+(``python bench/grouping.py``, README "grouping"). A weight whose rows were already permuted
 as the sibling of another (the gate of a gated FFN shares the up projection's permutation) reuses that weight's groups
 when it was planned with as many, and otherwise gets its own count as contiguous groups of the permuted rows.
 """
