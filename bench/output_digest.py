@@ -1,14 +1,15 @@
 """SHA-256 of the bytes ``compress`` writes for a fixed set of settings: the check that a refactoring or a memory bound
 left every output byte as it was.
 
-Run it before and after a change and compare the two JSON files; any setting whose digest differs changed its output.
+Run it on the commit before a change with ``--json``, then on the change with ``--compare`` that file: it lists every
+setting whose digest differs and exits with 1 if any does.
 The settings cover every encoder path: per-row and grouped codebooks, input blocks, outliers, multi-scaling, a size
 target, the fast path (integer and float offsets) and calibrated learning (synthetic calibration inputs drawn with a
 fixed seed, so both runs see the same data).
 
 Command line::
 
-    python bench/output_digest.py MODEL.onnx [--json OUT.json] [--only NAME ...]
+    python bench/output_digest.py MODEL.onnx [--json OUT.json] [--compare BEFORE.json] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -86,12 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("--json", type=Path, help="write the digests here")
+    parser.add_argument("--compare", type=Path, help="digests of an earlier run (--json) to compare against")
     parser.add_argument("--only", nargs="*", help="setting names to run (default: all)")
     args = parser.parse_args(argv)
     result = digests(args.model, args.only)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    if args.compare is None:
+        return 0
+    before = json.loads(args.compare.read_text())
+    changed = [name for name, digest in result.items() if before.get(name) != digest]
+    for name in changed:
+        print(f"changed: {name}", file=sys.stderr)
+    print(f"{len(result) - len(changed)} of {len(result)} settings write the same bytes as {args.compare}",
+          file=sys.stderr)
+    return 1 if changed else 0
 
 
 if __name__ == "__main__":

@@ -113,3 +113,12 @@ def test_parse_override_reads_numbers_none_and_text() -> None:
         "name": "*attn*", "bits": 6, "groups": None, "outlier_fraction": 0.01}
     with pytest.raises(ConfigError, match="SELECTOR,SETTING=VALUE"):
         parse_override("bits")
+
+
+def test_a_2_bit_override_raises_the_opset_2_bit_codes_need(rng: np.random.Generator) -> None:
+    """The opset follows every bit width in use: 2-bit codes (UINT2) need opset 25, which 4 bits alone do not."""
+    config = CompressionConfig(bits=4, speed="fast", min_elements=16, overrides=[{"name": "W2", "bits": 2}])
+    result = jlcm_onnx.compress(model_with_table(rng), config)
+    assert next(o.version for o in result.model.opset_import if o.domain == "") == 25
+    assert {r.name: r.bits for r in result.report.tensors}["W2"] == 2
+    assert run(result.model, {"ids": np.array([0, 511])})[0].shape == (2, 64)

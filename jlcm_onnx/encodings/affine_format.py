@@ -28,6 +28,8 @@ from jlcm_onnx.encodings.affine_decoder import (
     build_transposed_gemm,
     build_unpacked_decoder,
     pack_sub_byte,
+    required_ir_version,
+    required_opset,
 )
 from jlcm_onnx.encodings.base import (
     DecoderContext,
@@ -78,6 +80,14 @@ class AffineBlocksFormat(Encoding):
     ``W^[r, j] = s[r, j / B] * (q[r, j] - z[r, j / B])``."""
 
     groups_rows: ClassVar[bool] = False
+
+    def model_needs(self, config: CompressionConfig) -> tuple[int, int]:
+        """Blocked DequantizeLinear and the codes' types: opset 21 and IR 10 (UINT4, UINT8), opset 25 and IR 11 with
+        2-bit weights anywhere (the config's bits or an override's)."""
+        if config.speed != "fast":
+            return 0, 0
+        bits = {config.bits, *(override["bits"] for override in config.overrides if "bits" in override)}
+        return max(required_opset(b) for b in bits), max(required_ir_version(b) for b in bits)
 
     def selects(self, site: WeightSite, row_axis: int, config: CompressionConfig) -> bool:
         return config.speed == "fast" and (config.affine_offsets == "float"

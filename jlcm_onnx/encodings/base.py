@@ -9,7 +9,8 @@ A format owns all that is particular to one way of storing a weight:
 - its stored bytes as the size planner estimates them (:meth:`~Encoding.stored_bytes`) and the weight error of a row
   sample at each bit width (:meth:`~Encoding.squared_errors`);
 - its decoder in the graph and the report's words for it (:meth:`~Encoding.write`);
-- what the memory estimate needs: whether its fit or its learning must see the whole tensor at once.
+- what the memory estimate needs: whether its fit or its learning must see the whole tensor at once;
+- the opset and IR version its decoders need (:meth:`~Encoding.model_needs`), which the model is raised to first.
 
 The pipeline holds no format-specific code: a new format is one module that subclasses :class:`Encoding` and one
 :func:`~jlcm_onnx.encodings.registry.register` call.
@@ -118,6 +119,11 @@ class Encoding(ABC):
     fits_whole_tensor: ClassVar[bool] = False
     #: Whether learning needs the whole tensor at once (not a block of row groups at a time).
     learns_whole_tensor: ClassVar[bool] = False
+
+    def model_needs(self, config: CompressionConfig) -> tuple[int, int]:
+        """The least ai.onnx opset and IR version this format's decoders need in a model compressed under
+        ``config`` (``(0, 0)``: any the decoders run in)."""
+        return 0, 0
 
     @abstractmethod
     def selects(self, site: WeightSite, row_axis: int, config: CompressionConfig) -> bool:

@@ -30,6 +30,12 @@ def registered() -> tuple[Encoding, ...]:
     return tuple(_REGISTERED)
 
 
+def model_needs(config: CompressionConfig) -> tuple[int, int]:
+    """The least ai.onnx opset and IR version the registered formats' decoders need under ``config``."""
+    needs = [encoding.model_needs(config) for encoding in _REGISTERED]
+    return max(opset for opset, _ in needs), max(ir for _, ir in needs)
+
+
 def encoding_for(site: WeightSite, row_axis: int, config: CompressionConfig) -> Encoding:
     """The format that encodes ``site`` (rows along ``row_axis``) under ``config``."""
     for encoding in _REGISTERED:

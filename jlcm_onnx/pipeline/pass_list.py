@@ -9,7 +9,7 @@ from jlcm_onnx.analysis.calibration import CalibrationData
 from jlcm_onnx.analysis.grouping import RowClusterings
 from jlcm_onnx.analysis.plan import CompressionPlan
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.encodings.affine_decoder import required_ir_version, required_opset
+from jlcm_onnx.encodings.registry import model_needs
 from jlcm_onnx.ir.runtime import fold_at_load
 from jlcm_onnx.passes.base import Pass
 from jlcm_onnx.passes.calibrate_sequentially import CalibrateSequentially
@@ -30,13 +30,15 @@ def build_pipeline(
 ) -> list[Pass]:
     """The passes of a compression run, in order; the re-ordering pass hands its group sizes to the encoder, and with
     calibration data the statistics of the re-ordered model's layers go to the encoder's joint learning. A
-    ``rehearsal`` encodes stand-ins instead (no data used): the same file layout and bytes, nothing fitted. With
-    ``speed="fast"`` the model's opset is first raised to what DequantizeLinear with blocks needs, and tables tied to
-    a language-model head get a copy for the head, and the exporter's debug metadata goes last (unless
-    ``keep_debug_metadata``). Runs over one model share its row ``clusterings``."""
-    upgrade: list[Pass] = []
+    ``rehearsal`` encodes stand-ins instead (no data used): the same file layout and bytes, nothing fitted. The
+    model's opset and IR version are first raised to what the formats' decoders need (DequantizeLinear with blocks,
+    with speed 'fast'), and with speed 'fast' tables tied to a language-model head get a copy for the head; the
+    exporter's debug metadata goes last (unless ``keep_debug_metadata``). Runs over one model share its row
+    ``clusterings``."""
+    opset, ir_version = model_needs(config)
+    upgrade: list[Pass] = [UpgradeOpset(opset, ir_version)] if opset or ir_version else []
     if config.speed == "fast":
-        upgrade = [UpgradeOpset(required_opset(config.bits), required_ir_version(config.bits)), UntieHeads(config)]
+        upgrade.append(UntieHeads(config))
     if rehearsal:
         middle: list[Pass] = [StandInEncodings(config, plan)]
     else:
