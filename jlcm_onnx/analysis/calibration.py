@@ -45,12 +45,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from jlcm_onnx.analysis.calibration_files import read_feed_files
 from jlcm_onnx.errors import CalibrationError, ConfigError
 from jlcm_onnx.ir.model_load import load_model
 from jlcm_onnx.ir.sessions import first_line
+from jlcm_onnx.ir.synthetic_inputs import declared_inputs
 
 #: Samples kept by default (the CLI's ``--calibration-samples``).
 DEFAULT_SAMPLES = 128
@@ -85,23 +85,14 @@ class InputSpec:
 
 def model_inputs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
     """The inputs a feed must provide: graph inputs that are not initializers, with numpy dtype and shape."""
-    initializers = {t.name for t in model.graph.initializer}
     specs = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        if value.type.WhichOneof("value") != "tensor_type":
-            raise CalibrationError(f"model input '{value.name}' is not a tensor; only tensor inputs can be fed")
-        tensor_type = value.type.tensor_type
-        try:
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        except (KeyError, TypeError, ValueError):
-            raise CalibrationError(f"model input '{value.name}' has no known element type") from None
-        shape = None
-        if tensor_type.HasField("shape"):
-            shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                          for d in tensor_type.shape.dim)
-        specs.append(InputSpec(value.name, dtype, shape))
+    for declared in declared_inputs(model):
+        if not declared.tensor:
+            raise CalibrationError(f"model input '{declared.name}' is not a tensor; only tensor inputs can be fed")
+        if declared.dtype is None:
+            raise CalibrationError(f"model input '{declared.name}' has no known element type")
+        shape = None if declared.dims is None else tuple(d if isinstance(d, int) else None for d in declared.dims)
+        specs.append(InputSpec(declared.name, declared.dtype, shape))
     return tuple(specs)
 
 

@@ -24,12 +24,14 @@ Feed = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class InputDeclaration:
-    """A graph input as the model declares it: a dim is its size, its symbol (a string) or None (unknown); the
-    ``dtype`` is None for a type numpy cannot hold (strings, sequences)."""
+    """A graph input as the model declares it: whether it is a ``tensor`` (not a sequence or a map), its numpy
+    ``dtype`` (None when it has none), and its ``dims`` (None when the shape is not declared), each a size, a symbol
+    (a string) or None (unknown)."""
 
     name: str
+    tensor: bool
     dtype: np.dtype | None
-    dims: tuple[int | str | None, ...]
+    dims: tuple[int | str | None, ...] | None
 
 
 def declared_inputs(model: onnx.ModelProto) -> tuple[InputDeclaration, ...]:
@@ -44,8 +46,11 @@ def declared_inputs(model: onnx.ModelProto) -> tuple[InputDeclaration, ...]:
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         except (KeyError, TypeError, ValueError):
             dtype = None
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
-        declared.append(InputDeclaration(value.name, dtype if dtype is None or dtype.kind in "fiub" else None, dims))
+        dims = None
+        if tensor_type.HasField("shape"):
+            dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                         for d in tensor_type.shape.dim)
+        declared.append(InputDeclaration(value.name, value.type.WhichOneof("value") == "tensor_type", dtype, dims))
     return tuple(declared)
 
 
@@ -56,7 +61,7 @@ def synthetic_feed(inputs: Sequence[InputDeclaration], rng: np.random.Generator,
     feed = {}
     for declared in inputs:
         shape = []
-        for axis, dim in enumerate(declared.dims):
+        for axis, dim in enumerate(declared.dims or ()):
             size = dim if isinstance(dim, int) and dim > 0 else (batch if axis == 0 else other)
             shape.append(symbols.setdefault(dim, size) if isinstance(dim, str) else size)
         feed[declared.name] = _values(declared, tuple(shape), rng, max(1, high))
@@ -76,7 +81,7 @@ def gather_rows(model: onnx.ModelProto) -> int | None:
 
 def _values(declared: InputDeclaration, shape: tuple[int, ...], rng: np.random.Generator, high: int) -> np.ndarray:
     name, dtype = declared.name.lower(), declared.dtype
-    if dtype is None:
+    if dtype is None or dtype.kind not in "fiub":
         raise ModelError(f"model input '{declared.name}' is not a numeric tensor: synthetic inputs cannot be made for "
                          "it, give data")
     if dtype.kind == "f":
