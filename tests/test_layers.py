@@ -1,7 +1,8 @@
 """The package's layers import one way: foundation <- ir <- encodings <- analysis <- passes <- pipeline <- front ends.
 
 Every ``import`` in every module of the installed package is read (those inside functions too) and each import of a
-``jlcm_onnx`` module must name one of the importing module's layer or of a layer below.
+``jlcm_onnx`` module must name one of the importing module's layer or of a layer below. Modules stay under 400 lines
+and functions under 80.
 """
 
 from __future__ import annotations
@@ -77,3 +78,21 @@ def test_the_walk_sees_imports_inside_functions() -> None:
     found = imported_modules("jlcm_onnx.ir.probe", lazy, known)
     assert found == {"jlcm_onnx.pipeline.compress", "jlcm_onnx.encodings", "jlcm_onnx.encodings.codebook"}
     assert max(layer_of(name) for name in found) > layer_of("jlcm_onnx.ir.probe")
+
+
+#: Limits that keep modules to one job and functions readable on one screen.
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
+
+
+def test_modules_and_functions_stay_small() -> None:
+    too_long = []
+    for module, path in package_modules().items():
+        source = path.read_text()
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{module}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{module}.{node.name}: {length} lines")
+    assert not too_long, "\n".join(too_long)
