@@ -13,10 +13,11 @@ Every method turns the same fp32 ONNX file into a smaller one; every file is the
 
 Methods: jlcm-onnx at 4, 3 and 2 bits (one codebook per output row; 3 bits also per tensor and multi-scaling;
 calibrated where the model has calibration data apart from its evaluation data; one codebook per tensor with a scale
-and an offset per block of 32 inputs; ``speed="fast"``, affine blocks of 32 or 16 inputs that onnxruntime fuses into
-MatMulNBits; the size planner choosing bits and groups per tensor for a 4x and a 6x smaller file), onnxruntime's
-``MatMulNBitsQuantizer`` (RTN and HQQ, 4 and 2 bits, blocks of 32 and 128, RTN also with Gather/embeddings) and
-``quantize_dynamic`` int8. A method that fails on a model gets a row saying why, never a silent gap.
+and an offset per block of 32 or 64 inputs; ``speed="fast"``, affine blocks of 16, 32 or 128 inputs that onnxruntime
+fuses into MatMulNBits; the size planner choosing bits and groups per tensor for a 4x and a 6x smaller file),
+onnxruntime's ``MatMulNBitsQuantizer`` (RTN and HQQ, 4 and 2 bits, blocks of 32 and 128, RTN also with
+Gather/embeddings) and ``quantize_dynamic`` int8. A method that fails on a model gets a row saying why, never a silent
+gap.
 
 Run: ``python bench/benchmarks.py`` (all models; ``--models minilm efficientnet``, ``--methods`` substrings to pick,
 ``--report-only`` to rewrite the reports from the JSON;
@@ -117,6 +118,7 @@ METHODS: tuple[Method, ...] = (
     Method("jlcm-onnx 3-bit, calibrated", "jlcm", {"bits": 3}, calibrated=True),
     Method("jlcm-onnx 4-bit, input blocks of 32", "jlcm", {"bits": 4, "groups": 1, "block_size": 32}),
     Method("jlcm-onnx 3-bit, input blocks of 32", "jlcm", {"bits": 3, "groups": 1, "block_size": 32}),
+    Method("jlcm-onnx 4-bit, input blocks of 64", "jlcm", {"bits": 4, "groups": 1, "block_size": 64}),
     Method("jlcm-onnx 3-bit, input blocks of 32, calibrated", "jlcm", {"bits": 3, "groups": 1, "block_size": 32},
            calibrated=True),
     Method("jlcm-onnx 4-bit, fast", "jlcm", {"bits": 4, "speed": "fast"}),
@@ -125,6 +127,8 @@ METHODS: tuple[Method, ...] = (
     Method("jlcm-onnx 4-bit, fast, float offsets", "jlcm", {"bits": 4, "speed": "fast", "affine_offsets": "float"}),
     Method("jlcm-onnx 4-bit, fast, float offsets, calibrated", "jlcm",
            {"bits": 4, "speed": "fast", "affine_offsets": "float"}, calibrated=True),
+    Method("jlcm-onnx 4-bit, fast, float offsets, blocks of 128", "jlcm",
+           {"bits": 4, "speed": "fast", "affine_offsets": "float", "block_size": 128}),
     Method("jlcm-onnx 2-bit, fast, calibrated", "jlcm", {"bits": 2, "speed": "fast"}, calibrated=True),
     Method("jlcm-onnx 4-bit, fast, decode at load", "jlcm", {"bits": 4, "speed": "fast", "decode_at_load": True}),
     Method("jlcm-onnx 4-bit, decode at load", "jlcm", {"bits": 4, "decode_at_load": True}),
@@ -421,6 +425,7 @@ HEADLINE = ("fp32 (original)", "jlcm-onnx 4-bit", "jlcm-onnx 3-bit", "jlcm-onnx 
             "jlcm-onnx, size planner at 4x", "jlcm-onnx, size planner at 6x", "jlcm-onnx 4-bit, fast",
             "jlcm-onnx 4-bit, fast, blocks of 16", "jlcm-onnx 4-bit, fast, calibrated",
             "jlcm-onnx 4-bit, fast, float offsets", "jlcm-onnx 4-bit, fast, float offsets, calibrated",
+            "jlcm-onnx 4-bit, input blocks of 64", "jlcm-onnx 4-bit, fast, float offsets, blocks of 128",
             "ORT RTN 4-bit, block 32",
             "ORT HQQ 4-bit, block 32", "ORT quantize_dynamic int8")
 
