@@ -105,7 +105,8 @@ class CompressionConfig:
             ``block_size`` inputs, default 32, written as standard ``DequantizeLinear``, which onnxruntime fuses with
             MatMul/Gemm into its ``MatMulNBits`` kernel; an embedding table read by one Gather keeps a row decoder,
             over per-row codebooks without input blocks, or over its affine blocks with float offsets). ``"fast"``
-            takes bits 2, 4 or 8 and raises the model's ai.onnx opset to 21 (25 for 2 bits).
+            takes bits 2, 4 or 8 and raises the model's ai.onnx opset to 21 (25 for 2 bits); a model that
+            ``onnx.version_converter`` cannot upgrade keeps its opset and gets codebooks (the report says why).
         affine_offsets: with speed 'fast', what each affine block stores beside its scale: ``"integer"``, a zero point
             of the codes' type (DequantizeLinear's own: b bits per block); ``"float"``, an offset in the codebook dtype,
             carried exactly beside the fused product by a product of the block sums of the layer's input (a product

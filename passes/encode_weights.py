@@ -30,11 +30,11 @@ from jlcm_onnx.devices import map_on_cores
 from jlcm_onnx.encodings.base import DecoderContext, SiteEncoding, WrittenDecoder
 from jlcm_onnx.ir.decoder_functions import DOMAIN, DecoderFunctions
 from jlcm_onnx.ir.graph_building import GATE_PLACEHOLDER, ConstantPool, NameAllocator, build_gate
-from jlcm_onnx.ir.model_load import default_opset
 from jlcm_onnx.ir.weight_sites import (
     WeightSite,
     anchor_index,
     compressible_row_axis,
+    default_opset,
     find_weight_sites,
     iter_graphs,
     names_read_in_bodies,

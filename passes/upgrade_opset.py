@@ -3,8 +3,9 @@
 The affine-blocks decoders use ``DequantizeLinear`` with ``block_size`` and UINT4 codes (opset 21, IR 10), or UINT2
 codes (opset 25, IR 11). A model exported at an older opset is converted first; the converter rewrites only the nodes
 whose semantics changed between the two opsets, so the model computes the same function (the output check of
-:func:`jlcm_onnx.compress` compares it with the original). A model the converter cannot upgrade is refused with the
-converter's reason, rather than written in a format its runtime would reject.
+:func:`jlcm_onnx.compress` compares it with the original). A model the converter cannot upgrade keeps its opset, with
+the converter's reason in the report; formats its opset cannot express then take no weight
+(:meth:`jlcm_onnx.encodings.base.Encoding.model_needs`), and its weights go to the next format that does.
 
 Only the model's structure goes through the converter (:mod:`jlcm_onnx.ir.model_skeleton`: large weights as graph
 inputs, small constants kept for the adapters that read them); the weights are then moved into the converted model
@@ -17,9 +18,8 @@ from __future__ import annotations
 import onnx
 from onnx import inliner, version_converter
 
-from jlcm_onnx.errors import ModelError
-from jlcm_onnx.ir.model_load import default_opset
 from jlcm_onnx.ir.model_skeleton import skeleton
+from jlcm_onnx.ir.weight_sites import default_opset
 from jlcm_onnx.passes.base import Pass, PassResult
 
 
@@ -41,8 +41,10 @@ class UpgradeOpset(Pass):
                 model = _with_weights_of(model, version_converter.convert_version(structure, self.opset))
             except Exception as error:  # noqa: BLE001 - the converter raises bare RuntimeErrors and its own types
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise ModelError(f"speed 'fast' needs ai.onnx opset {self.opset}, and onnx.version_converter cannot "
-                                 f"upgrade this model from opset {current}: {reason}") from None
+                return PassResult(model, modified=False, notes=[
+                    f"ai.onnx opset {current} kept: onnx.version_converter cannot upgrade this model to {self.opset} "
+                    f"({reason}); the formats that need it (speed 'fast': affine blocks) are not used, and the "
+                    "weights are written as codebooks instead"])
             notes.append(f"ai.onnx opset {current} -> {self.opset} (onnx.version_converter): what DequantizeLinear "
                            "with blocks needs")
         if model.ir_version < self.ir_version:

@@ -19,10 +19,11 @@ from jlcm_onnx.encodings.affine_blocks import fit_affine_blocks, learn_affine_bl
 from jlcm_onnx.encodings.affine_decoder import pack_sub_byte
 from jlcm_onnx.encodings.learning import layer_objective
 from jlcm_onnx.errors import ConfigError
+from jlcm_onnx.passes import upgrade_opset
 from jlcm_onnx.passes.untie_heads import UntieHeads
 from jlcm_onnx.passes.upgrade_opset import UpgradeOpset
 
-from conftest import FLOAT, INT64, correlated_inputs, make_model, tensor, value
+from conftest import FLOAT, INT64, all_nodes, correlated_inputs, make_model, tensor, value
 
 #: name -> (shape, row axis) of the weights of :func:`every_consumer_model`.
 WEIGHTS = {
@@ -183,6 +184,21 @@ def test_opset_upgrade_keeps_outputs() -> None:
     x = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
     for got, want in zip(session(upgraded).run(None, x), session(model).run(None, x), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_model_the_converter_cannot_upgrade_falls_back_to_codebooks(original: onnx.ModelProto, monkeypatch) -> None:
+    """No blocked DequantizeLinear at opset 17: the weights go to codebooks, the report says why, and the file is
+    valid at the model's own opset."""
+    def refuse(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+        raise RuntimeError("No Adapter For Op")
+
+    monkeypatch.setattr(upgrade_opset.version_converter, "convert_version", refuse)
+    result = jlcm_onnx.compress(original, CompressionConfig(bits=4, speed="fast", min_elements=256))
+    assert any("ai.onnx opset 17 kept" in note and "No Adapter For Op" in note for note in result.report.notes)
+    assert next(o.version for o in result.model.opset_import if o.domain == "") == 17
+    assert "DequantizeLinear" not in {node.op_type for node in all_nodes(result.model)}
+    assert all(r.encoding.startswith("multi-codebook") for r in result.report.compressed)
+    onnx.checker.check_model(result.model, full_check=True)
 
 
 @pytest.mark.parametrize("bits", [2, 4])

@@ -90,8 +90,11 @@ class AffineBlocksFormat(Encoding):
         return max(required_opset(b) for b in bits), max(required_ir_version(b) for b in bits)
 
     def selects(self, site: WeightSite, row_axis: int, config: CompressionConfig) -> bool:
-        return config.speed == "fast" and (config.affine_offsets == "float"
-                                           or not is_lone_table_gather(site, row_axis))
+        """Under speed 'fast', in a model whose opset holds blocked DequantizeLinear (it was raised, or could not
+        be)."""
+        if config.speed != "fast" or site.opset < self.model_needs(config)[0]:
+            return False
+        return config.affine_offsets == "float" or not is_lone_table_gather(site, row_axis)
 
     def encode(self, matrix: np.ndarray, request: EncodeRequest, site: WeightSite, row_axis: int,
                config: CompressionConfig) -> AffineBlocks:

@@ -22,7 +22,7 @@ from jlcm_onnx.errors import ModelError
 from jlcm_onnx.ir.lazy_weights import defer_external_data, defer_payloads, read_structure
 from jlcm_onnx.ir.model_skeleton import skeleton
 from jlcm_onnx.ir.sessions import first_line
-from jlcm_onnx.ir.weight_sites import compressible_sites, iter_graphs
+from jlcm_onnx.ir.weight_sites import compressible_sites, default_opset, iter_graphs
 
 #: The oldest ai.onnx opset the decoder subgraph can be expressed in (BitShift, GatherElements).
 MIN_OPSET = 11
@@ -127,10 +127,6 @@ def quantization_note(model: onnx.ModelProto) -> str | None:
 
 def _has_compressible_weight(model: onnx.ModelProto, config: CompressionConfig) -> bool:
     return bool(compressible_sites(model, config))
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _location(tensor: onnx.TensorProto) -> str:

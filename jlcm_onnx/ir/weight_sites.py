@@ -76,6 +76,8 @@ class WeightSite:
     constant_node: onnx.NodeProto | None
     consumers: list[Consumer] = field(default_factory=list)
     is_graph_output: bool = False
+    #: The model's ai.onnx opset, which bounds the operators and types its decoder may use.
+    opset: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -94,10 +96,18 @@ class WeightSite:
         return tensor_array(self.tensor)
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's ai.onnx (default-domain) opset."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
 def find_weight_sites(model: onnx.ModelProto) -> list[WeightSite]:
     """Every float initializer and float ``Constant`` of the model and its subgraphs, with their consumers."""
     sites: list[WeightSite] = []
     _walk(model.graph, {}, sites)
+    opset = default_opset(model)
+    for site in sites:
+        site.opset = opset
     return sites
 
 
