@@ -1,5 +1,10 @@
-"""Weight encodings that are not codebooks of :mod:`jlcm_onnx.encodings.codebook`.
+"""The weight formats, each an :class:`~jlcm_onnx.encodings.base.Encoding` strategy picked per weight by
+:mod:`jlcm_onnx.encodings.registry`, and what they are built from.
 
-:mod:`jlcm_onnx.encodings.affine_blocks`: uniform levels with a scale and an integer zero point per block of inputs,
-the format standard ``DequantizeLinear`` computes and onnxruntime runs in its fused ``MatMulNBits`` kernel.
+Formats: :mod:`~jlcm_onnx.encodings.codebook_formats` (multi-codebook, input blocks, multi-scaling) and
+:mod:`~jlcm_onnx.encodings.affine_format` (affine blocks, ``speed="fast"``). Parts: k-means (``kmeans``), the codebook
+fits (``codebook``, ``multi_scaling``, ``outliers``), the affine fit (``affine_blocks``), joint learning
+(``learning``, ``row_block_learning``, ``error_feedback``, ``mapping_update``), bit packing (``packing``), the ONNX
+decoders (``codebook_decoder``, ``affine_decoder``) and the weight error (``sqnr``). Imports :mod:`jlcm_onnx.ir` and
+the foundation only.
 """
