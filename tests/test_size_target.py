@@ -24,7 +24,10 @@ from jlcm_onnx.pipeline.distortion import ErrorTable, estimate_errors, tensor_op
 from jlcm_onnx.pipeline.pass_list import build_pipeline
 from jlcm_onnx.pipeline.sensitivity import output_sensitivities
 from jlcm_onnx.pipeline.size_target import (
+    FLOOR_SHARE,
     adjust_fine,
+    capped_errors,
+    error_floor,
     plan_for_budget,
     smallest_cost,
     tensor_cost,
@@ -231,3 +234,29 @@ def test_sensitivities_keep_the_reference_outputs_within_their_budget(monkeypatc
     coefficients = output_sensitivities(model, CompressionConfig(), data, ["CPUExecutionProvider"])
     assert coefficients["A"] > 1000 * coefficients["B"]
     assert len(read) == 1
+
+
+def test_the_data_free_error_floor_keeps_a_large_tensor_from_starving() -> None:
+    """A large tensor whose error falls slowly with bits (a classifier head) is starved by summed errors; under the
+    floor no tensor's error exceeds it, and the cheapest plan under the floor fits in FLOOR_SHARE of the budget."""
+    config = CompressionConfig()
+    shapes = [WeightShape("head", 1024 * 512, 1024, 2, False, 4, MultiCodebook()),
+              *(WeightShape(f"small{i}", 128 * 128, 128, 2, False, 4, MultiCodebook()) for i in range(48))]
+    errors = modelled_errors(shapes)
+    errors["head"] = {c: 2.0 ** -c.bits for c in errors["head"]}
+    budget = 2 * smallest_cost(shapes, config)
+
+    def worst(table: ErrorTable, choices: dict[str, TensorChoice]) -> tuple[str, float]:
+        """The tensor with the largest error at its chosen bits (its best option at those bits)."""
+        return max(((name, min(e for o, e in table[name].items() if o.bits == choice.bits))
+                    for name, choice in choices.items()), key=lambda item: item[1])
+
+    floor = error_floor(shapes, budget, config, errors)
+    starved, starved_error = worst(errors, plan_for_budget(shapes, budget, config, errors))
+    assert starved == "head" and starved_error > floor
+    capped = capped_errors(errors, floor)
+    choices = plan_for_budget(shapes, budget, config, capped)
+    assert worst(capped, choices)[1] <= floor
+    assert total_cost(shapes, choices, config) <= budget
+    cheapest = sum(min(tensor_cost(s, o, config) for o in capped[s.name]) for s in shapes)
+    assert cheapest <= FLOOR_SHARE * budget

@@ -9,6 +9,13 @@ multiplier ``lambda`` every tensor independently picks ``argmin_o D_t(o) + lambd
 (in log space) to the smallest value whose total fits, which lands on the lower convex hull of every tensor's options.
 What is left under the budget is spent greedily on the upgrades with the largest error drop per byte, then in fine steps
 of group counts and outliers (:func:`adjust_fine`), so the total lands close to the budget.
+
+**Error floor (data-free).** Summed relative errors let the planner starve one tensor to feed many: a large tensor
+whose bytes buy little error elsewhere (a CTC or classifier head) ends at 2-3 bits although the output reads it
+directly. Without calibration data to show that, no tensor may exceed a cap ``D_t <= D_cap``: the lowest cap whose
+cheapest plan (each tensor's cheapest option under the cap) takes at most ``FLOOR_SHARE`` of the budget, found by
+bisection in log space (:func:`error_floor`). The planner spends the rest as above, over the options under the cap.
+With calibration data the output sensitivities weigh the errors instead (:mod:`jlcm_onnx.pipeline.sensitivity`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from jlcm_onnx.pipeline.distortion import ErrorTable
 
 #: Most outliers the size planner keeps in one tensor when it spends a budget on them.
 MAX_OUTLIER_FRACTION = 0.02
+#: Data-free, the cheapest plan under the error floor may take this share of the budget (see the module docstring).
+FLOOR_SHARE = 0.8
+#: The floor is searched between these powers of ten of relative error, in this many bisection steps.
+FLOOR_LOG10_RANGE, FLOOR_STEPS = (-12.0, 1.0), 40
 
 def weight_shapes(model: onnx.ModelProto, config: CompressionConfig) -> list[WeightShape]:
     """The compressible weights of ``model`` under ``config``."""
@@ -54,6 +65,33 @@ def smallest_cost(shapes: list[WeightShape], config: CompressionConfig) -> int:
 
 def largest_cost(shapes: list[WeightShape], config: CompressionConfig) -> int:
     return sum(tensor_cost(s, TensorChoice(MAX_BITS, None), config) for s in shapes)
+
+
+def error_floor(shapes: list[WeightShape], budget: int, config: CompressionConfig,
+                errors: ErrorTable) -> float | None:
+    """The lowest cap on every tensor's relative error whose cheapest plan takes at most :data:`FLOOR_SHARE` of
+    ``budget`` (see the module docstring); None when even the loosest cap's does not (a budget near the smallest
+    file leaves no room for a floor)."""
+    def cheapest(cap: float) -> int:
+        table = capped_errors(errors, cap)
+        return sum(min(tensor_cost(s, option, config) for option in table[s.name]) for s in shapes)
+
+    low, high = FLOOR_LOG10_RANGE
+    if cheapest(10.0**high) > FLOOR_SHARE * budget:
+        return None
+    for _ in range(FLOOR_STEPS):
+        middle = (low + high) / 2
+        low, high = (low, middle) if cheapest(10.0**middle) <= FLOOR_SHARE * budget else (middle, high)
+    return 10.0**high
+
+
+def capped_errors(errors: ErrorTable, cap: float) -> ErrorTable:
+    """Every tensor's options whose error is at most ``cap`` (its lowest-error option where none is)."""
+    capped = {}
+    for name, options in errors.items():
+        kept = {option: error for option, error in options.items() if error <= cap}
+        capped[name] = kept or dict([min(options.items(), key=lambda item: item[1])])
+    return capped
 
 
 def plan_for_budget(

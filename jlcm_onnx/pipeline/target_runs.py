@@ -4,6 +4,7 @@ rehearses them on stand-in encodings and corrects the budget until the file land
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from jlcm_onnx.pipeline.pass_list import run_passes
 from jlcm_onnx.pipeline.sensitivity import output_sensitivities, weight_errors
 from jlcm_onnx.pipeline.size_target import (
     adjust_fine,
+    capped_errors,
+    error_floor,
     largest_cost,
     plan_for_budget,
     smallest_cost,
@@ -52,8 +55,9 @@ AIM = 0.995
 @dataclass(frozen=True)
 class SizeTarget:
     """A size target resolved against the input: the goal in bytes, the bytes outside the compressed tensors
-    (``fixed``), the shapes and measured option errors of the tensors, the first per-tensor choices and the row
-    clusterings met so far (which every run reuses)."""
+    (``fixed``), the shapes and measured option errors of the tensors (only those under the error floor, data-free),
+    the first per-tensor choices, the row clusterings met so far (which every run reuses) and the floor (None with
+    calibration data)."""
 
     kind: str
     value: float
@@ -63,6 +67,7 @@ class SizeTarget:
     errors: ErrorTable
     choices: dict[str, TensorChoice]
     clusterings: RowClusterings
+    floor: float | None = None
 
     @property
     def aim(self) -> float:
@@ -89,8 +94,11 @@ def resolve_target(
             f"codebook per tensor) to {highest:,.0f} (8 bits, one codebook per row)" + _unit(kind)
         )
     clusterings = RowClusterings()
-    if data is None:
+    floor = None
+    if data is None:  # no tensor above the error floor (see jlcm_onnx.pipeline.size_target)
         errors = estimate_errors(source, config, progress, clusterings)
+        floor = error_floor(shapes, int(AIM * goal - fixed), config, errors)
+        errors = errors if floor is None else capped_errors(errors, floor)
     else:  # weigh each tensor's error by what it does to the outputs; the option table (mostly Python) is measured
         # beside the output probes (onnxruntime), which leave part of the cores idle
         with ThreadPoolExecutor(max_workers=1) as beside:
@@ -98,7 +106,7 @@ def resolve_target(
             coefficients = output_sensitivities(source, config, data, execution_providers(device), progress)
             errors = weight_errors(table.result(), coefficients)
     choices = plan_for_budget(shapes, int(AIM * goal - fixed), config, errors)
-    return SizeTarget(kind, value, goal, fixed, shapes, errors, choices, clusterings)
+    return SizeTarget(kind, value, goal, fixed, shapes, errors, choices, clusterings, floor)
 
 
 def run_to_target(
@@ -151,7 +159,11 @@ def run_to_target(
                         f"{goal:,.0f}")
     note = (f"{target.kind}={target.value}: goal {goal:,.0f} bytes, achieved {achieved:,} ({achieved / goal - 1:+.2%})"
             f" after {rehearsed} rehearsal{'s' if rehearsed != 1 else ''} and {runs} run{'s' if runs != 1 else ''}")
-    run.notes.insert(0, note)
+    notes = [note]
+    if target.floor is not None:
+        notes.append(f"size target, data-free error floor: every tensor's relative weight error at most "
+                     f"{target.floor:.3g} (SQNR >= {-10 * math.log10(target.floor):.1f} dB)")
+    run.notes[:0] = notes
     return run, plan
 
 
