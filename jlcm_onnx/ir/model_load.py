@@ -22,7 +22,7 @@ from jlcm_onnx.errors import ModelError
 from jlcm_onnx.ir.lazy_weights import defer_external_data, defer_payloads, read_structure
 from jlcm_onnx.ir.model_skeleton import skeleton
 from jlcm_onnx.ir.sessions import first_line
-from jlcm_onnx.ir.weight_sites import compressible_sites, default_opset, iter_graphs
+from jlcm_onnx.ir.weight_sites import compressible_row_axis, default_opset, find_weight_sites, iter_graphs
 
 #: The oldest ai.onnx opset the decoder subgraph can be expressed in (BitShift, GatherElements).
 MIN_OPSET = 11
@@ -126,7 +126,8 @@ def quantization_note(model: onnx.ModelProto) -> str | None:
 
 
 def _has_compressible_weight(model: onnx.ModelProto, config: CompressionConfig) -> bool:
-    return bool(compressible_sites(model, config))
+    # stops at the first: deciding a data-read tensor reads its values, which the input check need not do for all
+    return any(compressible_row_axis(site, config)[0] is not None for site in find_weight_sites(model))
 
 
 def _location(tensor: onnx.TensorProto) -> str:
