@@ -43,7 +43,7 @@ def skeleton(model: onnx.ModelProto, as_inputs: set[str] | None = None) -> onnx.
     declared = {value.name for value in graph.input}
     graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer
                        if t.name in moved and t.name not in declared)
-    structure = _model_with(model, graph)
+    structure = model_with_graph(model, graph)
     materialize(structure)
     return structure
 
@@ -87,7 +87,8 @@ def session_with_weights(
     if folder is not None:
         options.add_session_config_entry(FOLDER_KEY, folder)
     options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
-    return ort.InferenceSession(_model_with(model, graph).SerializeToString(), options, providers=providers), arrays
+    serialized = model_with_graph(model, graph).SerializeToString()
+    return ort.InferenceSession(serialized, options, providers=providers), arrays
 
 
 def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
@@ -121,19 +122,20 @@ def _moved(model: onnx.ModelProto, names: set[str] | None) -> set[str]:
 def _graph_without(model: onnx.ModelProto, moved: set[str]) -> onnx.GraphProto:
     """The main graph with every field but the initializers ``moved``."""
     graph = onnx.GraphProto()
-    _copy_fields(model.graph, graph, skip="initializer")
+    copy_fields(model.graph, graph, skip="initializer")
     graph.initializer.extend(t for t in model.graph.initializer if t.name not in moved)
     return graph
 
 
-def _model_with(model: onnx.ModelProto, graph: onnx.GraphProto) -> onnx.ModelProto:
+def model_with_graph(model: onnx.ModelProto, graph: onnx.GraphProto) -> onnx.ModelProto:
+    """A copy of ``model`` (opsets, functions, metadata) with ``graph`` as its main graph."""
     copy = onnx.ModelProto()
-    _copy_fields(model, copy, skip="graph")
+    copy_fields(model, copy, skip="graph")
     copy.graph.CopyFrom(graph)
     return copy
 
 
-def _copy_fields(source, target, skip: str) -> None:  # noqa: ANN001 - protobuf messages of one type
+def copy_fields(source, target, skip: str) -> None:  # noqa: ANN001 - protobuf messages of one type
     """Copies every set field of ``source`` but ``skip`` into ``target``."""
     for descriptor, value in source.ListFields():
         if descriptor.name == skip:
