@@ -410,3 +410,59 @@ def test_calibration_finds_the_attention_mask_and_reports_padding(rng, tmp_path)
     notes = result.report.notes
     assert "calibration: 32 of 128 positions used (96 padding positions of 'attention_mask' left out)" in notes
     assert any(n.startswith("warning: 75% of the calibration positions are padding") for n in notes)
+
+
+def all_statistics(model, names, feeds, mask=None):
+    stats = collect_statistics(model, names, feeds, mask=mask)
+    return {name: (s.gram, s.count, s.token_counts) for name, s in stats.items()}
+
+
+def assert_same_statistics(actual, expected, exact: bool) -> None:
+    assert actual.keys() == expected.keys()
+    for name, (gram_value, count, tokens) in expected.items():
+        assert actual[name][1] == count
+        np.testing.assert_array_equal(actual[name][2], tokens)
+        if gram_value is None:
+            assert actual[name][0] is None
+        elif exact:
+            np.testing.assert_array_equal(actual[name][0], gram_value)
+        else:
+            assert_gram_close(actual[name][0], gram_value)
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_a_model_above_the_segment_size_gives_the_same_statistics_a_segment_at_a_time(rng, monkeypatch, optimize):
+    """Segment-major (each segment runs every batch, then is dropped) adds each sum's batches in the same order: the
+    statistics of the whole-model run, exactly when the sessions are unoptimised (optimised ones may fuse
+    differently across a boundary), with masks, shared Grams, a tied table and several batches."""
+    monkeypatch.setattr(statistics, "session_options", lambda: jlcm_onnx.ir.sessions.session_options(
+        optimize=optimize))
+    table = rng.standard_normal((10, 4)).astype(np.float32)
+    feeds = [{"ids": rng.integers(0, 10, (2, 3)), "H": rng.standard_normal((2, 3, 4)).astype(np.float32)}
+             for _ in range(3)]
+    shared = [{"X": rng.standard_normal((5, 8)).astype(np.float32)} for _ in range(3)]
+    masked = [{"X": rng.standard_normal((2, 5, 6)).astype(np.float32), "ids": rng.integers(0, 20, (2, 5)),
+               "attention_mask": rng.integers(0, 2, (2, 5))} for _ in range(2)]
+    cases = [(tied_head_model(table), ["E"], feeds, None), (shared_input_model(rng), ["Q", "K", "O"], shared, None),
+             (masked_model(rng), ["W", "E"], masked, "attention_mask")]
+    for model, names, batches, mask in cases:
+        whole = all_statistics(model, names, batches, mask)
+        monkeypatch.setattr(statistics, "SEGMENT_BYTES", 64)
+        segmented = all_statistics(model, names, (feed for feed in batches), mask)  # a generator is fine too
+        monkeypatch.setattr(statistics, "SEGMENT_BYTES", 1 << 30)
+        assert_same_statistics(segmented, whole, exact=not optimize)
+
+
+def test_statistics_in_segments_hold_one_segment_at_a_time(rng, monkeypatch):
+    model = shared_input_model(rng)
+    made = []
+    original = statistics.segment_values
+
+    def counting(model, feeds, wanted, max_bytes, options, providers):
+        made.extend(statistics.plan_segments(model.graph, max_bytes, wanted))
+        return original(model, feeds, wanted, max_bytes, options, providers)
+
+    monkeypatch.setattr(statistics, "segment_values", counting)
+    monkeypatch.setattr(statistics, "SEGMENT_BYTES", 64)
+    collect_statistics(model, ["Q", "K", "O"], [{"X": rng.standard_normal((5, 8)).astype(np.float32)}])
+    assert len(made) == 3  # one per weight-reading MatMul: each session holds one weight

@@ -47,6 +47,7 @@ import torch
 
 from jlcm_onnx.analysis.activation_inputs import ActivationInput, GatherInput, WeightActivations, activation_inputs
 from jlcm_onnx.ir.model_skeleton import session_with_weights, skeleton
+from jlcm_onnx.ir.segmented_run import SEGMENT_BYTES, plan_segments, segment_values, weight_bytes
 from jlcm_onnx.ir.sessions import session_options
 from jlcm_onnx.progress import Phase
 
@@ -230,23 +231,47 @@ def _accumulate(
     readers = defaultdict(list)
     for activation in sums:
         readers[activation.tensor].append(activation)
+    if weight_bytes(model) > SEGMENT_BYTES:
+        _accumulate_in_segments(model, tensors, readers, sums, list(feeds), providers, progress, mask)
+        return
     session, weights = _session(model, tensors, providers)  # weights: the arrays behind the session's initializers
     total = len(feeds) if hasattr(feeds, "__len__") else None
     with Phase("statistics", total=total, enabled=progress) as phase:
         for feed in feeds:
             real = None if mask is None else np.asarray(feed[mask]) != 0
-            _reduce_batch(session.run(tensors, feed), tensors, readers, sums, real)  # activations die with the batch
+            _reduce_batch(dict(zip(tensors, session.run(tensors, feed), strict=True)), readers, sums, real)
+            phase.advance()  # the batch's activations are dropped before the next is read
+
+
+def _accumulate_in_segments(
+    model: onnx.ModelProto,
+    tensors: list[str],
+    readers: dict[str, list[ActivationInput]],
+    sums: dict[ActivationInput, _Sum],
+    feeds: list[dict[str, np.ndarray]],
+    providers: list[str] | None,
+    progress: bool,
+    mask: str | None,
+) -> None:
+    """The statistics of a model above :data:`~jlcm_onnx.ir.segmented_run.SEGMENT_BYTES`, a segment of its nodes at a
+    time (:func:`~jlcm_onnx.ir.segmented_run.segment_values`), every batch through each segment: one segment's weights
+    in memory. Each sum still adds its batches in feed order, so the statistics are those of the whole-model run."""
+    reals = [None if mask is None else np.asarray(feed[mask]) != 0 for feed in feeds]
+    steps = len(plan_segments(model.graph, SEGMENT_BYTES, tensors)) * len(feeds)
+    with Phase("statistics (a segment of the model at a time)", total=steps, enabled=progress) as phase:
+        for index, values in segment_values(model, feeds, tensors, SEGMENT_BYTES, session_options,
+                                            providers or ["CPUExecutionProvider"]):
+            _reduce_batch(values, readers, sums, reals[index])
             phase.advance()
 
 
 def _reduce_batch(
-    outputs: list[np.ndarray],
-    tensors: list[str],
+    activations: dict[str, np.ndarray],
     readers: dict[str, list[ActivationInput]],
     sums: dict[ActivationInput, _Sum],
     real: np.ndarray | None = None,
 ) -> None:
-    for tensor, activation in zip(tensors, outputs, strict=True):
+    for tensor, activation in activations.items():
         for reader in readers[tensor]:
             sums[reader].add(*reader.reduce(activation, real))
 
