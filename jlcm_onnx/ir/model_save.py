@@ -1,6 +1,6 @@
 """Writing outputs safely: atomically (to a temporary file in the destination folder, then renamed over the target,
 so a failure never leaves a partial file), never over the input, and past protobuf's 2 GB limit with the large
-tensors in one external-data file beside the model."""
+tensors in one external-data file beside the model, written a tensor at a time."""
 
 from __future__ import annotations
 
@@ -9,14 +9,21 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 
 from jlcm_onnx.errors import OutputError
-from jlcm_onnx.ir.lazy_weights import materialize
+from jlcm_onnx.ir.lazy_weights import is_lazy, materialize
+from jlcm_onnx.ir.model_skeleton import copy_fields, model_with_graph
 
 #: Serialized protobuf messages cannot exceed 2 GiB; stay clearly below it.
 INLINE_LIMIT_BYTES = 2**31 - 2**26
+#: Models above this are checked and loaded from a temporary file rather than from a serialized copy in memory.
+LOADABLE_INLINE_BYTES = 256 << 20
+#: Initializers written to the external-data file (smaller ones stay in the model file), the data file's alignment
+#: (onnxruntime maps tensors whose offset is a multiple of the page size) and the block of a file-to-file copy.
+EXTERNAL_MIN_BYTES, EXTERNAL_ALIGNMENT, COPY_BLOCK_BYTES = 1024, 1 << 16, 64 << 20
 
 
 def check_destination(path: str | os.PathLike, protect: str | os.PathLike | None = None) -> Path:
@@ -50,25 +57,70 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, protect: Path | 
 
 
 def _write(model: onnx.ModelProto, path: Path) -> None:
-    materialize(model)
-    if model.ByteSize() <= INLINE_LIMIT_BYTES:
+    if serialized_bytes(model) <= INLINE_LIMIT_BYTES:
+        materialize(model)
         path.write_bytes(model.SerializeToString())
-        return
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    onnx.save(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=f"{path.name}.data", size_threshold=1024)
+    else:
+        write_with_external_data(model, path)
+
+
+def serialized_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of ``model`` serialized in one message, its lazy weights read in (about: a few bytes of field keys)."""
+    lazy = sum(int(entry.value) for tensor in model.graph.initializer if is_lazy(tensor)
+               for entry in tensor.external_data if entry.key == "length")
+    return model.ByteSize() + lazy
+
+
+def write_with_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Writes ``model`` to ``path`` with each main-graph initializer of at least :data:`EXTERNAL_MIN_BYTES` in one
+    data file beside it (``<name>.data``, offsets aligned to :data:`EXTERNAL_ALIGNMENT` so onnxruntime can map them),
+    a tensor at a time: the model is never serialized whole, and weights still in their file are copied file to file
+    (``model`` is not modified)."""
+    graph = onnx.GraphProto()
+    copy_fields(model.graph, graph, skip="initializer")
+    location = f"{path.name}.data"
+    with open(path.parent / location, "wb") as data:
+        for tensor in model.graph.initializer:
+            if not is_lazy(tensor) and len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+                graph.initializer.add().CopyFrom(tensor)
+                continue
+            data.seek(-data.tell() % EXTERNAL_ALIGNMENT, os.SEEK_CUR)
+            offset = data.tell()
+            if is_lazy(tensor):
+                _copy_lazy(tensor, data)
+            else:
+                data.write(tensor.raw_data)
+            reference = graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                              data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(data.tell() - offset))):
+                reference.external_data.add(key=key, value=value)
+        data.truncate()
+    path.write_bytes(model_with_graph(model, graph).SerializeToString())
+
+
+def _copy_lazy(tensor: onnx.TensorProto, target: BinaryIO) -> None:
+    """Copies a lazy tensor's bytes from its file to ``target``, a block at a time."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    left = int(info["length"])
+    with open(info["location"], "rb") as source:
+        source.seek(int(info["offset"]))
+        while left:
+            block = source.read(min(left, COPY_BLOCK_BYTES))
+            target.write(block)
+            left -= len(block)
 
 
 @contextmanager
 def loadable(model: onnx.ModelProto) -> Iterator[bytes | str]:
-    """What ``onnx.checker`` and onnxruntime can load: the serialized model, or a temporary file past 2 GB (lazy
-    weights are read into ``model`` first)."""
-    materialize(model)
-    if model.ByteSize() <= INLINE_LIMIT_BYTES:
+    """What ``onnx.checker`` and onnxruntime can load: the serialized model up to :data:`LOADABLE_INLINE_BYTES`,
+    else a temporary file with external data (:func:`write_with_external_data`), so that the checker and onnxruntime
+    read the model from disk rather than from a serialized copy beside ``model`` (lazy weights are read into ``model``
+    for the serialized form only)."""
+    if serialized_bytes(model) <= LOADABLE_INLINE_BYTES:
+        materialize(model)
         yield model.SerializeToString()
         return
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        _write(model, path)
+        write_with_external_data(model, path)
         yield str(path)
