@@ -89,8 +89,7 @@ class Float16Copy(Encoding):
     def selects(self, site: WeightSite, row_axis: int, config: CompressionConfig) -> bool:
         return site.name in self.names
 
-    def encode(self, matrix: np.ndarray, request: EncodeRequest, site: WeightSite, row_axis: int,
-               config: CompressionConfig) -> HalfWeight:
+    def encode(self, matrix: np.ndarray, request: EncodeRequest, config: CompressionConfig) -> HalfWeight:
         return HalfWeight(matrix.astype(np.float16))
 
     def learn(self, matrix: np.ndarray, encoded: HalfWeight, gram: np.ndarray, config: CompressionConfig,

@@ -16,7 +16,7 @@ blocks run along the inputs. Each weight is written in the layout its reader all
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -96,11 +96,13 @@ class AffineBlocksFormat(Encoding):
             return False
         return config.affine_offsets == "float" or not is_lone_table_gather(site, row_axis)
 
-    def encode(self, matrix: np.ndarray, request: EncodeRequest, site: WeightSite, row_axis: int,
-               config: CompressionConfig) -> AffineBlocks:
-        float_offsets = has_float_offsets(layout(site, row_axis, config), config)
+    def fit_options(self, site: WeightSite, row_axis: int, config: CompressionConfig) -> dict[str, Any]:
+        return {"float_offsets": has_float_offsets(layout(site, row_axis, config), config)}
+
+    def encode(self, matrix: np.ndarray, request: EncodeRequest, config: CompressionConfig) -> AffineBlocks:
         return fit_affine_blocks(matrix, request.bits, config.affine_block_size, request.dtype, request.importance,
-                                 float_offsets=float_offsets, chunk_weights=request.chunk_weights)
+                                 float_offsets=request.fit_options["float_offsets"],
+                                 chunk_weights=request.chunk_weights)
 
     def learn(self, matrix: np.ndarray, encoded: AffineBlocks, gram: np.ndarray, config: CompressionConfig,
               device: str) -> tuple[AffineBlocks, float]:

@@ -4,7 +4,8 @@ A format owns all that is particular to one way of storing a weight:
 
 - which weights it takes under a config (:meth:`Encoding.selects`; the registry asks the formats in order and the
   first that takes a weight encodes it);
-- its fit (:meth:`~Encoding.encode`), its learning against a layer's Gram ``H`` (:meth:`~Encoding.learn`) and an
+- its fit (:meth:`~Encoding.encode`, from the matrix and a request alone: what it needs of the graph is read first,
+  :meth:`~Encoding.fit_options`), its learning against a layer's Gram ``H`` (:meth:`~Encoding.learn`) and an
   all-zero stand-in with the real encoding's arrays (:meth:`~Encoding.stand_in`, which sizes a file without fitting);
 - its stored bytes as the size planner estimates them (:meth:`~Encoding.stored_bytes`) and the weight error of a row
   sample at each bit width (:meth:`~Encoding.squared_errors`);
@@ -19,7 +20,7 @@ The pipeline holds no format-specific code: a new format is one module that subc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -38,7 +39,9 @@ FLOAT16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
 class EncodeRequest:
     """What the plan asks of one weight's matrix [rows, cols]: ``bits`` per code, ``group_sizes`` (rows per group, in
     stored order), the codebook ``dtype``, the ``importance`` of each input (``diag(H)``; None data-free), the
-    ``outlier_fraction`` and ``chunk_weights`` (weights held in one chunk of rows, :mod:`jlcm_onnx.memory_budget`)."""
+    ``outlier_fraction``, ``chunk_weights`` (weights held in one chunk of rows, :mod:`jlcm_onnx.memory_budget`) and
+    the ``fit_options`` the format read from the graph for this weight (:meth:`Encoding.fit_options`), so that its fit
+    needs no graph and can run in another process or on another machine."""
 
     bits: int
     group_sizes: tuple[int, ...]
@@ -46,6 +49,7 @@ class EncodeRequest:
     importance: np.ndarray | None
     outlier_fraction: float
     chunk_weights: int
+    fit_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,9 +133,12 @@ class Encoding(ABC):
     def selects(self, site: WeightSite, row_axis: int, config: CompressionConfig) -> bool:
         """Whether this format encodes ``site`` (rows along ``row_axis``) under ``config``."""
 
+    def fit_options(self, site: WeightSite, row_axis: int, config: CompressionConfig) -> dict[str, Any]:
+        """What :meth:`encode` needs to know of ``site``'s place in the graph (picklable values; none by default)."""
+        return {}
+
     @abstractmethod
-    def encode(self, matrix: np.ndarray, request: EncodeRequest, site: WeightSite, row_axis: int,
-               config: CompressionConfig) -> Any:
+    def encode(self, matrix: np.ndarray, request: EncodeRequest, config: CompressionConfig) -> Any:
         """The data-free fit of ``matrix`` [rows, cols] (float32, rows in stored order)."""
 
     @abstractmethod
@@ -160,12 +167,12 @@ class Encoding(ABC):
         """The decoder that gives ``site``'s reader its weight back (or stands in for the reader)."""
 
 
-def codebook_dtype(config: CompressionConfig, site: WeightSite, matrix: np.ndarray | None = None) -> np.dtype:
+def codebook_dtype(config: CompressionConfig, data_type: int, matrix: np.ndarray | None = None) -> np.dtype:
     """The dtype a weight's codebook values (and scales and offsets) are stored in: float16 for a float16 weight
     (what its decoder reads); else the configured dtype, except float32 where float16 cannot hold the weights
     (overflow above 65504, or magnitudes lost in float16's subnormal range), which only a given ``matrix`` shows (the
-    size planner, which reads no weights, assumes it can)."""
-    if site.tensor.data_type == onnx.TensorProto.FLOAT16:
+    size planner, which reads no weights, assumes it can). ``data_type`` is the weight's ONNX element type."""
+    if data_type == onnx.TensorProto.FLOAT16:
         return np.dtype(np.float16)
     if config.codebook_dtype == "float16" and matrix is not None:
         magnitude = max(-float(matrix.min(initial=0.0)), float(matrix.max(initial=0.0)))  # no |matrix| temporary

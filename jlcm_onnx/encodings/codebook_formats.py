@@ -53,8 +53,7 @@ class CodebookFormat(Encoding):
     #: The report's name of the format.
     name: ClassVar[str]
 
-    def encode(self, matrix: np.ndarray, request: EncodeRequest, site: WeightSite, row_axis: int,
-               config: CompressionConfig) -> EncodedMatrix:
+    def encode(self, matrix: np.ndarray, request: EncodeRequest, config: CompressionConfig) -> EncodedMatrix:
         return self._fit(matrix, request.bits, request.group_sizes, request.dtype, config, config.kmeans_iterations,
                          importance=request.importance, outlier_fraction=request.outlier_fraction,
                          chunk_weights=request.chunk_weights)

@@ -67,7 +67,7 @@ def estimate_errors(model: onnx.ModelProto, config: CompressionConfig, progress:
         matrix = np.ascontiguousarray(np.moveaxis(weight, row_axis, 0).reshape(rows, -1), dtype=np.float32)
         cluster = partial(clusterings.cluster, site.name, matrix) if config.reorder else None
         encoding = encoding_for(site, row_axis, config)
-        return _tensor_errors(site.name, matrix, config, codebook_dtype(config, site, matrix), cluster,
+        return _tensor_errors(site.name, matrix, config, codebook_dtype(config, site.tensor.data_type, matrix), cluster,
                               encoding)
 
     def sampled_elements(site_and_axis: tuple[WeightSite, int]) -> float:

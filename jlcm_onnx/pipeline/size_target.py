@@ -42,7 +42,7 @@ def weight_shapes(model: onnx.ModelProto, config: CompressionConfig) -> list[Wei
     shapes = []
     for site, row_axis in compressible_sites(model, config):
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(site.tensor.data_type).itemsize
-        value_bytes = codebook_dtype(config, site).itemsize
+        value_bytes = codebook_dtype(config, site.tensor.data_type).itemsize
         shapes.append(WeightShape(site.name, site.num_elements, site.shape[row_axis], value_bytes,
                                   is_lone_table_gather(site, row_axis), itemsize, encoding_for(site, row_axis, config)))
     return shapes
