@@ -141,6 +141,12 @@ def main() -> None:
 @click.option("--max-memory", help="Memory the run may use, e.g. 4GB; it sizes the encoders' chunks (not the output), "
                                    "and a run estimated above it is refused before it starts  [default: 80% of the "
                                    "available memory]")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Encode the weights in this many worker processes (same output)  [default: threads, one per "
+                   "core]")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Encode the weights as tasks on the Ray cluster at ADDRESS ('local' starts one here; 'auto', "
+                   "'ray://HOST:10001' join one; needs jlcm-onnx[ray]); same output.")
 @click.option("--force", is_flag=True, help="Compress a model that jlcm-onnx already compressed (refused otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @click.option("--quiet", is_flag=True,

@@ -44,7 +44,7 @@ FAST_MIN_BLOCK = 16
 FAST_MIN_BLOCK_2_BITS = 32
 FAST_DEFAULT_BLOCK = 32
 #: Fields that bound how a run works but not what it writes.
-RUN_ONLY_FIELDS = ("max_memory",)
+RUN_ONLY_FIELDS = ("max_memory", "workers", "ray_address")
 #: What picks the weights of a per-tensor override, from the least specific to the most: the op type of any of the
 #: weight's readers, and a glob on the weight's name.
 OVERRIDE_SELECTORS = ("op_type", "name")
@@ -133,6 +133,11 @@ class CompressionConfig:
             when it starts. It sizes the chunks of rows the encoders take at a time (the output does not depend on
             it), and a run whose estimated peak exceeds it is refused before it starts
             (:mod:`jlcm_onnx.memory_budget`). Not stored in the compressed model's metadata.
+        workers: encode the weights in this many worker processes (``None``: threads of this process, one per core).
+            The output is byte-identical either way (:mod:`jlcm_onnx.workers`). Not stored in the metadata.
+        ray_address: encode the weights as tasks on a Ray cluster (``"local"``: start one on this machine;
+            ``"auto"``, ``"ray://host:10001"``: join one; needs the ``ray`` extra); byte-identical output. Not with
+            ``workers``, not stored in the metadata.
 
     Example:
         >>> CompressionConfig(bits=3).bits
@@ -169,6 +174,8 @@ class CompressionConfig:
     keep_debug_metadata: bool = False
     overrides: tuple[dict[str, Any], ...] = ()
     max_memory: int | str | None = None
+    workers: int | None = None
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         _check_int(self, "bits", 1, MAX_BITS)
@@ -180,6 +187,11 @@ class CompressionConfig:
         _check_int(self, "kmeans_iterations", 1, None)
         _check_int(self, "seed", 0, None)
         _check_int(self, "learning_steps", 0, None)
+        if self.workers is not None:
+            _check_int(self, "workers", 1, None)
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address
+                                             or self.workers is not None):
+            raise ConfigError("ray_address", self.ray_address, "'local', 'auto' or a cluster address, without workers")
         if self.mapping not in MAPPINGS:
             raise ConfigError("mapping", self.mapping, f"one of {list(MAPPINGS)}")
         if self.init not in INITS:

@@ -11,8 +11,10 @@ DequantizeLinear), a Gemm reading it transposed (so onnxruntime can fuse it). A 
 (tied embeddings) is stored and decoded once. Weights inside ``If``/``Loop``/``Scan`` bodies are handled in their own
 body; a weight defined outside a body and read inside it (an outer-scope reference) is decoded in its own graph, right
 before the node that holds the body, and the body reads the decoded tensor by the same name. The weights are
-encoded in parallel, one per CPU core (data-free in graph order, with calibration statistics smallest first with the
-largest started early, :func:`_encoding_order`); their decoders are then built and inserted in model order.
+encoded in parallel (data-free in graph order, with calibration statistics smallest first with the largest started
+early, :func:`_encoding_order`): one per CPU core, or as jobs on worker processes or a Ray cluster (config
+``workers`` and ``ray_address``, :mod:`jlcm_onnx.workers`; the same bytes). Their decoders are then built and
+inserted in model order.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import onnx
 from onnx import helper
 
 from jlcm_onnx.analysis.plan import CompressionPlan
-from jlcm_onnx.analysis.site_encoding import encode_site
+from jlcm_onnx.analysis.site_encoding import EncodeJob, encode_job, encode_site
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import map_on_cores
 from jlcm_onnx.encodings.base import DecoderContext, SiteEncoding, WrittenDecoder
@@ -42,6 +44,7 @@ from jlcm_onnx.ir.weight_sites import (
 from jlcm_onnx.memory_budget import release_freed_memory
 from jlcm_onnx.passes.base import Pass, PassResult
 from jlcm_onnx.report import COMPRESSED, SKIPPED, TensorRecord
+from jlcm_onnx.workers import Workers, map_jobs
 
 
 @dataclass
@@ -106,8 +109,7 @@ class EncodeWeights(Pass):
                 todo.append((site, row_axis))
         # data-free in graph order (the table beside the rest); with calibration statistics see _encoding_order
         order = _encoding_order(todo, self.plan) if self.plan.statistics else list(range(len(todo)))
-        encoded = map_on_cores(self._encode_site, [todo[index] for index in order], description="encoding",
-                               weight=lambda s: s[0].num_elements, progress=self.progress, postfix=_describe)
+        encoded = self._encode([todo[index] for index in order])
         encodings = [encoding for _, encoding in sorted(zip(order, encoded, strict=True), key=lambda pair: pair[0])]
         for (site, row_axis), site_encoding in zip(todo, encodings, strict=True):
             pool = pools.setdefault(id(site.graph), ConstantPool(names))
@@ -120,6 +122,23 @@ class EncodeWeights(Pass):
         _apply(model.graph, insertions, pools, names, functions)
         functions.install(model)
         return PassResult(model, modified=bool(insertions), tensors=records)
+
+    def _encode(self, items: list[tuple[WeightSite, int]]) -> list[SiteEncoding]:
+        """The sites' encodings, in order: on threads of this process, or as jobs on the config's worker processes
+        or Ray cluster (:mod:`jlcm_onnx.workers`; a weight already encoded by the sequential calibration is taken
+        here)."""
+        workers = Workers(self.config.workers, self.config.ray_address)
+        if workers == Workers():
+            return map_on_cores(self._encode_site, items, description="encoding", weight=lambda s: s[0].num_elements,
+                                progress=self.progress, postfix=_describe)
+        jobs = [encode_job(site, row_axis, self.config, self.plan) for site, row_axis in items
+                if site.name not in self.plan.encodings]
+        done = iter(map_jobs(EncodeJob.run, jobs, workers, description="encoding", name=lambda job: f"weight "
+                             f"'{job.name}'", weight=lambda job: job.num_elements, progress=self.progress,
+                             postfix=_describe, portable=EncodeJob.with_values))
+        self.plan.statistics.clear()
+        return [encode_site(site, row_axis, self.config, self.plan) if site.name in self.plan.encodings
+                else next(done) for site, row_axis in items]
 
     def _encode_site(self, item: tuple[WeightSite, int]) -> SiteEncoding:
         """Encodes one site; its statistics are released once it is encoded (a Gram shared by several weights when

@@ -17,7 +17,7 @@ import jlcm_onnx
 LAYERS = ("jlcm_onnx.ir", "jlcm_onnx.encodings", "jlcm_onnx.analysis", "jlcm_onnx.passes", "jlcm_onnx.pipeline")
 FRONT_ENDS = ("jlcm_onnx", "jlcm_onnx.cli", "jlcm_onnx.olive", "jlcm_onnx.plot")
 FOUNDATION = ("jlcm_onnx.config", "jlcm_onnx.devices", "jlcm_onnx.errors", "jlcm_onnx.memory_budget",
-              "jlcm_onnx.progress", "jlcm_onnx.report")
+              "jlcm_onnx.progress", "jlcm_onnx.report", "jlcm_onnx.workers")
 
 
 def layer_of(module: str) -> int:
