@@ -11,13 +11,16 @@ the tensor at once. Each of the ``workers`` threads encoding tensors side by sid
 
 **Estimate.** Before any work a run's peak is estimated from the shapes alone::
 
-    peak ~ BASELINE + (RESIDENT_COPIES [+ CALIBRATION_COPIES]) * model bytes + workers * chunk bytes
-           + largest unchunked work + Grams
+    peak ~ BASELINE + resident + workers * chunk bytes + largest unchunked work + Grams
+    resident = (RESIDENT_COPIES [+ CALIBRATION_COPIES]) * model bytes                   (a model run whole)
+             = OUTPUT_COPIES * output bytes + workers * LARGEST_COPIES * largest weight
+               + SEGMENT_RUN_COPIES * segment bytes                                      (a model run in segments)
 
 where the unchunked work is the one k-means of a multi-scaling tensor's shared codebook (all its weights at once) or,
 with calibration data, the learning of the largest tensor that has a Gram (a block of at most
 :data:`jlcm_onnx.encodings.row_block_learning.LEARNING_BLOCK_WEIGHTS` weights, or a whole multi-scaling tensor), and the
-Grams are the calibration statistics of every compressed tensor (fp64 [cols, cols] each). A run whose estimate
+Grams are the calibration statistics of every compressed tensor (fp64 [cols, cols] each; for a model run in segments,
+which moves each finished Gram to a temporary file, those of the tensors being encoded). A run whose estimate
 exceeds ``max_memory`` is refused before it starts, with the estimate in the message, rather than killed part-way.
 
 **Allocator.** glibc serves an allocation of at least its *mmap threshold* with a mapping of its own, handed back to
@@ -64,6 +67,11 @@ RESIDENT_COPIES = 1.5
 #: And with calibration data: a batch of activations (at most 256 MB) and the weights rewritten in memory beside the
 #: calibration session's (measured: 2.65 GB while collecting statistics on the 268M-parameter LLM, 2.5x its file).
 CALIBRATION_COPIES = 0.5
+#: A model above the segment size never has its weights in memory at once (:mod:`jlcm_onnx.ir.segmented_run`): its
+#: run holds the output about three times at its peak (the encodings, their tensors in the graph, onnxruntime's copy
+#: while the output is checked), each worker's weight (its pages, or its float32 matrix) and, running a
+#: segment, its weights and activations (measured on a 1.5B-parameter fp32 decoder: bench/scale.py).
+OUTPUT_COPIES, LARGEST_COPIES, SEGMENT_RUN_COPIES = 3.0, 1.0, 3.0
 #: Peak bytes per weight of the one k-means over all of a multi-scaling tensor's weights (its shared codebook).
 UNCHUNKED_BYTES_PER_WEIGHT = 140
 #: Peak bytes per weight of learning one tensor's codes and codebooks from its Gram (whole tensor at once; measured
@@ -147,12 +155,25 @@ def row_chunks(rows: int, cols: int, max_weights: int) -> Iterator[slice]:
 
 
 def estimated_peak(model_bytes: int, chunk: int, workers: int, unchunked_weights: int = 0, learned_weights: int = 0,
-                   gram_bytes: int = 0, calibrated: bool = False) -> int:
+                   gram_bytes: int = 0, calibrated: bool = False, segmented: Segmented | None = None) -> int:
     """The estimate of the module docstring, in bytes."""
     unchunked = max(unchunked_weights * UNCHUNKED_BYTES_PER_WEIGHT, learned_weights * LEARNING_BYTES_PER_WEIGHT)
-    copies = RESIDENT_COPIES + CALIBRATION_COPIES * calibrated
-    return int(BASELINE_BYTES + copies * model_bytes + workers * chunk * WORKING_BYTES_PER_WEIGHT + unchunked
-               + gram_bytes)
+    if segmented is None:
+        resident = (RESIDENT_COPIES + CALIBRATION_COPIES * calibrated) * model_bytes
+    else:
+        resident = (OUTPUT_COPIES * segmented.output_bytes + workers * LARGEST_COPIES * segmented.largest_bytes
+                    + SEGMENT_RUN_COPIES * segmented.segment_bytes)
+    return int(BASELINE_BYTES + resident + workers * chunk * WORKING_BYTES_PER_WEIGHT + unchunked + gram_bytes)
+
+
+@dataclass(frozen=True)
+class Segmented:
+    """What the resident memory of a model run a segment at a time depends on: the estimated output's bytes, the
+    largest weight's and a segment's (:data:`jlcm_onnx.ir.segmented_run.SEGMENT_BYTES`)."""
+
+    output_bytes: int
+    largest_bytes: int
+    segment_bytes: int
 
 
 def check_budget(estimate: int, budget: int) -> None:

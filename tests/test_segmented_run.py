@@ -134,12 +134,31 @@ def test_the_spot_check_of_a_large_output_runs_in_segments_and_still_catches_a_b
     reference = output_check.reference_for(model)
     calls = []
     monkeypatch.setattr(output_check, "SEGMENT_BYTES", 4000)
+    monkeypatch.setattr(output_check, "COMPRESSED_SEGMENT_BYTES", 500)
     monkeypatch.setattr(output_check, "run_in_segments", lambda *args: calls.append(args) or run_in_segments(*args))
     assert output_check.check_output(model, reference) is None
-    assert calls
+    assert [call[2] for call in calls] == [500]  # smaller segments: a compressed segment decodes to more bytes
     broken = onnx.ModelProto()
     broken.CopyFrom(model)
     weight = next(t for t in broken.graph.initializer if t.name == "w2")
     weight.CopyFrom(tensor("w2", np.full((HIDDEN, HIDDEN), np.inf, np.float32)))
     with pytest.raises(RuntimeError, match="NaN or Inf"):
         output_check.check_output(broken, reference)
+
+
+def test_a_model_above_the_segment_size_compresses_to_the_same_bytes_and_says_so(
+        rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    import jlcm_onnx
+    from jlcm_onnx.pipeline import compress as compress_module
+
+    model = tied_decoder(rng)
+    config = jlcm_onnx.CompressionConfig(bits=3, min_elements=256)
+    whole = jlcm_onnx.compress(model, config)
+    assert not any(note.startswith("memory:") for note in whole.report.notes)
+    for module in (output_check, compress_module):
+        monkeypatch.setattr(module, "SEGMENT_BYTES", 4000)
+    monkeypatch.setattr(output_check, "COMPRESSED_SEGMENT_BYTES", 500)
+    segmented = jlcm_onnx.compress(model, config)
+    assert segmented.model.SerializeToString() == whole.model.SerializeToString()
+    assert any(note.startswith("memory:") and "a segment of at most 4.00 KB" in note
+               for note in segmented.report.notes), segmented.report.notes

@@ -448,9 +448,12 @@ def test_a_model_above_the_segment_size_gives_the_same_statistics_a_segment_at_a
     for model, names, batches, mask in cases:
         whole = all_statistics(model, names, batches, mask)
         monkeypatch.setattr(statistics, "SEGMENT_BYTES", 64)
+        monkeypatch.setattr(statistics, "SPILL_MIN_BYTES", 0)  # every final Gram moves to a temporary file
         segmented = all_statistics(model, names, (feed for feed in batches), mask)  # a generator is fine too
         monkeypatch.setattr(statistics, "SEGMENT_BYTES", 1 << 30)
         assert_same_statistics(segmented, whole, exact=not optimize)
+        spilled = [gram for gram, _, _ in segmented.values() if gram is not None]
+        assert spilled and all(isinstance(gram, np.memmap) and not gram.flags.writeable for gram in spilled)
 
 
 def test_statistics_in_segments_hold_one_segment_at_a_time(rng, monkeypatch):

@@ -26,7 +26,12 @@ compressed one::
     inputs = activation_inputs(original, names)
     stats = collect_statistics(partially_compressed, names, feeds, inputs=inputs)
 
-Memory: one onnxruntime run per batch returns only the needed activations (the copy's graph outputs are replaced by
+Memory: a model above :data:`~jlcm_onnx.ir.segmented_run.SEGMENT_BYTES` of weights runs a segment of its nodes at a
+time, every batch through one segment before the next (:func:`~jlcm_onnx.ir.segmented_run.segment_values`), and each
+Gram of at least :data:`SPILL_MIN_BYTES` moves to an unnamed temporary file (memory-mapped) as soon as its segment
+has seen the last batch: a 1.5B-parameter decoder's Grams hold 18 GB in float64 (a 8,960-wide MLP input is 0.64 GB),
+which then live on disk and come into memory one tensor's at a time, while it is encoded. Otherwise one onnxruntime
+run per batch returns only the needed activations (the copy's graph outputs are replaced by
 them, and the nodes they do not depend on are left out); they are reduced into the Grams and dropped before the next
 batch is read, so the peak is one batch of activations plus the Grams. :func:`batch_size` joins at most
 ``MAX_BATCH`` samples and at most ``BATCH_ACTIVATION_BYTES`` of activations (estimated from the inferred shapes with
@@ -36,6 +41,7 @@ tokens. Feeds may be a generator.
 
 from __future__ import annotations
 
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +59,8 @@ from jlcm_onnx.progress import Phase
 
 #: Calibration samples joined into one onnxruntime run, at most, and the activations such a run may return.
 MAX_BATCH, BATCH_ACTIVATION_BYTES = 16, 256 << 20
+#: Sums collected a segment at a time are moved to temporary files once final when they are at least this large.
+SPILL_MIN_BYTES = 16 << 20
 
 
 @dataclass
@@ -172,6 +180,18 @@ class _Sum:
             self.result.flags.writeable = False
         return self.result
 
+    def spill(self) -> None:
+        """Moves the finished sum, when at least :data:`SPILL_MIN_BYTES`, to an unnamed temporary file that it is then
+        read from (memory-mapped, read-only): its pages are in memory only while a reader touches them. The values
+        are the same bytes."""
+        array = self.array()
+        if array is None or array.nbytes < SPILL_MIN_BYTES or isinstance(array, np.memmap):
+            return
+        with tempfile.TemporaryFile(prefix="jlcm-gram-") as file:  # unlinked already: gone with the last mapping
+            array.tofile(file)
+            file.flush()
+            self.result = np.memmap(file, array.dtype, mode="r", shape=array.shape)
+
 
 def collect_statistics(
     model: onnx.ModelProto,
@@ -262,6 +282,10 @@ def _accumulate_in_segments(
         for index, values in segment_values(model, feeds, tensors, SEGMENT_BYTES, session_options,
                                             providers or ["CPUExecutionProvider"]):
             _reduce_batch(values, readers, sums, reals[index])
+            if index == len(feeds) - 1:  # the last batch through this segment: its activations' sums are final
+                for tensor in values:
+                    for reader in readers[tensor]:
+                        sums[reader].spill()
             phase.advance()
 
 

@@ -18,15 +18,18 @@ from typing import Any
 import onnx
 
 from jlcm_onnx.analysis.calibration import AUTO_MASK, DEFAULT_SAMPLES, CalibrationData, load_calibration
-from jlcm_onnx.analysis.plan import CompressionPlan, override_choices
+from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice, override_choices
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.devices import check_device, cpu_cores, execution_providers, torch_device
+from jlcm_onnx.encodings.base import WeightShape
 from jlcm_onnx.encodings.row_block_learning import LEARNING_BLOCK_WEIGHTS
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.ir.model_load import check_input, load_model, quantization_note
 from jlcm_onnx.ir.model_save import save_model
 from jlcm_onnx.ir.output_check import check_output, reference_for
+from jlcm_onnx.ir.segmented_run import SEGMENT_BYTES, weight_bytes
 from jlcm_onnx.memory_budget import (
+    Segmented,
     check_budget,
     chunk_weights,
     default_max_memory,
@@ -36,10 +39,10 @@ from jlcm_onnx.memory_budget import (
 )
 from jlcm_onnx.pipeline.metadata import check_not_compressed
 from jlcm_onnx.pipeline.pass_list import run_passes
-from jlcm_onnx.pipeline.size_target import weight_shapes
+from jlcm_onnx.pipeline.size_target import tensor_cost, weight_shapes
 from jlcm_onnx.pipeline.target_runs import resolve_target, run_to_target
 from jlcm_onnx.progress import Phase
-from jlcm_onnx.report import CompressionReport
+from jlcm_onnx.report import CompressionReport, format_bytes
 
 
 @dataclass
@@ -98,12 +101,12 @@ def compress(
         check_not_compressed(source)
     check_input(source, config)
     budget = config.max_memory or default_max_memory()
-    chunk = chunk_weights(budget, cpu_cores())
+    chunk = chunk_weights(budget, config.workers or cpu_cores())
     check_budget(_estimated_peak(source, original_bytes, config, chunk, calibrated=calibration is not None), budget)
     with Phase("running the original on synthetic inputs", enabled=progress):
         reference = reference_for(source, config.seed, None if isinstance(model, onnx.ModelProto) else Path(model))
     data = None if calibration is None else _calibration_data(calibration, source, config)
-    notes = [note for note in (quantization_note(source),) if note]
+    notes = [note for note in (quantization_note(source), _segments_note(source, data is not None)) if note]
     target = None if config.target is None else resolve_target(source, original_bytes, config, progress, data,
                                                                   device)
     loaded = [source]  # the first run consumes this copy; a size target's later runs read the input again
@@ -145,8 +148,27 @@ def _estimated_peak(source: onnx.ModelProto, model_bytes: int, config: Compressi
     unchunked = max((shape.size for shape in shapes if shape.encoding.fits_whole_tensor), default=0)
     learned = max((shape.size if shape.encoding.learns_whole_tensor else min(shape.size, LEARNING_BLOCK_WEIGHTS)
                    for shape in shapes if not shape.row_decoded), default=0) if calibrated else 0
-    grams = sum((shape.size // shape.rows) ** 2 * 8 for shape in shapes) if calibrated else 0
-    return estimated_peak(model_bytes, chunk, cpu_cores(), unchunked, learned, grams, calibrated)
+    grams = sorted((shape.size // shape.rows) ** 2 * 8 for shape in shapes) if calibrated else []
+    workers = config.workers or cpu_cores()
+    if weight_bytes(source) <= SEGMENT_BYTES:
+        return estimated_peak(model_bytes, chunk, workers, unchunked, learned, sum(grams), calibrated)
+    largest = max((shape.size * shape.original_itemsize for shape in shapes), default=0)
+    segmented = Segmented(_estimated_output(source, model_bytes, shapes, config), largest, SEGMENT_BYTES)
+    return estimated_peak(model_bytes, chunk, workers, unchunked, learned, sum(grams[-workers:]), calibrated,
+                          segmented)
+
+
+def _estimated_output(source: onnx.ModelProto, model_bytes: int, shapes: list[WeightShape],
+                      config: CompressionConfig) -> int:
+    """The output's bytes: a size target's, else the formats' estimate at the config's (or overrides') settings."""
+    if config.target_size is not None:
+        return config.target_size
+    if config.target_ratio is not None:
+        return int(model_bytes / config.target_ratio)
+    choices = override_choices(source, config)
+    default = TensorChoice(config.bits, config.groups)
+    dense = model_bytes - sum(shape.size * shape.original_itemsize for shape in shapes)
+    return dense + sum(tensor_cost(shape, choices.get(shape.name, default), config) for shape in shapes)
 
 
 def _checked_request(config: CompressionConfig | None, calibration: Any, device: str) -> CompressionConfig:
@@ -167,6 +189,16 @@ def _calibration_data(calibration: Any, source: onnx.ModelProto, config: Compres
     given = isinstance(calibration, CalibrationData)
     return load_calibration(calibration, source, samples=None if given else DEFAULT_SAMPLES, seed=config.seed,
                             mask=calibration.mask if given else AUTO_MASK)
+
+
+def _segments_note(source: onnx.ModelProto, calibrated: bool) -> str | None:
+    """Where onnxruntime ran the input a segment at a time (:mod:`jlcm_onnx.ir.segmented_run`), None elsewhere."""
+    if weight_bytes(source) <= SEGMENT_BYTES:
+        return None
+    what = "the output check and the calibration statistics (Grams kept in temporary files once final)" if (
+        calibrated) else "the output check"
+    return (f"memory: {format_bytes(weight_bytes(source))} of weights: onnxruntime ran the model a segment of at most "
+            f"{format_bytes(SEGMENT_BYTES)} of weights at a time for {what}")
 
 
 def _run_notes(config: CompressionConfig, plan: CompressionPlan, data: CalibrationData | None) -> list[str]:
