@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "models"), str(ROOT / "bench")]
 
 from decode_speed import table as decode_speed_table  # noqa: E402
-from readme_section import write_section  # noqa: E402
+from readme_section import markers, section_text, write_section  # noqa: E402
 
 import jlcm_onnx  # noqa: E402
 
@@ -67,6 +67,9 @@ BUILD = ROOT / "build"
 RESULTS = ROOT / "bench" / "results" / "benchmarks.json"
 DECODE_SPEED = ROOT / "bench" / "results" / "decode_speed.json"
 REPORT = ROOT / "BENCHMARKS.md"
+#: Sections of the report that other scripts write (heading, section name, script), carried over when it is rewritten.
+KEPT_SECTIONS = (("Memory and time while compressing", "compress-memory", "bench/compress_memory.py"),
+                 ("Scale: 1.5B- and 7B-parameter decoders", "scale", "bench/scale.py"))
 MB = 1e6
 #: A file less than this many times smaller than fp32 counts as "left as it is" in the win/lose lines.
 UNCOMPRESSED_RATIO = 1.05
@@ -501,6 +504,10 @@ def write_report(results: dict[str, Any], specs: dict[str, ModelSpec], report: P
                   f"{speed['threads']} threads, median of {speed['runs']} runs; 'float act.': the fused kernel at "
                   "`session.qdq_matmulnbits_accuracy_level=0`, where onnxruntime's default, 4, quantizes its "
                   "activations to int8).", "", *decode_speed_table(speed), ""]
+    for heading, section, script in KEPT_SECTIONS:  # other scripts' sections: kept as they were
+        start, end = markers(section)
+        kept = section_text(section, report) or f"Not measured yet: run `python {script}`."
+        lines += [f"## {heading}", "", start, kept, end, ""]
     report.write_text("\n".join(lines))
 
 

@@ -25,6 +25,15 @@ def write_section(name: str, markdown: str, readme: Path = README) -> None:
     readme.write_text(f"{head}{start}\n{markdown}\n{end}{rest.split(end, 1)[1]}")
 
 
+def section_text(name: str, readme: Path = README) -> str | None:
+    """The text of a generated section (between its markers), or None when the file or the section is missing."""
+    start, end = markers(name)
+    text = readme.read_text() if readme.exists() else ""
+    if start not in text or end not in text:
+        return None
+    return text.split(start, 1)[1].split(end, 1)[0].strip("\n")
+
+
 def stored_or_measured(results: Path, render_only: bool, measure: Callable[[], Any]) -> Any:
     """A benchmark's results: those stored in ``results`` with ``render_only``, else ``measure()``'s, stored there."""
     if render_only:

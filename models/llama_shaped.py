@@ -60,8 +60,9 @@ class Shape:
         return self.vocab * self.hidden + self.layers * (attention + mlp + 2 * self.hidden) + self.hidden
 
 
-def build(shape: Shape, seed: int = 0):  # noqa: ANN201 - torch is imported lazily
-    """The torch model (eval mode, float32) with trained-looking random weights."""
+def build(shape: Shape, seed: int = 0, fp16: bool = False):  # noqa: ANN201 - torch is imported lazily
+    """The torch model (eval mode, float32 or, made so from the start, float16: a 7B model in float32 would not fit
+    in 24 GB) with trained-looking random weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -70,7 +71,12 @@ def build(shape: Shape, seed: int = 0):  # noqa: ANN201 - torch is imported lazi
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
         head_dim=shape.head_dim, tie_word_embeddings=True, max_position_embeddings=4096, use_cache=False,
     )
-    model = LlamaForCausalLM(config).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16 if fp16 else torch.float32)
+    try:
+        model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     rng = np.random.default_rng(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -101,9 +107,7 @@ def export(path: Path, shape: Shape, fp16: bool = False, seed: int = 0) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = build(shape, seed)
-    if fp16:
-        model = model.half()
+    model = build(shape, seed, fp16)
 
     ids = torch.randint(0, shape.vocab, (2, 16), generator=torch.Generator().manual_seed(seed))
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=4096)
