@@ -189,9 +189,10 @@ class CompressionConfig:
         _check_int(self, "learning_steps", 0, None)
         if self.workers is not None:
             _check_int(self, "workers", 1, None)
-        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address
-                                             or self.workers is not None):
-            raise ConfigError("ray_address", self.ray_address, "'local', 'auto' or a cluster address, without workers")
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address):
+            raise ConfigError("ray_address", self.ray_address, "'local', 'auto' or a cluster address")
+        if self.ray_address is not None and self.workers is not None:
+            raise ConfigError("workers", self.workers, "unset with ray_address (Ray runs its own workers)")
         if self.mapping not in MAPPINGS:
             raise ConfigError("mapping", self.mapping, f"one of {list(MAPPINGS)}")
         if self.init not in INITS:

@@ -79,7 +79,7 @@ def test_a_job_that_fails_in_a_worker_process_is_named() -> None:
 
 
 @pytest.mark.parametrize(("fields", "name"), [
-    ({"workers": 0}, "workers"), ({"workers": 1.5}, "workers"), ({"workers": 2, "ray_address": "local"}, "ray_address"),
+    ({"workers": 0}, "workers"), ({"workers": 1.5}, "workers"), ({"workers": 2, "ray_address": "local"}, "workers"),
     ({"ray_address": ""}, "ray_address"),
 ])
 def test_bad_worker_settings_are_refused(fields: dict, name: str) -> None:
