@@ -146,15 +146,15 @@ def render(model: Path, rows: list[dict]) -> None:
 
 def readme_line(model: Path, rows: list[dict]) -> str:
     """The memory a user needs per billion parameters, from the options that finished."""
-    size, billions = model.stat().st_size, PARAMETERS / 1e9
+    size = model.stat().st_size
     finished = [row for row in rows if row["exit_code"] == 0 and "calibration" not in row["option"]]
     small = max(row["peak_rss_bytes"] for row in finished if "fast" not in row["option"])
     fast = max(row["peak_rss_bytes"] for row in finished if "fast" in row["option"])
     line = (f"Measured by `python bench/compress_memory.py` on a {PARAMETERS / 1e6:.0f}M-parameter fp32 model "
             f"({size / 1e9:.2f} GB, a 262,144 x 640 table tied to the head): the data-free `--speed small` options "
-            f"peak at {small / 1e9:.2f} GB or less, {small / size:.1f}x the file, about "
-            f"{small / 1e9 / billions:.0f} GB per billion fp32 parameters; `--speed fast` at {fast / 1e9:.2f} GB (the "
-            "table is stored twice)")
+            f"peak at {small / 1e9:.2f} GB or less, {small / size:.1f}x the file (the peak grows with the output "
+            "and the largest weight, not with the whole input, so larger models need less per parameter: see "
+            f"above); `--speed fast` at {fast / 1e9:.2f} GB (the table is stored twice)")
     calibrated = [row for row in rows if row["exit_code"] == 0 and "calibration" in row["option"]]
     if calibrated:
         peak = max(row["peak_rss_bytes"] for row in calibrated)
