@@ -203,10 +203,15 @@ def _projection(rows: list[dict]) -> list[str]:
         return []
     largest = max(fp16, key=lambda row: row["parameters"])
     rate = largest["parameters_per_second"]
-    lines = [f"Projected from the {largest['option']} run ({rate / 1e6:.1f}M parameters/s on 2 cores; the encoders "
-             "scale with cores): data-free 4-bit time for"]
+    output_per_parameter = largest["output_bytes"] / largest["parameters"]
+    peak_per_output = largest["peak_rss_bytes"] / largest["output_bytes"]
+    lines = [f"Projected from the {largest['option']} run ({rate / 1e6:.1f}M parameters/s on 2 cores, the encoding "
+             f"part of which scales with cores, processes or Ray workers; peak {peak_per_output:.1f}x the output, "
+             "which the run holds a few times): data-free 4-bit fp16"]
     for billions in (7, 70):
-        lines.append(f"- {billions}B parameters: {billions * 1e9 / rate / 3600:.1f} h on this machine")
+        peak = billions * 1e9 * output_per_parameter * peak_per_output
+        lines.append(f"- {billions}B parameters: {billions * 1e9 / rate / 3600:.1f} h on this machine, about "
+                     f"{peak / 1e9:.0f} GB of memory")
     return lines
 
 
