@@ -109,14 +109,17 @@ class EncodeWeights(Pass):
                 todo.append((site, row_axis))
         # data-free in graph order (the table beside the rest); with calibration statistics see _encoding_order
         order = _encoding_order(todo, self.plan) if self.plan.statistics else list(range(len(todo)))
-        encoded = self._encode([todo[index] for index in order])
-        encodings = [encoding for _, encoding in sorted(zip(order, encoded, strict=True), key=lambda pair: pair[0])]
-        for (site, row_axis), site_encoding in zip(todo, encodings, strict=True):
+        encodings: list[SiteEncoding | None] = [None] * len(todo)
+        for index, site_encoding in zip(order, self._encode([todo[index] for index in order]), strict=True):
+            encodings[index] = site_encoding
+        for index, (site, row_axis) in enumerate(todo):
+            site_encoding, encodings[index] = encodings[index], None  # its arrays live on in its decoder's tensors only
             pool = pools.setdefault(id(site.graph), ConstantPool(names))
             context = DecoderContext(names, pool, constants, self.config)
             written = site_encoding.encoding.write(site, row_axis, site_encoding, context)
             insertions.append(_Insertion(site.graph, anchor_index(site), site, written))
             records.append(self._record(site, site_encoding, written))
+            del site_encoding
         functions = DecoderFunctions({t.name: t for pool in pools.values() for t in pool.initializers},
                                      default_opset(model), {f.name for f in model.functions if f.domain == DOMAIN})
         _apply(model.graph, insertions, pools, names, functions)
@@ -191,6 +194,7 @@ def _apply(
             for insertion in before.get(position, []):
                 nodes.extend(_decoder_nodes(insertion, names, functions))
                 graph.initializer.extend(insertion.written.decoder.initializers)
+                del insertion.written.decoder.initializers[:]  # copied into the graph: the output is held once
             removed = node.op_type == "Constant" and node.output[0] in removed_constants
             if not removed and position not in replaced_nodes:
                 nodes.append(node)

@@ -63,3 +63,18 @@ def test_a_large_output_is_checked_from_a_file_not_a_serialized_copy(rng: np.ran
     broken.graph.initializer[0].raw_data = broken.graph.initializer[0].raw_data[:-4]  # one float short
     with pytest.raises(RuntimeError, match="fails its checks"):
         check_output(broken, reference)
+
+
+def test_serialized_bytes_is_exact_below_the_limit_and_a_bound_above_it_without_encoding_the_model(
+        rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """protobuf cannot encode a message past 2 GB even to measure it (``ByteSize`` raises), so above the limit the size
+    is bounded from the parts."""
+    model = two_matmuls(rng)
+    exact = model.ByteSize()
+    assert model_save.serialized_bytes(model) == exact
+    monkeypatch.setattr(model_save, "INLINE_LIMIT_BYTES", 1000)
+    measure = onnx.ModelProto.ByteSize
+    monkeypatch.setattr(onnx.ModelProto, "ByteSize", lambda self: pytest.fail("the weights were encoded") if len(
+        self.graph.initializer) else measure(self))  # the structure alone may be measured
+    bound = model_save.serialized_bytes(model)
+    assert exact <= bound <= exact + 3 * (model_save.TENSOR_HEADER_BYTES + 64)

@@ -16,9 +16,12 @@ import onnx
 from jlcm_onnx.errors import OutputError
 from jlcm_onnx.ir.lazy_weights import is_lazy, materialize
 from jlcm_onnx.ir.model_skeleton import copy_fields, model_with_graph
+from jlcm_onnx.ir.tensor_size import stored_bytes
 
 #: Serialized protobuf messages cannot exceed 2 GiB; stay clearly below it.
 INLINE_LIMIT_BYTES = 2**31 - 2**26
+#: A bound on the bytes of an initializer's fields besides its data, name and dims (type, location, keys).
+TENSOR_HEADER_BYTES = 256
 #: Models above this are checked and loaded from a temporary file rather than from a serialized copy in memory.
 LOADABLE_INLINE_BYTES = 256 << 20
 #: Initializers written to the external-data file (smaller ones stay in the model file), the data file's alignment
@@ -65,7 +68,17 @@ def _write(model: onnx.ModelProto, path: Path) -> None:
 
 
 def serialized_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of ``model`` serialized in one message, its lazy weights read in (about: a few bytes of field keys)."""
+    """Bytes of ``model`` serialized in one message, its lazy weights read in: exact (but for a few bytes of field
+    keys of its lazy weights) up to :data:`INLINE_LIMIT_BYTES`; above, where protobuf cannot encode the message even
+    to measure it (``ByteSize`` raises past 2 GB), an upper bound: its structure plus each initializer's data and
+    :data:`TENSOR_HEADER_BYTES`."""
+    graph = onnx.GraphProto()
+    copy_fields(model.graph, graph, skip="initializer")
+    bound = model_with_graph(model, graph).ByteSize() + sum(
+        stored_bytes(tensor) + TENSOR_HEADER_BYTES + len(tensor.name) + 11 * len(tensor.dims)
+        for tensor in model.graph.initializer)
+    if bound > INLINE_LIMIT_BYTES:
+        return bound
     lazy = sum(int(entry.value) for tensor in model.graph.initializer if is_lazy(tensor)
                for entry in tensor.external_data if entry.key == "length")
     return model.ByteSize() + lazy

@@ -25,7 +25,7 @@ from jlcm_onnx.encodings.base import WeightShape
 from jlcm_onnx.encodings.row_block_learning import LEARNING_BLOCK_WEIGHTS
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.ir.model_load import check_input, load_model, quantization_note
-from jlcm_onnx.ir.model_save import save_model
+from jlcm_onnx.ir.model_save import save_model, serialized_bytes
 from jlcm_onnx.ir.output_check import check_output, reference_for
 from jlcm_onnx.ir.segmented_run import SEGMENT_BYTES, weight_bytes
 from jlcm_onnx.memory_budget import (
@@ -129,7 +129,7 @@ def compress(
     report = CompressionReport(
         tensors=run.tensors,
         original_file_bytes=original_bytes,
-        compressed_file_bytes=working.ByteSize(),
+        compressed_file_bytes=serialized_bytes(working),
         config=config.to_dict(),
         seconds=time.perf_counter() - started,
         notes=notes,

@@ -19,6 +19,7 @@ from jlcm_onnx.devices import execution_providers
 from jlcm_onnx.encodings.base import WeightShape
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.ir.lazy_weights import materialize
+from jlcm_onnx.ir.model_save import serialized_bytes
 from jlcm_onnx.memory_budget import (
     MAX_CHUNK_WEIGHTS,
     release_freed_memory,
@@ -139,7 +140,7 @@ def run_to_target(
             run = run_passes(load(), config, plan, progress and not rehearsal, data, rehearsal, target.clusterings)
         if fixed:
             materialize(run.model)  # the weights left dense count as they will be written
-        achieved = run.model.ByteSize() if fixed else sum(r.compressed_bytes or 0 for r in run.tensors)
+        achieved = serialized_bytes(run.model) if fixed else sum(r.compressed_bytes or 0 for r in run.tensors)
         rehearsed, runs = rehearsed + rehearsal, runs + (not rehearsal)
         if 0.99 * goal <= achieved <= goal:
             if not rehearsal:
