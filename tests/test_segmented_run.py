@@ -162,3 +162,28 @@ def test_a_model_above_the_segment_size_compresses_to_the_same_bytes_and_says_so
     assert segmented.model.SerializeToString() == whole.model.SerializeToString()
     assert any(note.startswith("memory:") and "a segment of at most 4.00 KB" in note
                for note in segmented.report.notes), segmented.report.notes
+
+
+def test_values_nobody_wants_are_never_computed(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Collecting a layer's input must not compute (and keep, per batch) the logits after it: a language model's
+    logits for 64 calibration sequences are gigabytes. The head's segment is then not run at all."""
+    from jlcm_onnx.ir import segmented_run
+
+    model = tied_decoder(rng)
+    feeds = [{"ids": rng.integers(0, VOCAB, (2, 5))} for _ in range(3)]
+    sessions = []
+    original = segmented_run.session_with_weights
+    monkeypatch.setattr(segmented_run, "session_with_weights",
+                        lambda part, *args: sessions.append(part) or original(part, *args))
+    found = list(segmented_run.segment_values(model, feeds, ["h2"], 1, options, CPU))
+    made = {name for part in sessions for node in part.graph.node for name in node.output}
+    assert "logits" not in made and "h3" not in made
+    assert [index for index, values in found if "h2" in values] == [0, 1, 2]
+    np.testing.assert_array_equal(next(v["h2"] for i, v in found if "h2" in v), run_to(model, feeds[0], "h2"))
+
+
+def run_to(model: onnx.ModelProto, feed: dict[str, np.ndarray], name: str) -> np.ndarray:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(value(name, TensorProto.FLOAT, STATES))
+    return run(probe, feed)[-1]

@@ -61,7 +61,8 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 def plan_segments(graph: onnx.GraphProto, max_bytes: int, wanted: Iterable[str] = ()) -> list[Segment]:
     """The graph's nodes cut into consecutive segments whose initializers hold at most ``max_bytes`` (see the module
-    docstring); a segment also makes the ``wanted`` values among its own."""
+    docstring); a segment makes the ``wanted`` values among its own (the graph outputs only where wanted: a language
+    model's logits for 64 calibration sequences would be 17 GB) and those later segments read."""
     sizes = {tensor.name: stored_bytes(tensor) for tensor in graph.initializer}
     reads = [_names_read(node) for node in graph.node]
     cuts, held, current = [0], set(), 0
@@ -81,13 +82,21 @@ def plan_segments(graph: onnx.GraphProto, max_bytes: int, wanted: Iterable[str] 
 
 def _segments(graph: onnx.GraphProto, reads: list[set[str]], stored: set[str], cuts: list[int],
               wanted: set[str]) -> list[Segment]:
-    wanted_later = {value.name for value in graph.output} | wanted
+    """The segments between ``cuts``, from the last back: each makes what is wanted of it or read by a node of a
+    later segment that is itself needed, and reads from outside what its needed nodes read."""
+    needed = set(wanted)
     segments = []
     for start, stop in reversed(list(zip(cuts, cuts[1:], strict=False))):
         made = {name for node in graph.node[start:stop] for name in node.output if name}
-        read = set().union(*reads[start:stop]) - stored
-        segments.append(Segment(start, stop, tuple(sorted(read - made)), tuple(sorted(made & wanted_later))))
-        wanted_later |= read
+        makes = made & needed
+        read: set[str] = set()
+        live = set(makes)
+        for position in reversed(range(start, stop)):  # the nodes the wanted values depend on
+            if live.intersection(graph.node[position].output):
+                live |= reads[position]
+                read |= reads[position] - stored
+        segments.append(Segment(start, stop, tuple(sorted(read - made)), tuple(sorted(makes))))
+        needed |= read
     return segments[::-1]
 
 
@@ -120,19 +129,22 @@ def segment_values(
     carried = [dict(feed) for feed in feeds]
     for position, segment in enumerate(segments):
         session = arrays = names = None
-        for index, values in enumerate(carried):
-            inputs = {name: values[name] for name in segment.reads if name in values}
-            if session is None:
-                part = _segment_model(model, segment, inputs)
-                session, arrays = session_with_weights(part, options(), providers)
-                names = [value.name for value in part.graph.output]
-            made = dict(zip(names, session.run(names, inputs, quiet_run()), strict=True))
-            values.update(made)
-            yield index, {name: value for name, value in values.items()
-                          if name in wanted and (name in made or (position == 0 and name in feeds[index]))}
-        del session, arrays
         later = {name for following in segments[position + 1:] for name in following.reads}
-        carried = [{name: value for name, value in values.items() if name in later} for values in carried]
+        for index, values in enumerate(carried):
+            made: dict[str, np.ndarray] = {}
+            if segment.makes:  # else nothing of it is wanted: it is not run
+                inputs = {name: values[name] for name in segment.reads if name in values}
+                if session is None:  # its nodes that make nothing wanted are left out, with their weights
+                    part = _segment_model(model, segment, inputs)
+                    session, arrays = session_with_weights(part, options(), providers, list(part.graph.output))
+                    names = [value.name for value in part.graph.output]
+                made = dict(zip(names, session.run(names, inputs, quiet_run()), strict=True))
+            found = {name: value for name, value in (*made.items(), *(values.items() if position == 0 else ()))
+                     if name in wanted}
+            carried[index] = {name: value for name, value in {**values, **made}.items() if name in later}
+            del made, values  # a wanted value is kept per feed only when a later segment reads it
+            yield index, found
+        del session, arrays
 
 
 def _segment_model(model: onnx.ModelProto, segment: Segment, inputs: dict[str, np.ndarray]) -> onnx.ModelProto:
