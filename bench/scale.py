@@ -148,8 +148,10 @@ def measure(run: Run, folder: Path, calibration: Path, check_tensors: bool) -> d
     """One run: compress in a fresh process, then verify its output in another."""
     model = build(run)
     row = compress_memory.measure(model, run.label, list(run.arguments), folder, calibration)
+    output = folder / "out.onnx"
+    written = model_bytes(output) if output.exists() else None  # with its external data, past 2 GB
     row.update(model=run.model, model_bytes=model_bytes(model), parameters=run.shape.parameters(),
-               ratio=None if row["output_bytes"] is None else round(model_bytes(model) / row["output_bytes"], 2))
+               output_bytes=written, ratio=None if written is None else round(model_bytes(model) / written, 2))
     if row["exit_code"] == 0:
         row["parameters_per_second"] = round(run.shape.parameters() / row["seconds"])
         command = [sys.executable, __file__, "--verify-output", str(model), str(folder / "out.onnx")]
@@ -183,9 +185,17 @@ def markdown(rows: list[dict]) -> str:
 
 
 def _checked(row: dict) -> str:
+    if row.get("note"):
+        return f"{_verdict(row)} ({row['note']})"
+    return _verdict(row)
+
+
+def _verdict(row: dict) -> str:
     if row["exit_code"] != 0:
         return f"exit {row['exit_code']}: {row.get('error', '')}"
-    found = row.get("verify", {})
+    if "verify" not in row:
+        return "run not checked"
+    found = row["verify"]
     if "error" in found:
         return f"verify failed: {found['error']}"
     text = "runs" if found.get("runs") else "NaN/Inf logits"
@@ -196,23 +206,18 @@ def _checked(row: dict) -> str:
 
 
 def _projection(rows: list[dict]) -> list[str]:
-    """7B and 70B fp16, data-free, from the fp16 runs' rate (the largest measured)."""
+    """70B fp16, data-free, from the largest fp16 run: its rate and its peak per parameter (the peak follows the
+    output, which follows the parameters)."""
     fp16 = [row for row in rows if row["exit_code"] == 0 and "fp16" in row["option"] and "calibrated" not in
             row["option"]]
     if not fp16:
         return []
     largest = max(fp16, key=lambda row: row["parameters"])
     rate = largest["parameters_per_second"]
-    output_per_parameter = largest["output_bytes"] / largest["parameters"]
-    peak_per_output = largest["peak_rss_bytes"] / largest["output_bytes"]
-    lines = [f"Projected from the {largest['option']} run ({rate / 1e6:.1f}M parameters/s on 2 cores, the encoding "
-             f"part of which scales with cores, processes or Ray workers; peak {peak_per_output:.1f}x the output, "
-             "which the run holds a few times): data-free 4-bit fp16"]
-    for billions in (7, 70):
-        peak = billions * 1e9 * output_per_parameter * peak_per_output
-        lines.append(f"- {billions}B parameters: {billions * 1e9 / rate / 3600:.1f} h on this machine, about "
-                     f"{peak / 1e9:.0f} GB of memory")
-    return lines
+    peak = 70e9 * largest["peak_rss_bytes"] / largest["parameters"]
+    return [f"Projected from the {largest['option']} run ({rate / 1e6:.1f}M parameters/s on 2 cores, the encoding "
+            "part of which scales with cores, processes or Ray workers): a 70B-parameter fp16 model would take "
+            f"{70e9 / rate / 3600:.1f} h on this machine and about {peak / 1e9:.0f} GB of memory, more than it has."]
 
 
 def readme_text(rows: list[dict]) -> str:
