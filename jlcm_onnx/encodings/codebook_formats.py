@@ -45,6 +45,15 @@ DECODER_BYTES = {1: 2900, 2: 1900, 3: 4400, 4: 1400, 5: 5100, 6: 3100, 7: 5800, 
 BLOCK_DECODER_BYTES = 600
 #: Weights of a MatMul above this count are decoded in column blocks of about this size (1 MB of fp32), one at a time.
 BLOCK_WEIGHTS = 1 << 18
+#: ... in at most this many blocks: onnxruntime's session load grows faster than linearly with the count of decoders
+#: (measured: 512 blocks 1.2 s, 2048 7.7 s, 8192 42 s), and a 7B model at 2^18 weights a block had 24,705 of them.
+MAX_COLUMN_BLOCKS = 16
+
+
+def column_block_weights(size: int) -> int:
+    """The weights per column block of a blocked MatMul of ``size`` weights: :data:`BLOCK_WEIGHTS`, or a
+    :data:`MAX_COLUMN_BLOCKS`-th of the weight where that is more (a block is then a 16th of the weight)."""
+    return max(BLOCK_WEIGHTS, -(-size // MAX_COLUMN_BLOCKS))
 
 
 class CodebookFormat(Encoding):
@@ -121,7 +130,7 @@ class CodebookFormat(Encoding):
         time)."""
         encoded, restore = encoding.encoded, encoding.restore
         reader = site.graph.node[anchor_index(site)]
-        boundaries = encoded.block_boundaries(BLOCK_WEIGHTS)
+        boundaries = encoded.block_boundaries(column_block_weights(encoded.codes.size))
         dtype = site.tensor.data_type
         activation = None
         if row_axis == 1 and is_lone_matrix_input(site, row_axis, "MatMul", 1) and len(boundaries) > 2:
