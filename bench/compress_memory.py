@@ -68,8 +68,9 @@ def calibration_file(folder: Path, vocab: int) -> Path:
     return path
 
 
-def measure(model: Path, label: str, arguments: list[str], folder: Path, calibration: Path) -> dict:
-    """One run of the option: exit code, peak RSS, wall seconds and the output's size."""
+def measure(model: Path, label: str, arguments: list[str], folder: Path, calibration: Path,
+            timeout_s: int = TIMEOUT_S) -> dict:
+    """One run of the option: exit code, peak RSS, wall seconds and the output's size (stopped after ``timeout_s``)."""
     output = folder / "out.onnx"
     output.unlink(missing_ok=True)
     arguments = [str(calibration) if a == "CALIBRATION" else a for a in arguments]
@@ -77,10 +78,10 @@ def measure(model: Path, label: str, arguments: list[str], folder: Path, calibra
                *arguments]
     started = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, check=True)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=True)
         result = json.loads(done.stdout)
     except subprocess.TimeoutExpired:
-        result = {"code": None, "peak_rss": None, "stderr": f"stopped after {TIMEOUT_S} s"}
+        result = {"code": None, "peak_rss": None, "stderr": f"stopped after {timeout_s} s"}
     seconds = time.perf_counter() - started
     size = output.stat().st_size if output.exists() else None
     row = {"option": label, "exit_code": result["code"], "peak_rss_bytes": result["peak_rss"],

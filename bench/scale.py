@@ -56,6 +56,8 @@ QWEN_1_5B = llama_shaped.Shape(vocab=151_936, hidden=1536, layers=28, intermedia
 LLAMA_7B = llama_shaped.Shape(vocab=32_000, hidden=4096, layers=32, intermediate=11_008, heads=32, kv_heads=32,
                               head_dim=128)
 SPOT_TOKENS = 16
+#: A compress run is stopped after this long (the 7B fp16 run took 46 min on 2 cores).
+TIMEOUT_S = 4 * 3600
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def _check_tensors(model: Path, output: Path) -> dict:
 def measure(run: Run, folder: Path, calibration: Path, check_tensors: bool) -> dict:
     """One run: compress in a fresh process, then verify its output in another."""
     model = build(run)
-    row = compress_memory.measure(model, run.label, list(run.arguments), folder, calibration)
+    row = compress_memory.measure(model, run.label, list(run.arguments), folder, calibration, TIMEOUT_S)
     output = folder / "out.onnx"
     written = model_bytes(output) if output.exists() else None  # with its external data, past 2 GB
     row.update(model=run.model, model_bytes=model_bytes(model), parameters=run.shape.parameters(),
