@@ -57,7 +57,7 @@ WRAPPER = """
 import resource, subprocess, sys, json
 done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(json.dumps({"code": done.returncode, "peak_rss": peak, "stderr": done.stderr[-2000:]}))
+print(json.dumps({"code": done.returncode, "peak_rss": peak, "stderr": done.stderr[-2000:], "stdout": done.stdout}))
 """
 
 
@@ -87,6 +87,8 @@ def measure(model: Path, label: str, arguments: list[str], folder: Path, calibra
     row = {"option": label, "exit_code": result["code"], "peak_rss_bytes": result["peak_rss"],
            "seconds": round(seconds, 1), "output_bytes": size,
            "ratio": None if size is None else round(model.stat().st_size / size, 2)}
+    if result.get("stdout", "").startswith("{"):  # the report of a run with --json: each pass's wall time
+        row["passes"] = {entry["name"]: entry["seconds"] for entry in json.loads(result["stdout"])["passes"]}
     if result["code"] != 0:
         row["error"] = result["stderr"].strip().splitlines()[-1] if result["stderr"].strip() else ""
     print(json.dumps(row), file=sys.stderr)

@@ -149,7 +149,7 @@ def _check_tensors(model: Path, output: Path) -> dict:
 def measure(run: Run, folder: Path, calibration: Path, check_tensors: bool) -> dict:
     """One run: compress in a fresh process, then verify its output in another."""
     model = build(run)
-    row = compress_memory.measure(model, run.label, list(run.arguments), folder, calibration, TIMEOUT_S)
+    row = compress_memory.measure(model, run.label, [*run.arguments, "--json"], folder, calibration, TIMEOUT_S)
     output = folder / "out.onnx"
     written = model_bytes(output) if output.exists() else None  # with its external data, past 2 GB
     row.update(model=run.model, model_bytes=model_bytes(model), parameters=run.shape.parameters(),
