@@ -4,11 +4,12 @@ For a weight W with output rows along ``row_axis`` the pass encodes the matrix `
 .reshape(rows, cols)`` as ``M^[r, j] = C[g(r), I[r, j]]`` (:mod:`jlcm_onnx.encodings.codebook`), removes W (initializer
 or ``Constant`` node) and inserts, right before W's first consumer, the nodes of
 :mod:`jlcm_onnx.encodings.codebook_decoder` that produce a tensor of W's name, dtype and shape. Consumers are untouched,
-except three that are rewritten so that less is decoded at a time: a lone embedding ``Gather`` (a row decoder decodes
-only the looked-up rows), the lone ``MatMul`` of a large weight (split into column blocks decoded one after the other)
+except four that are rewritten so that less is decoded at a time: a lone embedding ``Gather`` (a row decoder decodes
+only the looked-up rows), the lone ``MatMul`` of a large weight (split into column blocks decoded one after the other),
+a table tied to a head (a row decoder for its Gather and, on the same stored tensors, for the head's blocks of rows)
 and, for a weight in affine blocks (``speed="fast"``, :mod:`jlcm_onnx.encodings.affine_decoder`: a standard
-DequantizeLinear), a Gemm reading it transposed (so onnxruntime can fuse it). A weight read by several nodes
-(tied embeddings) is stored and decoded once. Weights inside ``If``/``Loop``/``Scan`` bodies are handled in their own
+DequantizeLinear), a Gemm reading it transposed (so onnxruntime can fuse it). Any other weight read by several nodes
+is stored and decoded once. Weights inside ``If``/``Loop``/``Scan`` bodies are handled in their own
 body; a weight defined outside a body and read inside it (an outer-scope reference) is decoded in its own graph, right
 before the node that holds the body, and the body reads the decoded tensor by the same name. The weights are
 encoded in parallel (data-free in graph order, with calibration statistics smallest first with the largest started
@@ -117,7 +118,8 @@ class EncodeWeights(Pass):
             pool = pools.setdefault(id(site.graph), ConstantPool(names))
             context = DecoderContext(names, pool, constants, self.config)
             written = site_encoding.encoding.write(site, row_axis, site_encoding, context)
-            insertions.append(_Insertion(site.graph, anchor_index(site), site, written))
+            insertions += [_Insertion(site.graph, anchor_index(site) if part.at_node is None else part.at_node, site,
+                                      part) for part in (written, *written.more)]
             records.append(self._record(site, site_encoding, written))
             del site_encoding
         functions = DecoderFunctions({t.name: t for pool in pools.values() for t in pool.initializers},
@@ -184,7 +186,8 @@ def _apply(
     for graph in innermost_first:
         group = by_graph[id(graph)]
         removed_constants = {i.site.name for i in group if i.site.constant_node is not None}
-        replaced_nodes = {i.before_node for i in group if i.written.replaces_node}
+        replaced_nodes = {i.before_node for i in group if i.written.replaces_node} | {
+            position for i in group for position in i.written.drops}
         removed_tensors = {i.site.name for i in group if i.site.constant_node is None}
         before: dict[int, list[_Insertion]] = defaultdict(list)
         for insertion in group:

@@ -16,12 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from jlcm_onnx.config import CompressionConfig
-from jlcm_onnx.ir.weight_sites import (
-    Consumer,
-    WeightSite,
-    compressible_sites,
-    transposed_matmul,
-)
+from jlcm_onnx.ir.weight_sites import compressible_sites, tied_head
 from jlcm_onnx.passes.base import Pass, PassResult
 
 #: Suffix of the head's copy of a tied table.
@@ -36,7 +31,7 @@ class UntieHeads(Pass):
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         tied = [(site, head) for site, _ in compressible_sites(model, self.config)
-                for head in [_tied_head(site)] if head is not None]
+                for head in [tied_head(site)] if head is not None]
         for site, (transpose, matmul) in tied:
             copy = numpy_helper.from_array(np.ascontiguousarray(site.array().T), f"{site.name}{HEAD_SUFFIX}")
             site.graph.initializer.append(copy)
@@ -45,20 +40,3 @@ class UntieHeads(Pass):
         notes = [f"{site.name}: tied to the head {matmul.describe()}, stored twice (a copy for each reader)"
                  for site, (_, matmul) in tied]
         return PassResult(model, modified=bool(tied), notes=notes)
-
-
-def _tied_head(site: WeightSite) -> tuple[Consumer, Consumer] | None:
-    """(the Transpose, the head MatMul) of a [V, D] initializer read by exactly one Gather (rows) and one transposed
-    MatMul, none of them a graph output; else None."""
-    if site.constant_node is not None or len(site.shape) != 2 or len(site.consumers) != 2:
-        return None
-    kinds = {consumer.node.op_type: consumer for consumer in site.consumers}
-    gather, transpose = kinds.get("Gather"), kinds.get("Transpose")
-    if gather is None or transpose is None or gather.input_index != 0 or transpose.graph is not site.graph:
-        return None
-    axis = next((a.i for a in gather.node.attribute if a.name == "axis"), 0)
-    matmul = transposed_matmul(transpose)
-    outputs = {value.name for value in site.graph.output}
-    if axis != 0 or matmul is None or transpose.node.output[0] in outputs:
-        return None
-    return transpose, matmul

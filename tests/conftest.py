@@ -181,9 +181,11 @@ def expected_groups(rows: int, cols: int, config: CompressionConfig) -> int:
     return rows if cols >= span else max(1, rows * cols // span)
 
 
-def dequantized(weight: np.ndarray, row_axis: int, config: CompressionConfig, outliers: bool = True) -> np.ndarray:
+def dequantized(weight: np.ndarray, row_axis: int, config: CompressionConfig, outliers: bool = True,
+                outliers_per_row: bool = False) -> np.ndarray:
     """The weight the compressed model must decode: the codebook encoding of ``weight`` (rows clustered into groups
-    when the config re-orders them), in ``weight``'s layout and row order."""
+    when the config re-orders them), in ``weight``'s layout and row order; its outliers, if any, the farthest of the
+    whole weight or as many in every row."""
     moved = np.moveaxis(weight, row_axis, 0)
     matrix = moved.reshape(weight.shape[row_axis], -1).astype(np.float32)
     groups = expected_groups(*matrix.shape, config)
@@ -199,6 +201,7 @@ def dequantized(weight: np.ndarray, row_axis: int, config: CompressionConfig, ou
         np.dtype(config.codebook_dtype),
         config.kmeans_iterations,
         outlier_fraction=config.outlier_fraction if outliers else 0.0,
+        outliers_per_row=outliers_per_row,
     )
     decoded = np.empty_like(matrix)
     decoded[order] = encoded.decode()

@@ -10,7 +10,7 @@ import pytest
 import jlcm_onnx
 from jlcm_onnx import CompressionConfig, ConfigError
 from jlcm_onnx.encodings.codebook import encode_matrix, equal_group_sizes
-from jlcm_onnx.encodings.outliers import select_outliers
+from jlcm_onnx.encodings.outliers import select_outliers, uniform_outliers
 from jlcm_onnx.encodings.sqnr import sqnr_db
 
 from conftest import matmul_model, run
@@ -35,6 +35,21 @@ def test_outliers_are_the_largest_deviations() -> None:
     assert picked.size == round(0.002 * matrix.size)
     assert np.all(np.abs(matrix.reshape(-1)[picked]) == 30.0)
     assert select_outliers(matrix, 0.0).size == 0
+
+
+def test_outliers_per_row_are_each_rows_largest_deviations_in_any_chunks() -> None:
+    """A row-packed table keeps as many outliers in every row: its largest deviations, whatever the chunking."""
+    matrix = np.random.default_rng(1).standard_normal((64, 100)).astype(np.float32)
+    matrix[5, 7] = 40.0
+    picked = select_outliers(matrix, 0.03, per_row=True)
+    assert uniform_outliers(picked, 64, 100) == 3 and uniform_outliers(select_outliers(matrix, 0.03), 64, 100) is None
+    assert 5 * 100 + 7 in picked
+    deviations = np.abs(matrix - matrix.mean(axis=1, keepdims=True)) / matrix.std(axis=1, keepdims=True)
+    kept = np.zeros(matrix.size, bool)
+    kept[picked] = True
+    kept = kept.reshape(matrix.shape)
+    assert (np.where(kept, deviations, np.inf).min(axis=1) >= np.where(kept, -np.inf, deviations).max(axis=1)).all()
+    np.testing.assert_array_equal(select_outliers(matrix, 0.03, chunk_weights=300, per_row=True), picked)
 
 
 def test_outliers_are_kept_and_improve_the_rest() -> None:

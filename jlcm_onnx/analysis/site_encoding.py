@@ -21,7 +21,7 @@ from jlcm_onnx.encodings.base import EncodeRequest, Encoding, SiteEncoding, code
 from jlcm_onnx.encodings.registry import encoding_for
 from jlcm_onnx.encodings.sqnr import encoding_sqnr_db
 from jlcm_onnx.ir.lazy_weights import tensor_array
-from jlcm_onnx.ir.weight_sites import WeightSite, is_lone_table_gather
+from jlcm_onnx.ir.weight_sites import WeightSite, is_lone_table_gather, is_tied_table
 
 
 def encode_site(site: WeightSite, row_axis: int, config: CompressionConfig, plan: CompressionPlan) -> SiteEncoding:
@@ -127,7 +127,7 @@ def _request(site: WeightSite, row_axis: int, shape: tuple[int, int], weight: np
     return EncodeRequest(plan.choice(site.name).bits, plan.group_sizes(site.name, *shape),
                          codebook_dtype(config, site.tensor.data_type, weight), importance,
                          _outlier_fraction(site, row_axis, plan), plan.chunk_weights,
-                         encoding.fit_options(site, row_axis, config))
+                         encoding.fit_options(site, row_axis, config), is_tied_table(site, row_axis))
 
 
 def _sqnr(matrix: np.ndarray, encoded: object, chunk_weights: int) -> float:
@@ -135,5 +135,5 @@ def _sqnr(matrix: np.ndarray, encoded: object, chunk_weights: int) -> float:
 
 
 def _outlier_fraction(site: WeightSite, row_axis: int, plan: CompressionPlan) -> float:
-    """The plan's outlier fraction, except none for a table decoded row by row (its decoder reads no outliers)."""
+    """The plan's outlier fraction, except none for a table read only by its row decoder (which keeps none)."""
     return 0.0 if is_lone_table_gather(site, row_axis) else plan.choice(site.name).outlier_fraction

@@ -39,9 +39,10 @@ FLOAT16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
 class EncodeRequest:
     """What the plan asks of one weight's matrix [rows, cols]: ``bits`` per code, ``group_sizes`` (rows per group, in
     stored order), the codebook ``dtype``, the ``importance`` of each input (``diag(H)``; None data-free), the
-    ``outlier_fraction``, ``chunk_weights`` (weights held in one chunk of rows, :mod:`jlcm_onnx.memory_budget`) and
+    ``outlier_fraction``, ``chunk_weights`` (weights held in one chunk of rows, :mod:`jlcm_onnx.memory_budget`),
     the ``fit_options`` the format read from the graph for this weight (:meth:`Encoding.fit_options`), so that its fit
-    needs no graph and can run in another process or on another machine."""
+    needs no graph and can run in another process or on another machine, and whether every row keeps as many
+    outliers (``outliers_per_row``: a table tied to a head, whose row decoders patch each row's own)."""
 
     bits: int
     group_sizes: tuple[int, ...]
@@ -50,13 +51,15 @@ class EncodeRequest:
     outlier_fraction: float
     chunk_weights: int
     fit_options: dict[str, Any] = field(default_factory=dict)
+    outliers_per_row: bool = False
 
 
 @dataclass(frozen=True)
 class WeightShape:
     """What the size planner's cost of a weight depends on: its ``size`` and ``rows``, the bytes of one codebook
-    value, whether it is decoded row by row (an embedding table read by one Gather), the bytes of one of its
-    original values, and the format that encodes it."""
+    value, whether it is decoded row by row only (an embedding table read by one Gather), the bytes of one of its
+    original values, the format that encodes it, and whether it is stored a row at a time with no outliers (such a
+    table, or one tied to a head: :func:`~jlcm_onnx.ir.weight_sites.is_row_packed`)."""
 
     name: str
     size: int
@@ -65,6 +68,7 @@ class WeightShape:
     row_decoded: bool
     original_itemsize: int
     encoding: Encoding
+    row_packed: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,13 +109,21 @@ class WrittenDecoder:
     """One weight's decoder: its nodes and stored tensors, the activation its decode gate is computed from (None:
     no gate), whether it stands in for the weight's reader node, the decoder-function kind it becomes one call of
     (:mod:`jlcm_onnx.ir.decoder_functions`; None: left inline), and the report's fields on it (bits, groups,
-    encoding, outliers, decode gate)."""
+    encoding, outliers, decode gate).
+
+    The reader is the weight's first (:func:`~jlcm_onnx.ir.weight_sites.anchor_index`) unless ``at_node`` gives the
+    position of another in the weight's graph; ``drops`` are positions of nodes the decoder leaves unread (removed
+    with it), and ``more`` are decoders of the same stored tensors standing in for the weight's other readers (a
+    table's embedding Gather and its tied head)."""
 
     decoder: DecodeGraph
     gate_activation: str | None
     replaces_node: bool
     function: str | None
     record: dict[str, Any]
+    at_node: int | None = None
+    drops: tuple[int, ...] = ()
+    more: tuple[WrittenDecoder, ...] = ()
 
 
 class Encoding(ABC):

@@ -177,16 +177,18 @@ def encode_matrix(
     block_size: int | None = None,
     refinements: int = 3,
     chunk_weights: int = MAX_CHUNK_WEIGHTS,
+    outliers_per_row: bool = False,
 ) -> EncodedMatrix:
     """k-means codebooks of ``2**bits`` values for each contiguous row group of ``matrix`` [rows, cols], keeping the
-    ``outlier_fraction`` of weights farthest from their row mean aside, and with ``block_size`` a scale and an offset
+    ``outlier_fraction`` of weights farthest from their row mean aside (as many in every row with
+    ``outliers_per_row``), and with ``block_size`` a scale and an offset
     per block of inputs fitted ``refinements`` times (see the module docstring). Groups are encoded a chunk of about
     ``chunk_weights`` weights at a time (:mod:`jlcm_onnx.memory_budget`); the result does not depend on the chunk."""
     rows, cols = matrix.shape
     if sum(group_sizes) != rows:
         raise ValueError(f"group sizes {group_sizes} do not cover {rows} rows")
     sizes = tuple(int(s) for s in group_sizes)
-    outliers = select_outliers(matrix, outlier_fraction, chunk_weights)
+    outliers = select_outliers(matrix, outlier_fraction, chunk_weights, outliers_per_row)
     codebooks = np.empty((len(sizes), 1 << bits), dtype=codebook_dtype)
     codes = np.empty((rows, cols), dtype=np.uint8)
     blocks = {} if block_size is None else dict(

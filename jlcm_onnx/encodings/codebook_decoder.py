@@ -27,18 +27,25 @@ packed in memory and are decoded one layer at a time, when the layer's input exi
 
 An embedding table read only by ``Gather`` is packed row by row ([rows, B, N]) and its Gather is replaced by a *row
 decoder* that gathers the packed rows and row codebooks of the requested ids first and decodes only those rows; the ids
-are run-time data, so no gate is needed.
+are run-time data, so no gate is needed. A table tied to a language-model head (``logits = h @ E^T``) is stored once
+in that layout, with the same number of outliers in every row (their columns and values [rows, m], gathered with the
+rows and written over them by ScatterElements): a row decoder stands in for the embedding Gather, and the head becomes
+``Concat_k(h @ Transpose(E^[rows_k]))``, each block of rows looked up by a row decoder whose ids, ``Range(s_k + gate,
+e_k)``, wait for the block before (:func:`build_tied_head`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from jlcm_onnx.encodings.codebook import EncodedMatrix
+from jlcm_onnx.encodings.outliers import uniform_outliers
 from jlcm_onnx.encodings.packing import WordLayout, pack_codes
 from jlcm_onnx.ir.graph_building import ConstantPool, NameAllocator, build_gate
 from jlcm_onnx.ir.tensor_size import stored_bytes
@@ -79,20 +86,29 @@ class DecodeGraph:
 
 
 class DecoderBuilder:
-    """Collects one weight's decoder: its stored tensors, shared constants and nodes."""
+    """Collects one weight's decoder: its stored tensors, shared constants and nodes. With ``shared`` (suffix ->
+    name), a stored tensor some decoder of the same encoding already stored is read under that name, not stored again;
+    the tensors this decoder stores are added to it."""
 
-    def __init__(self, spec: DecodeSpec, names: NameAllocator, pool: ConstantPool) -> None:
+    def __init__(self, spec: DecodeSpec, names: NameAllocator, pool: ConstantPool,
+                 shared: dict[str, str] | None = None) -> None:
         self.spec = spec
         self.names = names
         self.pool = pool
+        self.shared = shared
         self.prefix = names.fresh("jlcm/w")
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
 
-    def stored(self, suffix: str, array: np.ndarray) -> str:
-        """A tensor that belongs to this weight's encoding (counted in its compressed size)."""
+    def stored(self, suffix: str, array: np.ndarray | Callable[[], np.ndarray]) -> str:
+        """A tensor that belongs to this weight's encoding (counted in its compressed size); ``array`` may be a
+        function making it, called only when it is not shared already."""
+        if self.shared is not None and suffix in self.shared:
+            return self.shared[suffix]
         name = self.names.fresh(f"{self.spec.output}.jlcm_{suffix}")
-        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        self.initializers.append(numpy_helper.from_array(np.asarray(array() if callable(array) else array), name))
+        if self.shared is not None:
+            self.shared[suffix] = name
         return name
 
     def const(self, array: np.ndarray | int) -> str:
@@ -120,9 +136,11 @@ def stored_code_order(spec: DecodeSpec) -> np.ndarray:
     return spec.encoded.codes.T if spec.rows_last else spec.encoded.codes
 
 
-def build_decoder(spec: DecodeSpec, names: NameAllocator, pool: ConstantPool, gate: str | None) -> DecodeGraph:
-    """Initializers and nodes that compute ``spec.output`` from the packed codes and codebooks."""
-    b = DecoderBuilder(spec, names, pool)
+def build_decoder(spec: DecodeSpec, names: NameAllocator, pool: ConstantPool, gate: str | None,
+                  shared: dict[str, str] | None = None) -> DecodeGraph:
+    """Initializers and nodes that compute ``spec.output`` from the packed codes and codebooks (reading the stored
+    tensors named in ``shared``, see :class:`DecoderBuilder`)."""
+    b = DecoderBuilder(spec, names, pool, shared)
     if spec.gather_indices is not None:
         _row_decoder(b, spec)
     else:
@@ -158,6 +176,40 @@ def build_blocked_matmul(
         b.op("Gather", [output, b.restore_index()], matmul.output[0], axis=-1)
         nodes += b.nodes
         initializers += b.initializers
+    return DecodeGraph(nodes, initializers)
+
+
+def build_tied_head(spec: DecodeSpec, matmul: onnx.NodeProto, row_bounds: list[int], names: NameAllocator,
+                    pool: ConstantPool, shared: dict[str, str]) -> DecodeGraph:
+    """Stands in for ``logits = MatMul(h, Transpose(E))``, the head tied to a table E [V, D] that an embedding's row
+    decoder reads too: ``logits = Concat_k(h @ Transpose(E^[rows_k]))``, the rows of block k looked up by a row decoder
+    on the stored tensors named in ``shared`` (the embedding's: the table is stored once).
+
+    Block k's ids are ``Range(s_k + gate, e_k)``, the gate computed from block k-1's product (from h for the first),
+    so onnxruntime decodes one block of the table at a time, after the one before, and folds none of them at load.
+    """
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+    activation, outputs = matmul.input[0], []
+    for start, stop in pairwise(row_bounds):
+        gate, gate_nodes = build_gate(activation, names)
+        offset, first, ids = (names.fresh(f"{spec.output}.jlcm_{part}") for part in ("offset", "first", "ids"))
+        block = DecodeSpec(names.fresh(f"{spec.output}.jlcm_rows"), spec.dtype, (stop - start, spec.shape[1]), 0,
+                           spec.encoded, gather_indices=ids, restore=spec.restore)
+        decoder = build_decoder(block, names, pool, None, shared)
+        transposed = names.fresh(f"{spec.output}.jlcm_transposed")
+        activation = names.fresh(f"{matmul.output[0]}.jlcm_block")
+        nodes += [*gate_nodes,
+                  helper.make_node("Cast", [gate], [offset], to=onnx.TensorProto.INT64, name=offset),
+                  helper.make_node("Add", [pool.get(np.array(start, np.int64)), offset], [first], name=first),
+                  helper.make_node("Range", [first, pool.get(np.array(stop, np.int64)),
+                                             pool.get(np.array(1, np.int64))], [ids], name=ids),
+                  *decoder.nodes,
+                  helper.make_node("Transpose", [block.output], [transposed], perm=[1, 0], name=transposed),
+                  helper.make_node("MatMul", [matmul.input[0], transposed], [activation], name=activation)]
+        initializers += decoder.initializers
+        outputs.append(activation)
+    nodes.append(helper.make_node("Concat", outputs, [matmul.output[0]], axis=-1, name=names.fresh("jlcm/concat")))
     return DecodeGraph(nodes, initializers)
 
 
@@ -268,7 +320,7 @@ def _row_decoder(b: DecoderBuilder, spec: DecodeSpec) -> None:
     """Stands in for ``Gather(table, ids)``: gathers packed rows and row codebooks, then decodes only those rows."""
     layout = WordLayout(spec.encoded.bits)
     rows, cols = spec.encoded.codes.shape
-    packed = b.stored("packed", pack_codes(spec.encoded.codes, layout.bits))  # [rows, B, N]
+    packed = b.stored("packed", lambda: pack_codes(spec.encoded.codes, layout.bits))  # [rows, B, N]
     ids = spec.gather_indices
     flat_ids = b.op("Reshape", [ids, b.shape([-1])])
     if spec.restore is not None:
@@ -278,9 +330,28 @@ def _row_decoder(b: DecoderBuilder, spec: DecodeSpec) -> None:
     lookup = _lookup_dtype(spec)
     row_codebooks = b.op("Gather", [_row_codebooks(b, spec, lookup), flat_ids], axis=0)
     decoded = _block_affine(b, spec, b.op("GatherElements", [row_codebooks, codes], axis=1), flat_ids)
-    decoded = _cast(b, decoded, lookup, spec.dtype)
+    decoded = _cast(b, _row_outliers(b, spec, decoded, flat_ids, lookup), lookup, spec.dtype)
     out_shape = b.op("Concat", [b.op("Shape", [ids]), b.shape([cols])], axis=0)
     b.op("Reshape", [decoded, out_shape], spec.output)
+
+
+def _row_outliers(b: DecoderBuilder, spec: DecodeSpec, decoded: str, ids: str, dtype: int) -> str:
+    """Writes each looked-up row's outliers over it (the same number in every row: a column index and a value each,
+    stored [rows, m] and gathered by ``ids``) with ScatterElements; a no-op without outliers."""
+    encoded = spec.encoded
+    rows, cols = encoded.codes.shape
+    per_row = uniform_outliers(encoded.outlier_index, rows, cols)
+    if per_row is None:
+        raise ValueError(f"{spec.output}: a row decoder needs as many outliers in every row")
+    if per_row == 0:
+        return decoded
+    columns = (encoded.outlier_index % cols).reshape(rows, per_row).astype(np.uint16 if cols <= 1 << 16 else np.int32)
+    columns = b.op("Cast", [b.op("Gather", [b.stored("outlier_columns", columns), ids], axis=0)],
+                   to=onnx.TensorProto.INT32)
+    values = b.stored("outlier_values", encoded.outlier_values.reshape(rows, per_row))
+    values = _cast(b, b.op("Gather", [values, ids], axis=0),
+                   helper.np_dtype_to_tensor_dtype(encoded.outlier_values.dtype), dtype)
+    return b.op("ScatterElements", [decoded, columns, values], axis=1)
 
 
 def unpack_codes(b: DecoderBuilder, packed: str, layout: WordLayout, count: int, rows: bool | None,

@@ -30,14 +30,21 @@ from jlcm_onnx.encodings.base import (
     WrittenDecoder,
 )
 from jlcm_onnx.encodings.codebook import EncodedMatrix, codebook_errors, encode_matrix
-from jlcm_onnx.encodings.codebook_decoder import DecodeSpec, build_blocked_matmul, build_decoder
+from jlcm_onnx.encodings.codebook_decoder import DecodeSpec, build_blocked_matmul, build_decoder, build_tied_head
 from jlcm_onnx.encodings.multi_scaling import encode_scaled_matrix
-from jlcm_onnx.encodings.outliers import outlier_count
+from jlcm_onnx.encodings.outliers import outlier_count, outliers_per_row, uniform_outliers
 from jlcm_onnx.encodings.packing import WordLayout
 from jlcm_onnx.encodings.row_block_learning import learn_in_row_blocks
 from jlcm_onnx.ir.decoder_functions import BLOCKED_MATMUL, DECODE_ROWS, DECODE_WEIGHT
 from jlcm_onnx.ir.graph_building import GATE_PLACEHOLDER
-from jlcm_onnx.ir.weight_sites import WeightSite, anchor_index, is_lone_matrix_input, is_lone_table_gather
+from jlcm_onnx.ir.weight_sites import (
+    WeightSite,
+    anchor_index,
+    is_lone_matrix_input,
+    is_lone_table_gather,
+    is_tied_table,
+    tied_head,
+)
 
 #: Serialized bytes of one weight's decoder nodes by bits (measured on a MatMul weight; L = 8/gcd(b, 8) code planes).
 DECODER_BYTES = {1: 2900, 2: 1900, 3: 4400, 4: 1400, 5: 5100, 6: 3100, 7: 5800, 8: 1000}
@@ -65,7 +72,7 @@ class CodebookFormat(Encoding):
     def encode(self, matrix: np.ndarray, request: EncodeRequest, config: CompressionConfig) -> EncodedMatrix:
         return self._fit(matrix, request.bits, request.group_sizes, request.dtype, config, config.kmeans_iterations,
                          importance=request.importance, outlier_fraction=request.outlier_fraction,
-                         chunk_weights=request.chunk_weights)
+                         chunk_weights=request.chunk_weights, outliers_per_row=request.outliers_per_row)
 
     def _fit(self, matrix: np.ndarray, bits: int, sizes: tuple[int, ...], dtype: np.dtype, config: CompressionConfig,
              iterations: int, **options: Any) -> EncodedMatrix:
@@ -82,8 +89,13 @@ class CodebookFormat(Encoding):
         """The outliers are spread evenly, so each column block of a blocked MatMul gets its share (and its outlier
         nodes), as real outliers almost always do."""
         size = rows * cols
-        outliers = outlier_count(size, request.outlier_fraction)
-        spread = np.arange(outliers, dtype=np.int64) * size // max(outliers, 1)
+        if request.outliers_per_row:  # the first columns of every row
+            per_row = outliers_per_row(cols, request.outlier_fraction)
+            spread = (np.arange(rows)[:, None] * cols + np.arange(per_row)).reshape(-1)
+        else:
+            count = outlier_count(size, request.outlier_fraction)
+            spread = np.arange(count, dtype=np.int64) * size // max(count, 1)
+        outliers = spread.size
         fields: dict[str, Any] = dict(
             codebooks=np.zeros((len(request.group_sizes), 1 << request.bits), request.dtype),
             codes=np.zeros((rows, cols), np.uint8), group_sizes=request.group_sizes, outlier_index=spread,
@@ -97,12 +109,18 @@ class CodebookFormat(Encoding):
     def stored_bytes(self, shape: WeightShape, bits: int, groups: int, outlier_fraction: float,
                      config: CompressionConfig) -> int:
         entries = 1 << bits
-        if shape.row_decoded:
+        if shape.row_packed:
             packed = shape.rows * WordLayout(bits).packed_bytes(shape.size // shape.rows)
         else:
             packed = WordLayout(bits).packed_bytes(shape.size)
         maps = shape.rows * (3 if groups <= 256 else 4) if 1 < groups < shape.rows and config.reorder else 0
-        outliers = 0 if shape.row_decoded else round(outlier_fraction * shape.size) * (4 + shape.codebook_bytes)
+        if shape.row_decoded:  # a table read by its row decoder alone keeps no outliers
+            outliers = 0
+        elif shape.row_packed:  # a tied table keeps as many in every row: a column index and a value each
+            outliers = shape.rows * outliers_per_row(shape.size // shape.rows, outlier_fraction) * (
+                (2 if shape.size // shape.rows <= 1 << 16 else 4) + shape.codebook_bytes)
+        else:
+            outliers = round(outlier_fraction * shape.size) * (4 + shape.codebook_bytes)
         extra = self._codebook_bytes(shape, entries, groups) + self._block_bytes(shape, config)
         return packed + maps + outliers + extra + DECODER_BYTES[bits] + 3 * len(shape.name)
 
@@ -126,9 +144,11 @@ class CodebookFormat(Encoding):
 
     def write(self, site: WeightSite, row_axis: int, encoding: SiteEncoding, context: DecoderContext) -> WrittenDecoder:
         """The codebook decoder before the weight's first reader; for a lone embedding Gather a row decoder in its
-        place, and for the lone MatMul of a large weight a blocked MatMul in its place (decoded a column block at a
-        time)."""
+        place, for the lone MatMul of a large weight a blocked MatMul in its place (decoded a column block at a
+        time), and for a table tied to a head a row decoder for each (:meth:`_write_tied`)."""
         encoded, restore = encoding.encoded, encoding.restore
+        if is_tied_table(site, row_axis) and uniform_outliers(encoded.outlier_index, *encoded.codes.shape) is not None:
+            return self._write_tied(site, encoding, context)
         reader = site.graph.node[anchor_index(site)]
         boundaries = encoded.block_boundaries(column_block_weights(encoded.codes.size))
         dtype = site.tensor.data_type
@@ -156,6 +176,34 @@ class CodebookFormat(Encoding):
         record = dict(bits=encoded.bits, groups=len(encoded.group_sizes), encoding=self.describe(encoded) + learned,
                       outliers=int(encoded.outlier_index.size), decode_gate=gate)
         return WrittenDecoder(decoder, activation, function != DECODE_WEIGHT, function, record)
+
+
+    def _write_tied(self, site: WeightSite, encoding: SiteEncoding, context: DecoderContext) -> WrittenDecoder:
+        """A table E [V, D] read by an embedding Gather and, transposed, by a head MatMul: a row decoder in the
+        Gather's place, and in the head's a blocked head (at most :data:`MAX_COLUMN_BLOCKS` blocks of rows, each
+        looked up by a row decoder and multiplied in turn); both read the one copy of the stored tensors, and the
+        head's Transpose goes. Before, the whole table was decoded, and transposed, on every run."""
+        encoded, restore, dtype = encoding.encoded, encoding.restore, site.tensor.data_type
+        gather = next(consumer for consumer in site.consumers if consumer.node.op_type == "Gather")
+        transpose, head = tied_head(site)
+        shared: dict[str, str] = {}
+        rows_spec = DecodeSpec(gather.node.output[0], dtype, site.shape, 0, encoded,
+                               gather_indices=gather.node.input[1], restore=restore)
+        rows_decoder = build_decoder(rows_spec, context.names, context.pool, None, shared)
+        vocabulary = site.shape[0]
+        blocks = -(-site.num_elements // column_block_weights(site.num_elements))
+        bounds = sorted({round(b) for b in np.linspace(0, vocabulary, blocks + 1)})
+        head_spec = DecodeSpec(head.node.output[0], dtype, site.shape, 0, encoded, restore=restore)
+        head_decoder = build_tied_head(head_spec, head.node, bounds, context.names, context.pool, shared)
+        learned = f", learned ({_learning(context.config)})" if encoding.learned else ""
+        gate = (f"{row_decoded(gather.node.input[1])}; the tied head {head.describe()}: decoded in "
+                f"{len(bounds) - 1} blocks of rows, one at a time")
+        record = dict(bits=encoded.bits, groups=len(encoded.group_sizes), encoding=self.describe(encoded) + learned,
+                      outliers=int(encoded.outlier_index.size), decode_gate=gate)
+        head_written = WrittenDecoder(head_decoder, None, True, BLOCKED_MATMUL, {}, at_node=head.node_index,
+                                      drops=(transpose.node_index,))
+        return WrittenDecoder(rows_decoder, None, True, DECODE_ROWS, record, at_node=gather.node_index,
+                              more=(head_written,))
 
 
 class MultiCodebook(CodebookFormat):

@@ -22,6 +22,7 @@ def encode_scaled_matrix(
     outlier_fraction: float = 0.0,
     refinements: int = 3,
     chunk_weights: int = MAX_CHUNK_WEIGHTS,
+    outliers_per_row: bool = False,
 ) -> EncodedMatrix:
     """Multi-scaling: one codebook ``c`` of ``2**bits`` values shared by all groups and a scale per group,
     ``W^[r, j] = s[g(r)] * c[I[r, j]]``, at ``n*b + 16*(K + G)`` bits (fp16).
@@ -30,7 +31,7 @@ def encode_scaled_matrix(
     least-squares scale of each group given its codes, ``s_g = <w, c[I]> / <c[I], c[I]>`` (importance-weighted).
     """
     rows, cols = matrix.shape
-    outliers = select_outliers(matrix, outlier_fraction, chunk_weights)
+    outliers = select_outliers(matrix, outlier_fraction, chunk_weights, outliers_per_row)
     weights = np.ones(matrix.shape) if importance is None else np.array(importance, dtype=np.float64, order="C")
     weights.reshape(-1)[outliers] = 0.0
     values = matrix.astype(np.float64)

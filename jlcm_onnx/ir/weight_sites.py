@@ -304,3 +304,32 @@ def transposed_matmul(consumer: Consumer) -> Consumer | None:
 def is_lone_table_gather(site: WeightSite, row_axis: int) -> bool:
     """True when the weight is a [rows, cols] table read only by one Gather along its rows."""
     return row_axis == 0 and is_lone_matrix_input(site, row_axis, "Gather", 0)
+
+
+def tied_head(site: WeightSite) -> tuple[Consumer, Consumer] | None:
+    """(the Transpose, the head MatMul) of a [V, D] initializer read by exactly one Gather (rows) and one transposed
+    MatMul, none of them a graph output; else None."""
+    if site.constant_node is not None or len(site.shape) != 2 or len(site.consumers) != 2:
+        return None
+    kinds = {consumer.node.op_type: consumer for consumer in site.consumers}
+    gather, transpose = kinds.get("Gather"), kinds.get("Transpose")
+    if (gather is None or transpose is None or gather.input_index != 0 or gather.graph is not site.graph
+            or transpose.graph is not site.graph):
+        return None
+    axis = next((a.i for a in gather.node.attribute if a.name == "axis"), 0)
+    matmul = transposed_matmul(transpose)
+    outputs = {value.name for value in site.graph.output}
+    if axis != 0 or matmul is None or transpose.node.output[0] in outputs:
+        return None
+    return transpose, matmul
+
+
+def is_tied_table(site: WeightSite, row_axis: int) -> bool:
+    """True when the weight is a [V, D] table read by one Gather along its rows and, transposed, by a head MatMul."""
+    return row_axis == 0 and tied_head(site) is not None
+
+
+def is_row_packed(site: WeightSite, row_axis: int) -> bool:
+    """True when the weight is stored a row at a time and read through row decoders: a table read by one Gather,
+    alone or tied to a head (no outliers: a row decoder has no place to patch them)."""
+    return is_lone_table_gather(site, row_axis) or is_tied_table(site, row_axis)

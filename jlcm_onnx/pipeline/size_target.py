@@ -27,7 +27,7 @@ from jlcm_onnx.config import MAX_BITS, CompressionConfig
 from jlcm_onnx.encodings.base import WeightShape, codebook_dtype
 from jlcm_onnx.encodings.registry import encoding_for
 from jlcm_onnx.errors import JlcmError
-from jlcm_onnx.ir.weight_sites import compressible_sites, is_lone_table_gather
+from jlcm_onnx.ir.weight_sites import compressible_sites, is_lone_table_gather, is_row_packed
 from jlcm_onnx.pipeline.distortion import ErrorTable
 
 #: Most outliers the size planner keeps in one tensor when it spends a budget on them.
@@ -44,7 +44,8 @@ def weight_shapes(model: onnx.ModelProto, config: CompressionConfig) -> list[Wei
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(site.tensor.data_type).itemsize
         value_bytes = codebook_dtype(config, site.tensor.data_type).itemsize
         shapes.append(WeightShape(site.name, site.num_elements, site.shape[row_axis], value_bytes,
-                                  is_lone_table_gather(site, row_axis), itemsize, encoding_for(site, row_axis, config)))
+                                  is_lone_table_gather(site, row_axis), itemsize, encoding_for(site, row_axis, config),
+                                  is_row_packed(site, row_axis)))
     return shapes
 
 
