@@ -20,8 +20,9 @@ another fresh process, the output is checked as a user would meet it (:func:`ver
 2. data-free runs: every compressed tensor's stored arrays (codes, codebooks, outliers) equal those of that tensor
    encoded on its own (the encoder called on the input's weight alone, with a plan of its own).
 
-Results go to ``bench/results/scale.json`` and the "scale" section of BENCHMARKS.md, with a projection for 7B and 70B
-parameters from the measured rate and memory per parameter.
+Results go to ``bench/results/scale.json`` and the "scale" section of BENCHMARKS.md, with a projection for 70B
+parameters from the measured rate and memory per parameter, and for 7B and 70B on N one-CPU Ray workers from each
+pass's wall time (the compress runs print their report with ``--json``).
 
 Command line::
 
@@ -56,6 +57,9 @@ QWEN_1_5B = llama_shaped.Shape(vocab=151_936, hidden=1536, layers=28, intermedia
 LLAMA_7B = llama_shaped.Shape(vocab=32_000, hidden=4096, layers=32, intermediate=11_008, heads=32, kv_heads=32,
                               head_dim=128)
 SPOT_TOKENS = 16
+#: Cores of the machine the stored runs were measured on (this project's 2-core, 24 GB machine), and the Ray worker
+#: counts the projection shows.
+CORES, WORKERS = 2, (8, 32, 128)
 #: A compress run is stopped after this long (the 7B fp16 run took 46 min on 2 cores).
 TIMEOUT_S = 4 * 3600
 
@@ -168,8 +172,8 @@ def measure(run: Run, folder: Path, calibration: Path, check_tensors: bool) -> d
 def markdown(rows: list[dict]) -> str:
     lines = [
         "`jlcm-onnx compress` on Llama-shaped models with external data (`models/llama_shaped.py`: Qwen2.5-1.5B's and "
-        "Llama-2-7B's shapes, random trained-looking weights), default `--max-memory`, 2 cores, 24 GB; each run in a "
-        "fresh process, measured by `python bench/scale.py`. \"Checked\": the output runs in onnxruntime (default "
+        f"Llama-2-7B's shapes, random trained-looking weights), default `--max-memory`, {CORES} cores, 24 GB; each run "
+        "in a fresh process, measured by `python bench/scale.py`. \"Checked\": the output runs in onnxruntime (default "
         "options) with finite logits, and every compressed tensor decoded from the file equals the tensor encoded on "
         "its own.",
         "",
@@ -209,7 +213,9 @@ def _verdict(row: dict) -> str:
 
 def _projection(rows: list[dict]) -> list[str]:
     """70B fp16, data-free, from the largest fp16 run: its rate and its peak per parameter (the peak follows the
-    output, which follows the parameters)."""
+    output, which follows the parameters); and, where the run logged its passes, the same on N one-CPU Ray workers:
+    the encoding pass divides among them (it ran on this machine's cores), the rest (loading, planning, writing and
+    checking the file) does not."""
     fp16 = [row for row in rows if row["exit_code"] == 0 and "fp16" in row["option"] and "calibrated" not in
             row["option"]]
     if not fp16:
@@ -217,9 +223,28 @@ def _projection(rows: list[dict]) -> list[str]:
     largest = max(fp16, key=lambda row: row["parameters"])
     rate = largest["parameters_per_second"]
     peak = 70e9 * largest["peak_rss_bytes"] / largest["parameters"]
-    return [f"Projected from the {largest['option']} run ({rate / 1e6:.1f}M parameters/s on 2 cores, the encoding "
-            "part of which scales with cores, processes or Ray workers): a 70B-parameter fp16 model would take "
-            f"{70e9 / rate / 3600:.1f} h on this machine and about {peak / 1e9:.0f} GB of memory, more than it has."]
+    lines = [f"Projected from the {largest['option']} run ({rate / 1e6:.1f}M parameters/s on {CORES} cores): a "
+             f"70B-parameter fp16 model would take {70e9 / rate / 3600:.1f} h on this machine and about "
+             f"{peak / 1e9:.0f} GB of memory, more than it has."]
+    if "passes" not in largest:
+        return lines
+    encoding = largest["passes"]["EncodeWeights"]
+    rest = largest["seconds"] - encoding
+    lines += ["", f"On N Ray workers of one CPU each (`--ray`), from the same run: of its {largest['seconds']:.0f} s, "
+              f"{encoding:.0f} s were the encoding pass on {CORES} cores, which divides among the workers, and "
+              f"{rest:.0f} s the rest (loading, planning, writing and checking), which does not. Projected wall time "
+              "(each job ships its weight's values to a worker, not counted here):", "",
+              "| parameters | this machine | " + " | ".join(f"{n} workers" for n in WORKERS) + " |",
+              "|---|---|" + "---|" * len(WORKERS)]
+    for parameters in (largest["parameters"], 70e9):
+        scale = parameters / largest["parameters"]
+        times = [largest["seconds"] * scale] + [(rest + encoding * CORES / n) * scale for n in WORKERS]
+        lines.append(f"| {parameters / 1e9:.1f}B | " + " | ".join(_duration(t) for t in times) + " |")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def readme_text(rows: list[dict]) -> str:
