@@ -137,6 +137,7 @@ METHODS: tuple[Method, ...] = (
     Method("jlcm-onnx 4-bit, decode at load", "jlcm", {"bits": 4, "decode_at_load": True}),
     Method("jlcm-onnx, size planner at 4x", "jlcm", {"target_ratio": 4.0}),
     Method("jlcm-onnx, size planner at 6x", "jlcm", {"target_ratio": 6.0}),
+    Method("jlcm-onnx, size planner at 6x, calibrated", "jlcm", {"target_ratio": 6.0}, calibrated=True),
     Method("ORT RTN 4-bit, block 32", "ort-nbits", {"algorithm": "rtn", "bits": 4, "block": 32}),
     Method("ORT RTN 4-bit, block 128", "ort-nbits", {"algorithm": "rtn", "bits": 4, "block": 128}),
     Method("ORT RTN 4-bit, block 32, with Gather", "ort-nbits",
@@ -198,7 +199,9 @@ def _efficientnet() -> ModelSpec:
          Metric("top-1 agreement", lambda r: r["top1_agreement"], True),
          Metric("top-5 agreement", lambda r: r["top5_agreement"], True)),
         ((1, 224), (8, 224)),
-        note="no calibrated rows: the only photos at hand are the evaluation set",
+        calibration=efficientnet.calibration_feeds,
+        note="calibration: 64 crops of other pictures (matplotlib's sample photographs, scikit-image's drawings and "
+             "face crops), none an evaluation photo",
     )
 
 
@@ -210,7 +213,9 @@ def _ppocr() -> ModelSpec:
          Metric("line accuracy", lambda r: r["compressed"]["line_accuracy"], True),
          Metric("agreement with fp32", lambda r: r["agreement"]["char_accuracy"], True)),
         ((1, 320), (8, 320)),
-        note="no calibrated rows: the rendered lines are the evaluation set",
+        calibration=ppocr.calibration_feeds,
+        note="calibration: 64 lines of other text (news phrases, made-up numbers) in other fonts than the evaluation "
+             "lines",
     )
 
 

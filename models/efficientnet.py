@@ -14,6 +14,9 @@ convolutions:
   (``skimage.data``), centre-cropped to a square, resized to 224x224 and
   normalised the way EfficientNet-Lite expects (``(x - 127) / 128`` on RGB
   values in ``[0, 255]``), plus their horizontally flipped copies.
+* ``calibration_feeds``: calibration batches from pictures that are not the
+  evaluation photos (matplotlib's sample photographs, scikit-image's drawn
+  images and face crops): random crops, flipped at random, preprocessed alike.
 * ``predict``: logits computed with an onnxruntime session.
 * ``evaluate``: compares an original and a compressed ONNX model: file sizes,
   compression ratio, top-1 / top-5 agreement, mean KL divergence between the
@@ -230,6 +233,49 @@ def _load_images_cached() -> np.ndarray:
     images = np.ascontiguousarray(np.concatenate([originals, flipped]), dtype=np.float32)
     images.setflags(write=False)
     return images
+
+
+def _calibration_pictures() -> list[np.ndarray]:
+    """uint8 pictures that are none of the evaluation photos: matplotlib's sample photographs (Grace Hopper, a
+    product shot, a logo), scikit-image's drawn images (``horse``, ``colorwheel``, ``logo``) and its 200 face crops
+    (``lfw_subset``, 25x25)."""
+    import matplotlib
+    import skimage.data
+    import skimage.io
+
+    samples = Path(matplotlib.get_data_path()) / "sample_data"
+    photos = [skimage.io.imread(samples / name) for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png",
+                                                                "logo2.png")]
+    drawn = [skimage.data.horse().astype(np.uint8) * 255, skimage.data.colorwheel(), skimage.data.logo()]
+    faces = [(face * 255).astype(np.uint8) for face in skimage.data.lfw_subset()]
+    return [np.asarray(p)[..., :3] if np.asarray(p).ndim == 3 else np.asarray(p) for p in photos + drawn] + faces
+
+
+def calibration_images(count: int = 64, seed: int = 0) -> np.ndarray:
+    """``count`` calibration inputs ``[count, 3, 224, 224]`` (deterministic for ``seed``): every fourth a face crop,
+    the others a random square crop (40-100% of the shorter side, anywhere, flipped half the time) of one of the
+    other pictures of :func:`_calibration_pictures` in turn, preprocessed like the evaluation photos."""
+    rng = np.random.default_rng(seed)
+    pictures = _calibration_pictures()
+    scenes, faces = pictures[:6], pictures[6:]
+    images = []
+    for index in range(count):
+        if index % 4 == 3:
+            images.append(preprocess(faces[rng.integers(len(faces))]))
+            continue
+        picture = scenes[index % len(scenes)]
+        height, width = picture.shape[:2]
+        side = int(min(height, width) * rng.uniform(0.4, 1.0))
+        top, left = rng.integers(height - side + 1), rng.integers(width - side + 1)
+        crop = picture[top : top + side, left : left + side]
+        images.append(preprocess(crop[:, ::-1] if rng.random() < 0.5 else crop))
+    return np.stack(images)
+
+
+def calibration_feeds(count: int = 64, batch: int = 8) -> list[dict[str, np.ndarray]]:
+    """:func:`calibration_images` as model feeds of ``batch`` images each."""
+    images = calibration_images(count)
+    return [{INPUT_NAME: images[start : start + batch]} for start in range(0, count, batch)]
 
 
 def load_images() -> np.ndarray:

@@ -21,6 +21,9 @@ head over a multilingual dictionary of 18,708 characters:
   bundled with matplotlib, cycling over ``FONTS``, and preprocessed as
   PaddleOCR does (height 48, aspect ratio kept, width at least 320 with right
   padding, ``(x / 255 - 0.5) / 0.5``, NCHW float32).
+* ``calibration_feeds``: lines that are not the evaluation lines: phrases of
+  gensim's ``lee_background.cor`` news text and made-up numbers, rendered in
+  other fonts (bold, italic, oblique DejaVu and STIX), preprocessed alike.
 * ``recognize``: CTC greedy decoding of each line with an onnxruntime session.
 * ``evaluate``: compares an original and a compressed ONNX model: file sizes,
   compression ratio, character and exact-line accuracy of each model against
@@ -61,6 +64,9 @@ BLANK = ""
 IMAGE_HEIGHT = 48
 MIN_IMAGE_WIDTH = 320
 SESSION_THREADS = 2
+#: Fonts bundled with matplotlib that no evaluation line uses, in turn for the calibration lines.
+CALIBRATION_FONTS = (("DejaVuSans-Bold.ttf", 30), ("DejaVuSerif-Italic.ttf", 28), ("DejaVuSansMono-Oblique.ttf", 26),
+                     ("STIXGeneral.ttf", 34))
 #: (DejaVu font file bundled with matplotlib, size in points), used in turn for the lines of ``TEXTS``.
 FONTS = (("DejaVuSans.ttf", 32), ("DejaVuSerif.ttf", 28), ("DejaVuSansMono.ttf", 24))
 TEXTS = (
@@ -250,6 +256,35 @@ def _load_lines_cached() -> tuple[np.ndarray, ...]:
     for line in lines:
         line.setflags(write=False)
     return lines
+
+
+def calibration_texts(count: int = 64, seed: int = 0) -> list[str]:
+    """``count`` distinct calibration lines, none of them an evaluation line: every third a made-up number (an amount, a
+    date, a code), the others 2 to 6 consecutive words of gensim's ``lee_background.cor`` news text."""
+    import gensim
+
+    corpus = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
+    words = corpus.read_text(encoding="latin-1").split()
+    rng = np.random.default_rng(seed)
+    texts: list[str] = []
+    while len(texts) < count:
+        if len(texts) % 3 == 2:
+            number = int(rng.integers(0, 100_000))
+            date = f"{number % 28 + 1:02d}.{number % 12 + 1:02d}.20{number % 30:02d}"
+            text = [f"No. {number}", f"{number / 100:,.2f}", date, f"#{number:06X}"][len(texts) % 4]
+        else:
+            start = int(rng.integers(0, len(words) - 6))
+            text = " ".join(words[start : start + int(rng.integers(2, 7))])
+        if text not in TEXTS and text not in texts:
+            texts.append(text)
+    return texts
+
+
+def calibration_feeds(count: int = 64) -> list[dict[str, np.ndarray]]:
+    """:func:`calibration_texts` rendered in :data:`CALIBRATION_FONTS` in turn and preprocessed like the evaluation
+    lines, one line per feed (widths differ) under the model's input name ``x``."""
+    return [{"x": preprocess(render(text, *CALIBRATION_FONTS[i % len(CALIBRATION_FONTS)]))[None]}
+            for i, text in enumerate(calibration_texts(count))]
 
 
 def load_lines() -> list[np.ndarray]:
