@@ -6,6 +6,8 @@ each on its own input, so a single compression exercises every decoder layout.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnx.inliner
@@ -231,6 +233,16 @@ def test_calibrated_fit_lowers_the_layer_error() -> None:
     assert objective == pytest.approx(layer_objective(matrix, learned.as_codebook_encoding(), gram))
     assert objective < 0.7 * before
     assert learned.scales.dtype == np.float16 and learned.zero_points.max() <= 15
+
+
+def test_learning_reads_a_read_only_weight_without_a_warning() -> None:
+    """Weights memory-mapped from the model file are read-only: torch warned on every calibrated fast conv."""
+    matrix = np.random.default_rng(6).standard_normal((16, 64)).astype(np.float32)
+    matrix.setflags(write=False)
+    gram = correlated_inputs(256, 64, seed=2).astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learn_affine_blocks(matrix, fit_affine_blocks(matrix, 4, 32, np.dtype(np.float16)), gram.T @ gram)
 
 
 @pytest.mark.parametrize("changes, field", [

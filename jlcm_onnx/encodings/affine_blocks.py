@@ -248,7 +248,7 @@ def refit_scales(matrix: np.ndarray, encoded: AffineBlocks, gram: torch.Tensor) 
                              - encoded.zero_points.astype(np.float64)[..., None])
     if pad:
         design[:, -1, size - pad:] = 0.0  # padded inputs decode nothing
-    weight = torch.nn.functional.pad(torch.as_tensor(matrix, dtype=torch.float64), (0, pad))
+    weight = torch.nn.functional.pad(torch.tensor(matrix, dtype=torch.float64), (0, pad))  # a copy: may be read-only
     old = torch.as_tensor(encoded.scales.astype(np.float64))
     solved = torch.zeros(rows, count, dtype=torch.float64)
     eye = torch.eye(count, dtype=torch.float64)
