@@ -316,7 +316,8 @@ def run_model(spec: ModelSpec, methods: tuple[Method, ...], build: Path, workdir
         try:
             make_file(method, original, output, calibration if method.calibrated else None)
             seconds = time.perf_counter() - started
-            rows.append(measure_row(spec, method.label, original, output, seconds))
+            rows.append(measure_row(spec, method.label, original, output, seconds)
+                        | {"dense_latency_ms": rows[0]["latency_ms"]})
         except Exception as error:  # noqa: BLE001 - a peer failing on a model is a result to report
             message = " ".join(str(error).split())[:200] or type(error).__name__
             rows.append({"method": method.label, "error": f"{type(error).__name__}: {message}"})
@@ -329,7 +330,12 @@ def run_model(spec: ModelSpec, methods: tuple[Method, ...], build: Path, workdir
 
 def merge_rows(previous: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``fresh`` rows over ``previous`` ones of the same method, in :data:`METHODS` order (fp32 first); rows of
-    methods no longer in :data:`METHODS` are dropped."""
+    methods no longer in :data:`METHODS` are dropped. A previous row keeps the dense latency it was measured against
+    (``dense_latency_ms``: the fp32 row of its own run), so a partial rerun on a busier or quieter machine changes
+    no other row's ratio."""
+    dense = next((row.get("latency_ms") for row in previous if row["method"] == "fp32 (original)"), None)
+    previous = [row if "dense_latency_ms" in row or dense is None or row["method"] == "fp32 (original)" or "error"
+                in row else row | {"dense_latency_ms": dense} for row in previous]
     by_method = {row["method"]: row for row in [*previous, *fresh]}
     order = ["fp32 (original)", *(method.label for method in METHODS)]
     return [by_method[label] for label in order if label in by_method]
@@ -349,7 +355,6 @@ def model_table(spec: ModelSpec, result: dict[str, Any]) -> list[str]:
     (small, _), (large, _) = result["batches"]
     head = ["method", "MB", "ratio", *(m.label for m in spec.metrics), "compress s", "load peak MB",
             "steady MB", f"ms @{small}", f"ms @{large}", f"x dense @{small}", f"x dense @{large}"]
-    dense = next(row["latency_ms"] for row in result["rows"] if row["method"] == "fp32 (original)")
     lines = [f"### {result['title']}", "", *([result["note"], ""] if result["note"] else []),
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
@@ -361,9 +366,17 @@ def model_table(spec: ModelSpec, result: dict[str, Any]) -> list[str]:
                  *(m.fmt.format(row["metrics"][m.label]) for m in spec.metrics), seconds,
                  f"{row['load_peak_mb']:.0f}", f"{row['steady_mb']:.0f}",
                  *(f"{latency:.1f}" for latency in row["latency_ms"]),
-                 *(f"{latency / reference:.2f}" for latency, reference in zip(row["latency_ms"], dense, strict=True))]
+                 *(f"{latency / reference:.2f}" for latency, reference in zip(row["latency_ms"],
+                                                                             dense_latency(row, result), strict=True))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def dense_latency(row: dict[str, Any], result: dict[str, Any]) -> list[float]:
+    """The dense model's latencies measured in the same run as ``row`` (the model's fp32 row for rows from before
+    they were recorded)."""
+    fp32 = next(r["latency_ms"] for r in result["rows"] if r["method"] == "fp32 (original)")
+    return row.get("dense_latency_ms") or fp32
 
 
 def pareto(rows: list[dict[str, Any]], metric: Metric) -> list[dict[str, Any]]:
@@ -444,12 +457,11 @@ def headline_table(results: dict[str, Any], specs: dict[str, ModelSpec]) -> str:
     lines = ["| model | method | MB | ratio | headline metric | latency, x dense |", "|---|---|---|---|---|---|"]
     for name, result in results["models"].items():
         metric = specs[name].metrics[0]
-        dense = next(row["latency_ms"][0] for row in result["rows"] if row["method"] == "fp32 (original)")
         for row in result["rows"]:
             if row["method"] in HEADLINE and "error" not in row:
                 lines.append(f"| {name} | {row['method']} | {row['bytes'] / MB:.2f} | {row['ratio']:.2f}x | "
                              f"{metric.label} {metric.fmt.format(row['metrics'][metric.label])} | "
-                             f"{row['latency_ms'][0] / dense:.2f} |")
+                             f"{row['latency_ms'][0] / dense_latency(row, result)[0]:.2f} |")
     return "\n".join(lines)
 
 
@@ -473,7 +485,7 @@ def speed_table(results: dict[str, Any], specs: dict[str, ModelSpec]) -> str:
             lines.append(
                 f"| {name} | {label} | {row['bytes'] / MB:.2f} | {row['ratio']:.2f}x | {metric.label} "
                 f"{metric.fmt.format(row['metrics'][metric.label])} | {row['latency_ms'][0]:.1f} "
-                f"({row['latency_ms'][0] / dense['latency_ms'][0]:.2f}) | {row['steady_mb']:.0f} "
+                f"({row['latency_ms'][0] / dense_latency(row, result)[0]:.2f}) | {row['steady_mb']:.0f} "
                 f"({row['steady_mb'] / dense['steady_mb']:.2f}) |")
     return "\n".join(lines)
 
@@ -486,7 +498,8 @@ def write_report(results: dict[str, Any], specs: dict[str, ModelSpec], report: P
              f"{env['python']}, onnx {env['onnx']}, onnxruntime {env['onnxruntime']}, jlcm-onnx {env['jlcm_onnx']}. "
              "Sizes in MB (10^6 bytes); memory (net of the interpreter) and latency at default onnxruntime session "
              "options, 2 threads, each file in a fresh process (`bench/memory.py`), median of repeated runs; "
-             "compression time is wall time on this machine.", "",
+             "\"x dense\": against the fp32 model measured in the same run as the row (a model's rows may come from "
+             "different runs); compression time is wall time on this machine.", "",
              "To reproduce from a fresh clone (the models are exported into `build/` on the first run):", "",
              "```bash", *SETUP, "```", ""]
     for name, result in results["models"].items():

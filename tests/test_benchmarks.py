@@ -87,6 +87,19 @@ def test_a_partial_rerun_replaces_only_its_own_rows_in_method_order():
     assert [(row["method"], row["bytes"]) for row in merged] == [("fp32 (original)", 10), (first, 20), (second, 2)]
 
 
+def test_a_partial_rerun_keeps_each_rows_latency_ratio_to_its_own_runs_dense_model():
+    """A rerun on a busier machine measures a slower fp32 model; rows from before keep their ratio to the old one."""
+    first, second = (m.label for m in benchmarks.METHODS[:2])
+    previous = [{"method": "fp32 (original)", "latency_ms": [5.0, 50.0]},
+                {"method": second, "latency_ms": [10.0, 60.0]}]
+    fresh = [{"method": "fp32 (original)", "latency_ms": [15.0, 150.0]},
+             {"method": first, "latency_ms": [30.0, 300.0], "dense_latency_ms": [15.0, 150.0]}]
+    result = {"rows": benchmarks.merge_rows(previous, fresh)}
+    ratios = {row["method"]: [a / b for a, b in zip(row["latency_ms"], benchmarks.dense_latency(row, result))]
+              for row in result["rows"]}
+    assert ratios == {"fp32 (original)": [1.0, 1.0], first: [2.0, 2.0], second: [2.0, 1.2]}
+
+
 def test_verdicts_say_wins_ties_and_loses_against_each_peer():
     def row(method: str, size: int, cosine: float) -> dict:
         return {"method": method, "bytes": size, "ratio": 100 / size, "metrics": {"cosine": cosine}}
