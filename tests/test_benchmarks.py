@@ -95,8 +95,8 @@ def test_a_partial_rerun_keeps_each_rows_latency_ratio_to_its_own_runs_dense_mod
     fresh = [{"method": "fp32 (original)", "latency_ms": [15.0, 150.0]},
              {"method": first, "latency_ms": [30.0, 300.0], "dense_latency_ms": [15.0, 150.0]}]
     result = {"rows": benchmarks.merge_rows(previous, fresh)}
-    ratios = {row["method"]: [a / b for a, b in zip(row["latency_ms"], benchmarks.dense_latency(row, result))]
-              for row in result["rows"]}
+    ratios = {row["method"]: [a / b for a, b in zip(row["latency_ms"], benchmarks.dense_latency(row, result),
+                                                     strict=True)] for row in result["rows"]}
     assert ratios == {"fp32 (original)": [1.0, 1.0], first: [2.0, 2.0], second: [2.0, 1.2]}
 
 

@@ -27,18 +27,16 @@ packed in memory and are decoded one layer at a time, when the layer's input exi
 
 An embedding table read only by ``Gather`` is packed row by row ([rows, B, N]) and its Gather is replaced by a *row
 decoder* that gathers the packed rows and row codebooks of the requested ids first and decodes only those rows; the ids
-are run-time data, so no gate is needed. A table tied to a language-model head (``logits = h @ E^T``) is stored once
+are run-time data, so no gate is needed. A table tied to a language-model head is stored once
 in that layout, with the same number of outliers in every row (their columns and values [rows, m], gathered with the
-rows and written over them by ScatterElements): a row decoder stands in for the embedding Gather, and the head becomes
-``Concat_k(h @ Transpose(E^[rows_k]))``, each block of rows looked up by a row decoder whose ids, ``Range(s_k + gate,
-e_k)``, wait for the block before (:func:`build_tied_head`).
+rows and written over them by ScatterElements); :mod:`jlcm_onnx.encodings.blocked_products` builds its head and the
+blocked MatMul of a large weight from these decoders.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import pairwise
 
 import numpy as np
 import onnx
@@ -47,7 +45,7 @@ from onnx import helper, numpy_helper
 from jlcm_onnx.encodings.codebook import EncodedMatrix
 from jlcm_onnx.encodings.outliers import uniform_outliers
 from jlcm_onnx.encodings.packing import WordLayout, pack_codes
-from jlcm_onnx.ir.graph_building import ConstantPool, NameAllocator, build_gate
+from jlcm_onnx.ir.graph_building import ConstantPool, NameAllocator
 from jlcm_onnx.ir.tensor_size import stored_bytes
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -146,71 +144,6 @@ def build_decoder(spec: DecodeSpec, names: NameAllocator, pool: ConstantPool, ga
     else:
         _weight_decoder(b, spec, gate)
     return DecodeGraph(b.nodes, b.initializers)
-
-
-def build_blocked_matmul(
-    spec: DecodeSpec, matmul: onnx.NodeProto, boundaries: list[int], names: NameAllocator, pool: ConstantPool
-) -> DecodeGraph:
-    """Stands in for ``Y = MatMul(X, W)`` (W [in, out], rows last): ``Y = Concat_k(X @ W^[:, block k])``.
-
-    Block k+1 is gated on the output of block k, so onnxruntime decodes one block of W at a time and the memory a large
-    layer needs while it runs is that of one block, not of the whole decoded weight.
-    """
-    nodes: list[onnx.NodeProto] = []
-    initializers: list[onnx.TensorProto] = []
-    activation, outputs = matmul.input[0], []
-    for start, stop in zip(boundaries[:-1], boundaries[1:], strict=True):
-        gate, gate_nodes = build_gate(activation, names)
-        block = DecodeSpec(names.fresh(f"{spec.output}.jlcm_block"), spec.dtype, (spec.shape[0], stop - start), 1,
-                           spec.encoded.row_block(start, stop))  # encoded order; restored on the output
-        decoder = build_decoder(block, names, pool, gate)
-        activation = names.fresh(f"{matmul.output[0]}.jlcm_block")
-        nodes += [*gate_nodes, *decoder.nodes,
-                  helper.make_node("MatMul", [matmul.input[0], block.output], [activation], name=activation)]
-        initializers += decoder.initializers
-        outputs.append(activation)
-    output = matmul.output[0] if spec.restore is None else names.fresh(f"{matmul.output[0]}.jlcm_reordered")
-    nodes.append(helper.make_node("Concat", outputs, [output], axis=-1, name=names.fresh("jlcm/concat")))
-    if spec.restore is not None:
-        b = DecoderBuilder(spec, names, pool)
-        b.op("Gather", [output, b.restore_index()], matmul.output[0], axis=-1)
-        nodes += b.nodes
-        initializers += b.initializers
-    return DecodeGraph(nodes, initializers)
-
-
-def build_tied_head(spec: DecodeSpec, matmul: onnx.NodeProto, row_bounds: list[int], names: NameAllocator,
-                    pool: ConstantPool, shared: dict[str, str]) -> DecodeGraph:
-    """Stands in for ``logits = MatMul(h, Transpose(E))``, the head tied to a table E [V, D] that an embedding's row
-    decoder reads too: ``logits = Concat_k(h @ Transpose(E^[rows_k]))``, the rows of block k looked up by a row decoder
-    on the stored tensors named in ``shared`` (the embedding's: the table is stored once).
-
-    Block k's ids are ``Range(s_k + gate, e_k)``, the gate computed from block k-1's product (from h for the first),
-    so onnxruntime decodes one block of the table at a time, after the one before, and folds none of them at load.
-    """
-    nodes: list[onnx.NodeProto] = []
-    initializers: list[onnx.TensorProto] = []
-    activation, outputs = matmul.input[0], []
-    for start, stop in pairwise(row_bounds):
-        gate, gate_nodes = build_gate(activation, names)
-        offset, first, ids = (names.fresh(f"{spec.output}.jlcm_{part}") for part in ("offset", "first", "ids"))
-        block = DecodeSpec(names.fresh(f"{spec.output}.jlcm_rows"), spec.dtype, (stop - start, spec.shape[1]), 0,
-                           spec.encoded, gather_indices=ids, restore=spec.restore)
-        decoder = build_decoder(block, names, pool, None, shared)
-        transposed = names.fresh(f"{spec.output}.jlcm_transposed")
-        activation = names.fresh(f"{matmul.output[0]}.jlcm_block")
-        nodes += [*gate_nodes,
-                  helper.make_node("Cast", [gate], [offset], to=onnx.TensorProto.INT64, name=offset),
-                  helper.make_node("Add", [pool.get(np.array(start, np.int64)), offset], [first], name=first),
-                  helper.make_node("Range", [first, pool.get(np.array(stop, np.int64)),
-                                             pool.get(np.array(1, np.int64))], [ids], name=ids),
-                  *decoder.nodes,
-                  helper.make_node("Transpose", [block.output], [transposed], perm=[1, 0], name=transposed),
-                  helper.make_node("MatMul", [matmul.input[0], transposed], [activation], name=activation)]
-        initializers += decoder.initializers
-        outputs.append(activation)
-    nodes.append(helper.make_node("Concat", outputs, [matmul.output[0]], axis=-1, name=names.fresh("jlcm/concat")))
-    return DecodeGraph(nodes, initializers)
 
 
 def _weight_decoder(b: DecoderBuilder, spec: DecodeSpec, gate: str | None) -> None:

@@ -29,8 +29,9 @@ from jlcm_onnx.encodings.base import (
     WeightShape,
     WrittenDecoder,
 )
+from jlcm_onnx.encodings.blocked_products import build_blocked_matmul, build_tied_head
 from jlcm_onnx.encodings.codebook import EncodedMatrix, codebook_errors, encode_matrix
-from jlcm_onnx.encodings.codebook_decoder import DecodeSpec, build_blocked_matmul, build_decoder, build_tied_head
+from jlcm_onnx.encodings.codebook_decoder import DecodeSpec, build_decoder
 from jlcm_onnx.encodings.multi_scaling import encode_scaled_matrix
 from jlcm_onnx.encodings.outliers import outlier_count, outliers_per_row, uniform_outliers
 from jlcm_onnx.encodings.packing import WordLayout
