@@ -58,8 +58,8 @@ class EncodeRequest:
 class WeightShape:
     """What the size planner's cost of a weight depends on: its ``size`` and ``rows``, the bytes of one codebook
     value, whether it is decoded row by row only (an embedding table read by one Gather), the bytes of one of its
-    original values, the format that encodes it, and whether it is stored a row at a time with no outliers (such a
-    table, or one tied to a head: :func:`~jlcm_onnx.ir.weight_sites.is_row_packed`)."""
+    original values, the format that encodes it, and whether it is stored a row at a time (such a table, with no
+    outliers, or one tied to a head, with as many in every row: :func:`~jlcm_onnx.ir.weight_sites.is_row_packed`)."""
 
     name: str
     size: int

@@ -31,7 +31,7 @@ def build_blocked_matmul(
     nodes: list[onnx.NodeProto] = []
     initializers: list[onnx.TensorProto] = []
     activation, outputs = matmul.input[0], []
-    for start, stop in zip(boundaries[:-1], boundaries[1:], strict=True):
+    for start, stop in pairwise(boundaries):
         gate, gate_nodes = build_gate(activation, names)
         block = DecodeSpec(names.fresh(f"{spec.output}.jlcm_block"), spec.dtype, (spec.shape[0], stop - start), 1,
                            spec.encoded.row_block(start, stop))  # encoded order; restored on the output

@@ -178,12 +178,11 @@ class CodebookFormat(Encoding):
                       outliers=int(encoded.outlier_index.size), decode_gate=gate)
         return WrittenDecoder(decoder, activation, function != DECODE_WEIGHT, function, record)
 
-
     def _write_tied(self, site: WeightSite, encoding: SiteEncoding, context: DecoderContext) -> WrittenDecoder:
         """A table E [V, D] read by an embedding Gather and, transposed, by a head MatMul: a row decoder in the
         Gather's place, and in the head's a blocked head (at most :data:`MAX_COLUMN_BLOCKS` blocks of rows, each
         looked up by a row decoder and multiplied in turn); both read the one copy of the stored tensors, and the
-        head's Transpose goes. Before, the whole table was decoded, and transposed, on every run."""
+        head's Transpose goes, so no run decodes (or transposes) the whole table."""
         encoded, restore, dtype = encoding.encoded, encoding.restore, site.tensor.data_type
         gather = next(consumer for consumer in site.consumers if consumer.node.op_type == "Gather")
         transpose, head = tied_head(site)

@@ -331,5 +331,5 @@ def is_tied_table(site: WeightSite, row_axis: int) -> bool:
 
 def is_row_packed(site: WeightSite, row_axis: int) -> bool:
     """True when the weight is stored a row at a time and read through row decoders: a table read by one Gather,
-    alone or tied to a head (no outliers: a row decoder has no place to patch them)."""
+    alone (with no outliers) or tied to a head (with as many outliers in every row, which its row decoders patch)."""
     return is_lone_table_gather(site, row_axis) or is_tied_table(site, row_axis)
