@@ -103,6 +103,9 @@ def main() -> None:
 @click.option("--block-size", type=int,
               help="Inputs per block: with --speed small, a scale and an offset per block on top of the codebooks "
                    "(+32/B bits per weight; default none); with --speed fast, the affine block (default 32)")
+@click.option("--vector-dim", type=int,
+              help="Vector codebooks: one code per this many consecutive inputs of a row (2, 4, 8; bits x D <= 8), "
+                   "learned GPTVQ-style with calibration data  [default: 1, scalar codebooks]")
 @click.option("--reorder/--no-reorder", default=None,
               help="With --groups: cluster rows by distribution into contiguous groups  [default: --reorder]")
 @click.option("--min-elements", type=int, help="Leave smaller weights as they are  [default: 1024]")

@@ -45,6 +45,8 @@ FAST_MIN_BLOCK_2_BITS = 32
 FAST_DEFAULT_BLOCK = 32
 #: Fields that bound how a run works but not what it writes.
 RUN_ONLY_FIELDS = ("max_memory", "workers", "ray_address")
+#: Fields added after files were written, with the default that leaves them out of a file's recorded settings.
+LATER_FIELDS: dict[str, Any] = {"overrides": [], "vector_dim": 1}
 #: What picks the weights of a per-tensor override, from the least specific to the most: the op type of any of the
 #: weight's readers, and a glob on the weight's name.
 OVERRIDE_SELECTORS = ("op_type", "name")
@@ -67,6 +69,12 @@ class CompressionConfig:
             values: ``32 / block_size`` more bits per weight (fp16), for weights whose scale changes along the
             input axis (a model dequantised from GGUF blocks, say). With it, ``groups=1`` (one normalised codebook
             per tensor) is usually the best use of the bytes. Multi-codebook encoding only.
+        vector_dim: inputs of a row that share one code (vector codebooks, d > 1): a codebook of ``2**(bits * d)``
+            d-dimensional entries per group, one ``bits * d``-bit code per d consecutive inputs (so still ``bits``
+            bits per weight), learned GPTVQ-style with calibration data. ``bits * vector_dim`` must be at most 8. With
+            ``groups`` unset, groups share each codebook among enough rows that codebooks cost at most 1/8 bit per
+            weight. A weight whose rows do not split into whole vectors keeps scalar codebooks. Not with speed 'fast'
+            or multi-scaling.
         reorder: with ``groups`` set, cluster output rows by distribution and re-order them so each cluster is a
             contiguous group, folding the permutation into the next layer (outputs unchanged).
         min_elements: weights with fewer elements are left as they are.
@@ -152,6 +160,7 @@ class CompressionConfig:
     groups: int | None = None
     encoding: str = "multi-codebook"
     block_size: int | None = None
+    vector_dim: int = 1
     reorder: bool = True
     min_elements: int = 1024
     op_types: tuple[str, ...] = OP_TYPES
@@ -183,6 +192,7 @@ class CompressionConfig:
             _check_int(self, "groups", 1, None)
         if self.block_size is not None:
             _check_int(self, "block_size", 2, None)
+        _check_int(self, "vector_dim", 1, MAX_BITS)
         _check_int(self, "min_elements", 1, None)
         _check_int(self, "kmeans_iterations", 1, None)
         _check_int(self, "seed", 0, None)
@@ -210,6 +220,9 @@ class CompressionConfig:
             raise ConfigError("op_types", list(self.op_types), f"a non-empty subset of {list(OP_TYPES)}")
         if self.encoding not in ENCODINGS:
             raise ConfigError("encoding", self.encoding, f"one of {list(ENCODINGS)}")
+        if self.vector_dim > 1 and self.encoding == "multi-scaling":
+            raise ConfigError("vector_dim", self.vector_dim, "1 with encoding 'multi-scaling' (vector codebooks are "
+                              "one codebook per group)")
         if self.block_size is not None and self.encoding == "multi-scaling":
             raise ConfigError("block_size", self.block_size, "unset with encoding 'multi-scaling' (input blocks "
                               "scale per-group codebooks)")
@@ -224,6 +237,9 @@ class CompressionConfig:
         targets = [name for name in TARGETS if getattr(self, name) is not None]
         if len(targets) > 1:
             raise ConfigError(targets[1], getattr(self, targets[1]), f"no second target besides {targets[0]}")
+        if self.target is None and self.bits * self.vector_dim > MAX_BITS:
+            raise ConfigError("vector_dim", self.vector_dim, f"at most {MAX_BITS // self.bits} with {self.bits} bits "
+                              f"(a vector's code has bits x vector_dim bits, at most {MAX_BITS})")
         self._check_speed()
         self._check_overrides()
         if self.codebook_dtype not in CODEBOOK_DTYPES:
@@ -236,6 +252,8 @@ class CompressionConfig:
             raise ConfigError("affine_offsets", self.affine_offsets, f"one of {list(AFFINE_OFFSETS)}")
         if self.speed != "fast":
             return
+        if self.vector_dim > 1:
+            raise ConfigError("vector_dim", self.vector_dim, "1 with speed 'fast' (affine blocks are scalar)")
         if self.bits not in FAST_BITS:
             raise ConfigError("bits", self.bits, "2, 4 or 8 with speed 'fast' (the bits of onnxruntime's fused "
                               "MatMulNBits kernel)")
@@ -292,6 +310,11 @@ class CompressionConfig:
         return None if self.speed == "fast" else self.block_size
 
     @property
+    def max_bits(self) -> int:
+        """The most bits per weight a tensor may get: 8, or ``8 // vector_dim`` with vector codebooks."""
+        return MAX_BITS // self.vector_dim
+
+    @property
     def affine_block_size(self) -> int:
         """The inputs per scale of the affine blocks of speed 'fast'."""
         return self.block_size or FAST_DEFAULT_BLOCK
@@ -305,11 +328,11 @@ class CompressionConfig:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
     def encoding_settings(self) -> dict[str, Any]:
-        """:meth:`to_dict` without the fields that only bound the run (:data:`RUN_ONLY_FIELDS`), and without
-        ``overrides`` when there are none (so files written without them keep the bytes they had before the field
-        existed): what a compressed model's metadata records."""
+        """:meth:`to_dict` without the fields that only bound the run (:data:`RUN_ONLY_FIELDS`), and without the
+        fields added later that hold their default (:data:`LATER_FIELDS`, so files written without them keep the
+        bytes they had before the field existed): what a compressed model's metadata records."""
         return {key: value for key, value in self.to_dict().items()
-                if key not in RUN_ONLY_FIELDS and not (key == "overrides" and not value)}
+                if key not in RUN_ONLY_FIELDS and not (key in LATER_FIELDS and value == LATER_FIELDS[key])}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CompressionConfig:

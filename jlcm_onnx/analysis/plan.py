@@ -12,6 +12,7 @@ import onnx
 from jlcm_onnx.analysis.statistics import LayerStatistics
 from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.encodings.codebook import equal_group_sizes
+from jlcm_onnx.encodings.vector_format import vector_groups
 from jlcm_onnx.ir.weight_sites import find_weight_sites
 from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS
 
@@ -68,10 +69,14 @@ class CompressionPlan:
     def groups(self, weight: str, rows: int, cols: int) -> int:
         """The tensor's group count: its choice, where ``None`` is one per row unless rows hold fewer weights than a
         codebook has entries (a 3x3 depthwise row has 9 weights: a codebook of 16 values per row would cost more than
-        the weights); then rows are pooled so each codebook spans at least its number of entries."""
+        the weights); then rows are pooled so each codebook spans at least its number of entries. Vector codebooks
+        pool rows by default (:func:`~jlcm_onnx.encodings.vector_format.vector_groups`)."""
         choice = self.choice(weight)
         if choice.groups is not None:
             return min(choice.groups, rows)
+        dim = self.config.vector_dim
+        if dim > 1 and cols % dim == 0:
+            return vector_groups(rows, cols, choice.bits, dim)
         span = MIN_CODEBOOK_SPAN << choice.bits
         return rows if cols >= span else max(1, rows * cols // span)
 

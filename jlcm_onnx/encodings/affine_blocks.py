@@ -51,8 +51,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from jlcm_onnx.encodings.codebook import EncodedMatrix, expand_blocks
+from jlcm_onnx.encodings.codebook import EncodedMatrix
 from jlcm_onnx.encodings.error_feedback import damped_gram, error_feedback_codes
+from jlcm_onnx.encodings.input_blocks import expand_blocks
 from jlcm_onnx.encodings.learning import layer_objective, refit_input_blocks
 from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS, row_chunks
 

@@ -141,6 +141,10 @@ class Encoding(ABC):
         ``config`` (``(0, 0)``: any the decoders run in)."""
         return 0, 0
 
+    def vector_dim(self, config: CompressionConfig) -> int:
+        """The inputs of a row that share one code under ``config`` (1: one code per weight)."""
+        return 1
+
     @abstractmethod
     def selects(self, site: WeightSite, row_axis: int, config: CompressionConfig) -> bool:
         """Whether this format encodes ``site`` (rows along ``row_axis``) under ``config``."""

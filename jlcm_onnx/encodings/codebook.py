@@ -37,15 +37,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from jlcm_onnx.encodings.input_blocks import expand_blocks, least_squares_blocks, min_max_blocks
 from jlcm_onnx.encodings.kmeans import SortedGroups, fit_codebooks, lloyd, rounded_codebooks
 from jlcm_onnx.encodings.outliers import select_outliers
+from jlcm_onnx.encodings.vector_kmeans import fit_vector_codebooks
 from jlcm_onnx.memory_budget import MAX_CHUNK_WEIGHTS, RowChunk, group_chunks, row_chunks
 
 
 @dataclass(frozen=True)
 class EncodedMatrix:
     """``codebooks`` [G, K], ``codes`` uint8 [rows, cols], ``group_sizes`` [G] (rows per group, in order), and the
-    outliers: sorted flat indices into [rows, cols] (int64 [m]) with their exact values (codebook dtype [m])."""
+    outliers: sorted flat indices into [rows, cols] (int64 [m]) with their exact values (codebook dtype [m]).
+
+    With ``vector_dim`` d > 1 (vector codebooks, :mod:`jlcm_onnx.encodings.vector_codebook`) every d consecutive
+    inputs of a row share one code: ``codebooks`` [G, K, d] with ``K = 2^(b d)``, ``codes`` [rows, cols / d]."""
 
     codebooks: np.ndarray
     codes: np.ndarray
@@ -57,6 +62,13 @@ class EncodedMatrix:
     block_size: int | None = None
     block_scales: np.ndarray | None = None
     block_offsets: np.ndarray | None = None
+    vector_dim: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The encoded matrix's [rows, cols]."""
+        rows, codes_per_row = self.codes.shape
+        return rows, codes_per_row * self.vector_dim
 
     @property
     def blocked(self) -> bool:
@@ -67,10 +79,10 @@ class EncodedMatrix:
     def block_affine(self, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         """Scale and offset of every weight of ``rows`` [rows, cols] (float64; ones and zeros without input
         blocks)."""
-        codes = self.codes[rows]
+        count, cols = len(range(*rows.indices(self.codes.shape[0]))), self.shape[1]
         if self.block_size is None:
-            return np.ones(codes.shape), np.zeros(codes.shape)
-        return tuple(expand_blocks(a[rows].astype(np.float64), codes.shape[1], self.block_size)
+            return np.ones((count, cols)), np.zeros((count, cols))
+        return tuple(expand_blocks(a[rows].astype(np.float64), cols, self.block_size)
                      for a in (self.block_scales, self.block_offsets))
 
     @property
@@ -79,11 +91,17 @@ class EncodedMatrix:
         return self.scales is not None
 
     @property
-    def bits(self) -> int:
+    def index_bits(self) -> int:
+        """Bits of one code (``b d`` for vector codebooks)."""
         return int(math.log2(self.codebooks.shape[1]))
 
+    @property
+    def bits(self) -> int:
+        """Bits per weight of the codes."""
+        return self.index_bits // self.vector_dim
+
     def row_codebooks(self) -> np.ndarray:
-        """The codebook of every row [rows, K]."""
+        """The codebook of every row [rows, K] ([rows, K, d] for vector codebooks)."""
         return np.repeat(self.codebooks, self.group_sizes, axis=0)
 
     def row_block(self, start: int, stop: int) -> EncodedMatrix:
@@ -92,21 +110,22 @@ class EncodedMatrix:
         first, last = np.searchsorted(bounds, [start, stop])
         if bounds[first] != start or bounds[min(last, len(bounds) - 1)] != stop:
             raise ValueError(f"rows [{start}, {stop}) do not start and end at group boundaries")
-        cols = self.codes.shape[1]
+        cols = self.shape[1]
         keep = (self.outlier_index >= start * cols) & (self.outlier_index < stop * cols)
         blocks = {} if self.block_size is None else dict(
             block_size=self.block_size, block_scales=self.block_scales[start:stop],
             block_offsets=self.block_offsets[start:stop])
         return EncodedMatrix(self.codebooks[first:last], self.codes[start:stop], self.group_sizes[first:last],
                              self.outlier_index[keep] - start * cols, self.outlier_values[keep],
-                             None if self.scales is None else self.scales[first:last], self.shared_codebook, **blocks)
+                             None if self.scales is None else self.scales[first:last], self.shared_codebook, **blocks,
+                             vector_dim=self.vector_dim)
 
     @classmethod
     def stacked(cls, blocks: list[EncodedMatrix]) -> EncodedMatrix:
         """The encoding of ``blocks`` (consecutive row blocks of one matrix, as :meth:`row_block` cuts them) one
         under the other."""
         first = blocks[0]
-        cols = first.codes.shape[1]
+        cols = first.shape[1]
         starts = np.cumsum([0, *(block.codes.shape[0] for block in blocks)])[:-1]
         affine = {} if first.block_size is None else dict(
             block_size=first.block_size, block_scales=np.concatenate([b.block_scales for b in blocks]),
@@ -117,12 +136,12 @@ class EncodedMatrix:
             np.concatenate([b.outlier_index + start * cols for b, start in zip(blocks, starts, strict=True)]),
             np.concatenate([b.outlier_values for b in blocks]),
             None if first.scales is None else np.concatenate([b.scales for b in blocks]), first.shared_codebook,
-            **affine,
+            **affine, vector_dim=first.vector_dim,
         )
 
     def block_boundaries(self, max_weights: int) -> list[int]:
         """Group-aligned row boundaries cutting the matrix into blocks of about ``max_weights`` weights or fewer."""
-        rows, cols = self.codes.shape
+        rows, cols = self.shape
         blocks = -(-rows * cols // max_weights)
         group_starts = np.concatenate([[0], np.cumsum(self.group_sizes)])
         targets = np.linspace(0, rows, blocks + 1)
@@ -136,27 +155,27 @@ class EncodedMatrix:
         """``W^`` [rows, cols] in float32 (of ``rows`` only, when given), a chunk of rows at a time (the codes are
         widened to indices chunk by chunk, never whole)."""
         start, stop, _ = rows.indices(self.codes.shape[0])
-        decoded = np.empty((stop - start, self.codes.shape[1]), np.float32)
+        cols = self.shape[1]
+        decoded = np.empty((stop - start, cols), np.float32)
         books = np.repeat(self.codebooks.astype(np.float32), self.group_sizes, axis=0)[start:stop]
-        for chunk in row_chunks(stop - start, self.codes.shape[1], MAX_CHUNK_WEIGHTS):
+        for chunk in row_chunks(stop - start, cols, MAX_CHUNK_WEIGHTS):
             decoded[chunk] = self._decode_rows(start + chunk.start, start + chunk.stop, books[chunk])
         return decoded
 
     def _decode_rows(self, start: int, stop: int, books: np.ndarray) -> np.ndarray:
         """Rows ``start:stop`` of ``W^``, given their codebooks row by row (``books``)."""
-        cols = self.codes.shape[1]
-        decoded = np.take_along_axis(books, self.codes[start:stop].astype(np.intp), axis=1)
+        cols = self.shape[1]
+        codes = self.codes[start:stop].astype(np.intp)
+        if self.vector_dim == 1:
+            decoded = np.take_along_axis(books, codes, axis=1)
+        else:  # books [n, K, d], codes [n, cols / d] -> [n, cols / d, d]
+            decoded = books[np.arange(stop - start)[:, None], codes].reshape(stop - start, cols)
         if self.block_size is not None:
             scale, offset = self.block_affine(slice(start, stop))
             decoded = (decoded * scale.astype(np.float32) + offset.astype(np.float32)).astype(np.float32)
         first, last = np.searchsorted(self.outlier_index, [start * cols, stop * cols])
         decoded.reshape(-1)[self.outlier_index[first:last] - start * cols] = self.outlier_values[first:last]
         return decoded
-
-
-def expand_blocks(per_block: np.ndarray, cols: int, block_size: int) -> np.ndarray:
-    """A per-block array [rows, ceil(cols / B)] repeated over the columns of each block: [rows, cols]."""
-    return np.repeat(per_block, block_size, axis=1)[:, :cols]
 
 
 def equal_group_sizes(rows: int, groups: int | None) -> tuple[int, ...]:
@@ -178,19 +197,25 @@ def encode_matrix(
     refinements: int = 3,
     chunk_weights: int = MAX_CHUNK_WEIGHTS,
     outliers_per_row: bool = False,
+    vector_dim: int = 1,
 ) -> EncodedMatrix:
     """k-means codebooks of ``2**bits`` values for each contiguous row group of ``matrix`` [rows, cols], keeping the
     ``outlier_fraction`` of weights farthest from their row mean aside (as many in every row with
     ``outliers_per_row``), and with ``block_size`` a scale and an offset
-    per block of inputs fitted ``refinements`` times (see the module docstring). Groups are encoded a chunk of about
-    ``chunk_weights`` weights at a time (:mod:`jlcm_onnx.memory_budget`); the result does not depend on the chunk."""
+    per block of inputs fitted ``refinements`` times (see the module docstring). With ``vector_dim`` d > 1, codebooks
+    of ``2**(bits d)`` vectors of d consecutive inputs (:mod:`jlcm_onnx.encodings.vector_kmeans`). Groups are encoded
+    a chunk of about ``chunk_weights`` weights at a time (:mod:`jlcm_onnx.memory_budget`); the result does not depend
+    on the chunk."""
     rows, cols = matrix.shape
     if sum(group_sizes) != rows:
         raise ValueError(f"group sizes {group_sizes} do not cover {rows} rows")
+    if cols % vector_dim:
+        raise ValueError(f"{cols} columns do not split into vectors of {vector_dim}")
     sizes = tuple(int(s) for s in group_sizes)
     outliers = select_outliers(matrix, outlier_fraction, chunk_weights, outliers_per_row)
-    codebooks = np.empty((len(sizes), 1 << bits), dtype=codebook_dtype)
-    codes = np.empty((rows, cols), dtype=np.uint8)
+    entries = 1 << (bits * vector_dim)
+    codebooks = np.empty((len(sizes), entries) + ((vector_dim,) if vector_dim > 1 else ()), dtype=codebook_dtype)
+    codes = np.empty((rows, cols // vector_dim), dtype=np.uint8)
     blocks = {} if block_size is None else dict(
         block_size=block_size, block_scales=np.empty((rows, -(-cols // block_size)), dtype=codebook_dtype),
         block_offsets=np.empty((rows, -(-cols // block_size)), dtype=codebook_dtype))
@@ -199,14 +224,16 @@ def encode_matrix(
         chunk_sizes, values = sizes[chunk.groups], matrix[chunk.rows]
         if block_size is None:
             codebooks[chunk.groups], codes[chunk.rows] = _fit_groups(values, weights, chunk_sizes, bits,
-                                                                     codebook_dtype, max_iterations)
+                                                                     codebook_dtype, max_iterations,
+                                                                     vector_dim=vector_dim)
             continue
         (codebooks[chunk.groups], codes[chunk.rows], blocks["block_scales"][chunk.rows],
          blocks["block_offsets"][chunk.rows]) = _fit_blocked_groups(values, weights, chunk_sizes, bits,
                                                                     codebook_dtype, max_iterations, block_size,
-                                                                    refinements)
+                                                                    refinements, vector_dim)
     return EncodedMatrix(codebooks=codebooks, codes=codes, group_sizes=sizes, outlier_index=outliers,
-                         outlier_values=matrix.reshape(-1)[outliers].astype(codebook_dtype), **blocks)
+                         outlier_values=matrix.reshape(-1)[outliers].astype(codebook_dtype), **blocks,
+                         vector_dim=vector_dim)
 
 
 def codebook_errors(
@@ -259,87 +286,62 @@ def _chunk_importance(
 
 def _fit_blocked_groups(
     matrix: np.ndarray, importance: np.ndarray | None, sizes: tuple[int, ...], bits: int, codebook_dtype: np.dtype,
-    max_iterations: int, block_size: int, refinements: int,
+    max_iterations: int, block_size: int, refinements: int, vector_dim: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Codebooks, codes, block scales and block offsets of rows in input blocks (see the module docstring)."""
     rows, cols = matrix.shape
     weights = np.ones(matrix.shape) if importance is None else np.array(importance, dtype=np.float64, order="C")
     values = matrix.astype(np.float64)
-    scales, offsets = _min_max_blocks(values, weights, block_size, codebook_dtype)
-    codebooks = np.tile(np.linspace(0.0, 1.0, 1 << bits), (len(sizes), 1))
+    scales, offsets = min_max_blocks(values, weights, block_size, codebook_dtype)
+    codebooks = np.tile(np.linspace(0.0, 1.0, 1 << bits), (len(sizes), 1)) if vector_dim == 1 else None
     for refinement in range(refinements + 1):
         scale, offset = (expand_blocks(a.astype(np.float64), cols, block_size) for a in (scales, offsets))
         normalized = (values - offset) / np.where(scale > 0, scale, 1.0)
         codebooks, codes = _fit_groups(normalized, weights * scale**2, sizes, bits, codebook_dtype, max_iterations,
-                                       start=codebooks.astype(np.float64))
+                                       None if codebooks is None else codebooks.astype(np.float64), vector_dim)
         if refinement < refinements:
             picked = np.repeat(codebooks.astype(np.float64), sizes, axis=0)[np.arange(rows)[:, None], codes]
-            scales, offsets = _least_squares_blocks(values, weights, picked, block_size, scales, offsets,
+            picked = picked.reshape(rows, cols)
+            scales, offsets = least_squares_blocks(values, weights, picked, block_size, scales, offsets,
                                                     codebook_dtype)
     return codebooks, codes, scales, offsets
 
 
 def _fit_groups(
     values: np.ndarray, importance: np.ndarray | None, group_sizes: tuple[int, ...], bits: int,
-    codebook_dtype: np.dtype, max_iterations: int, start: np.ndarray | None = None,
+    codebook_dtype: np.dtype, max_iterations: int, start: np.ndarray | None = None, vector_dim: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Codebooks [G, 2**bits] and uint8 codes [rows, cols] of every contiguous row group of ``values``."""
+    """Codebooks [G, 2**bits] and uint8 codes [rows, cols] of every contiguous row group of ``values`` (with
+    ``vector_dim`` d > 1: [G, 2**(bits d), d] and [rows, cols / d])."""
     rows, cols = values.shape
-    codebooks = np.zeros((len(group_sizes), 1 << bits), dtype=codebook_dtype)
-    codes = np.zeros(rows * cols, dtype=np.uint8)
+    per_row = cols // vector_dim
+    entries = 1 << (bits * vector_dim)
+    codebooks = np.zeros((len(group_sizes), entries) + ((vector_dim,) if vector_dim > 1 else ()), codebook_dtype)
+    codes = np.zeros(rows * per_row, dtype=np.uint8)
     sizes = np.asarray(group_sizes)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    flat_importance = None if importance is None else importance.reshape(-1)
+    vectors = values.reshape(-1, vector_dim)
+    weights = None if importance is None else importance.reshape(-1, vector_dim)
     for members in _size_buckets(sizes):
-        element = np.concatenate([np.arange(starts[g] * cols, (starts[g] + sizes[g]) * cols) for g in members])
-        padded, weights, slots = _padded_groups(values.reshape(-1)[element],
-                                                None if flat_importance is None else flat_importance[element],
-                                                sizes[members] * cols)
-        fitted = fit_codebooks(padded, bits, codebook_dtype, weights, max_iterations,
-                               None if start is None else start[members])
-        codebooks[members] = fitted.values
-        codes[element] = fitted.codes.reshape(-1)[slots]
-    return codebooks, codes.reshape(rows, cols)
-
-
-def _blocks(values: np.ndarray, block_size: int, fill: float) -> np.ndarray:
-    """[rows, cols] -> [rows, ceil(cols / B), B], the last block padded with ``fill``."""
-    rows, cols = values.shape
-    count = -(-cols // block_size)
-    padded = np.full((rows, count * block_size), fill, dtype=np.float64)
-    padded[:, :cols] = values
-    return padded.reshape(rows, count, block_size)
-
-
-def _min_max_blocks(
-    values: np.ndarray, weights: np.ndarray, block_size: int, dtype: np.dtype
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(s, m) = (max - min, min)`` of every block over its weights of non-zero importance (0 and 0 when none)."""
-    counted = weights > 0
-    low = _blocks(np.where(counted, values, np.inf), block_size, np.inf).min(axis=2)
-    high = _blocks(np.where(counted, values, -np.inf), block_size, -np.inf).max(axis=2)
-    empty = ~np.isfinite(low)
-    offsets = np.where(empty, 0.0, low).astype(dtype)
-    scales = np.where(empty, 0.0, high - offsets.astype(np.float64)).astype(dtype)
-    return scales, offsets
-
-
-def _least_squares_blocks(
-    values: np.ndarray, weights: np.ndarray, picked: np.ndarray, block_size: int,
-    scales: np.ndarray, offsets: np.ndarray, dtype: np.dtype,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The weighted least-squares ``(s, m)`` of every block for its codewords ``picked`` (see the module docstring);
-    a block whose system is singular, or whose scale would turn negative, keeps its current pair."""
-    h, c, w = (_blocks(a, block_size, 0.0) for a in (weights, picked, values))
-    shc, sh, shcc = (h * c).sum(2), h.sum(2), (h * c * c).sum(2)
-    shcw, shw = (h * c * w).sum(2), (h * w).sum(2)
-    determinant = shcc * sh - shc**2
-    usable = determinant > 1e-12 * np.maximum(shcc * sh, 1e-300)
-    safe = np.where(usable, determinant, 1.0)
-    fit_scale = (sh * shcw - shc * shw) / safe
-    fit_offset = (shcc * shw - shc * shcw) / safe
-    usable &= fit_scale >= 0
-    return (np.where(usable, fit_scale, scales).astype(dtype), np.where(usable, fit_offset, offsets).astype(dtype))
+        element = np.concatenate([np.arange(starts[g] * per_row, (starts[g] + sizes[g]) * per_row) for g in members])
+        if vector_dim == 1:
+            padded, padded_weights, slots = _padded_groups(vectors[element, 0],
+                                                           None if weights is None else weights[element, 0],
+                                                           sizes[members] * cols)
+            fitted = fit_codebooks(padded, bits, codebook_dtype, padded_weights, max_iterations,
+                                   None if start is None else start[members])
+            codebooks[members], found = fitted.values, fitted.codes
+        else:
+            slots, width = _group_slots(sizes[members] * per_row)
+            padded = np.zeros((len(members) * width, vector_dim))
+            padded_weights = np.zeros_like(padded)
+            padded[slots] = vectors[element]
+            padded_weights[slots] = 1.0 if weights is None else weights[element]
+            codebooks[members], found = fit_vector_codebooks(
+                padded.reshape(len(members), width, vector_dim), padded_weights.reshape(len(members), width, -1),
+                entries, codebook_dtype, max_iterations, None if start is None else start[members])
+        codes[element] = found.reshape(-1)[slots]
+    return codebooks, codes.reshape(rows, per_row)
 
 
 def _size_buckets(sizes: np.ndarray) -> list[np.ndarray]:
@@ -348,20 +350,25 @@ def _size_buckets(sizes: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero(octave == level) for level in np.unique(octave)]
 
 
+def _group_slots(sizes: np.ndarray) -> tuple[np.ndarray, int]:
+    """Consecutive groups of ``sizes`` elements as the rows of a batch [G, width]: the position of every element in
+    the flattened batch, and the width (the largest size)."""
+    width = int(sizes.max())
+    group_of_element = np.repeat(np.arange(len(sizes)), sizes)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return group_of_element * width + (np.arange(int(sizes.sum())) - starts[group_of_element]), width
+
+
 def _padded_groups(
     flat: np.ndarray, importance: np.ndarray | None, sizes: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Consecutive groups of ``flat`` (``sizes`` elements each) as one k-means batch: values and importances
     [G, max size], padded with zero-importance copies of each group's first value, and ``slots``, the position of every
     element of ``flat`` in the flattened batch."""
-    width = int(sizes.max())
-    group_of_element = np.repeat(np.arange(len(sizes)), sizes)
+    slots, width = _group_slots(sizes)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    slots = group_of_element * width + (np.arange(flat.size) - starts[group_of_element])
     values = np.repeat(flat[starts].astype(np.float64), width).reshape(len(sizes), width)
     values.reshape(-1)[slots] = flat
     weights = np.zeros((len(sizes), width))
     weights.reshape(-1)[slots] = 1.0 if importance is None else importance
     return values, weights, slots
-
-

@@ -17,6 +17,12 @@ divide cols).
 When the output rows are W's last axis (MatMul's B [in, out]) codes are stored in W's own order [cols, rows] and
 ``W^ = GatherElements(C_rows^T, codes, axis=0)``, which needs no transpose of the decoded weight.
 
+Vector codebooks (a code per d consecutive inputs of a row, codebooks [G, K, d]) are looked up by one Gather of the
+rows of the flat table [G K, d] at ``codes + K g(r)``, which gives the d values of every code side by side::
+
+    W^ = Reshape(Gather(C_flat, codes + K g(r)), [rows, cols])          codes [rows, cols / d]
+    W^ = Reshape(Transpose(Gather(C_flat, codes + K g(r)), [0, 2, 1]), [cols, rows])     codes [cols / d, rows]
+
 Codebooks stored in a narrower float type than W (fp16 codebooks of an fp32 model) are looked up, patched with
 outliers and re-ordered in that type, and ``W^`` is cast to W's type last: every step before the cast only moves values,
 so the result is the same bit for bit, and the largest transient (the int32 codes beside the gathered matrix) is 1.5x
@@ -147,29 +153,71 @@ def build_decoder(spec: DecodeSpec, names: NameAllocator, pool: ConstantPool, ga
 
 
 def _weight_decoder(b: DecoderBuilder, spec: DecodeSpec, gate: str | None) -> None:
-    layout = WordLayout(spec.encoded.bits)
+    layout = WordLayout(spec.encoded.index_bits)
     stored = stored_code_order(spec)
     packed = b.stored("packed", pack_codes(stored.reshape(-1), layout.bits))
     if gate is not None:
         packed = b.op("BitShift", [packed, gate], direction="LEFT")
     codes = unpack_codes(b, packed, layout, stored.size, rows=None)
     lookup = _lookup_dtype(spec)
-    row_codebooks = _row_codebooks(b, spec, lookup)
     if spec.rows_last:
-        codes = b.op("Reshape", [codes, b.shape(stored.shape)])
-        table = b.op("Transpose", [row_codebooks], perm=[1, 0])
-        decoded = _block_affine(b, spec, b.op("GatherElements", [table, codes], axis=0))
+        decoded = _block_affine(b, spec, _looked_up(b, spec, codes, lookup, stored_shape=stored.shape))
         decoded = _restored(b, _with_outliers(b, spec, decoded, lookup), axis=1)
         finish_layout(b, _cast(b, decoded, lookup, spec.dtype), spec.shape, perm=None)
         return
-    codes = b.op("Reshape", [codes, b.shape(stored.shape)])
-    decoded = _block_affine(b, spec, b.op("GatherElements", [row_codebooks, codes], axis=1))
+    decoded = _block_affine(b, spec, _looked_up(b, spec, codes, lookup, stored_shape=stored.shape))
     decoded = _with_outliers(b, spec, decoded, lookup)
     decoded = _cast(b, _restored(b, decoded, axis=0), lookup, spec.dtype)
     others = [i for i in range(len(spec.shape)) if i != spec.row_axis]
     moved_shape = tuple(spec.shape[i] for i in [spec.row_axis, *others])
     perm = None if spec.row_axis == 0 else [int(i) for i in np.argsort([spec.row_axis, *others])]
     finish_layout(b, decoded, moved_shape, perm)
+
+
+def _looked_up(b: DecoderBuilder, spec: DecodeSpec, codes: str, dtype: int, ids: str | None = None,
+               stored_shape: tuple[int, ...] | None = None) -> str:
+    """The codewords of ``codes`` (int32, in stored order: [rows, cols / d], [cols / d, rows] when rows are W's last
+    axis, or the rows picked by ``ids``; flat, to be viewed as ``stored_shape``, when given), of type ``dtype``:
+    [rows, cols] or [cols, rows]."""
+    if spec.encoded.vector_dim > 1:
+        if stored_shape is not None:
+            codes = b.op("Reshape", [codes, b.shape(stored_shape)])
+        return _looked_up_vectors(b, spec, codes, dtype, ids)
+    row_codebooks = _row_codebooks(b, spec, dtype)
+    if ids is not None:
+        row_codebooks = b.op("Gather", [row_codebooks, ids], axis=0)
+    if stored_shape is not None:
+        codes = b.op("Reshape", [codes, b.shape(stored_shape)])
+    if spec.rows_last:
+        return b.op("GatherElements", [b.op("Transpose", [row_codebooks], perm=[1, 0]), codes], axis=0)
+    return b.op("GatherElements", [row_codebooks, codes], axis=1)
+
+
+def _looked_up_vectors(b: DecoderBuilder, spec: DecodeSpec, codes: str, dtype: int, ids: str | None) -> str:
+    """Vector codewords: one Gather of the rows of the flat table [G K, d] by ``codes + K g(r)``, then a Reshape
+    (and, when rows are W's last axis, a Transpose that puts each vector's d values on consecutive inputs)."""
+    encoded = spec.encoded
+    groups, entries, dim = encoded.codebooks.shape
+    stored_type = helper.np_dtype_to_tensor_dtype(encoded.codebooks.dtype)
+    table = b.stored("codebooks", encoded.codebooks.reshape(groups * entries, dim))
+    table = _cast(b, table, stored_type, dtype)
+    rows, cols = encoded.shape
+    if groups > 1:  # each row's offset K g(r), [rows, 1] or [1, rows]
+        group_of_row = np.repeat(np.arange(groups), encoded.group_sizes)
+        shape = (1, rows) if spec.rows_last else (rows, 1)
+        if len(set(encoded.group_sizes)) == 1:
+            offsets = b.const((group_of_row * entries).astype(np.int32).reshape(shape))
+        else:
+            compact = group_of_row.astype(np.uint8 if groups <= 256 else np.uint16).reshape(shape)
+            offsets = b.op("Mul", [b.op("Cast", [b.stored("row_group", compact)], to=onnx.TensorProto.INT32),
+                                   b.const(np.int32(entries))])
+        if ids is not None:
+            offsets = b.op("Gather", [offsets, ids], axis=0)
+        codes = b.op("Add", [codes, offsets])
+    vectors = b.op("Gather", [table, codes], axis=0)  # [..., d]
+    if spec.rows_last:  # [cols / d, rows, d] -> [cols / d, d, rows]
+        return b.op("Reshape", [b.op("Transpose", [vectors], perm=[0, 2, 1]), b.shape([cols, rows])])
+    return b.op("Reshape", [vectors, b.shape([-1, cols])])
 
 
 def _lookup_dtype(spec: DecodeSpec) -> int:
@@ -199,7 +247,7 @@ def _block_affine(b: DecoderBuilder, spec: DecodeSpec, decoded: str, ids: str | 
     encoded = spec.encoded
     if not encoded.blocked:
         return decoded
-    rows, cols = encoded.codes.shape
+    rows, cols = encoded.shape
     size = encoded.block_size
     count = -(-cols // size)
     if spec.rows_last:
@@ -225,7 +273,7 @@ def _with_outliers(b: DecoderBuilder, spec: DecodeSpec, decoded: str, dtype: int
     encoded = spec.encoded
     if encoded.outlier_index.size == 0:
         return decoded
-    rows, cols = encoded.codes.shape
+    rows, cols = encoded.shape
     index = encoded.outlier_index
     if spec.rows_last:  # canonical r * cols + c  ->  stored c * rows + r
         index = (index % cols) * rows + index // cols
@@ -251,18 +299,17 @@ def finish_layout(b: DecoderBuilder, decoded: str, shape: tuple[int, ...], perm:
 
 def _row_decoder(b: DecoderBuilder, spec: DecodeSpec) -> None:
     """Stands in for ``Gather(table, ids)``: gathers packed rows and row codebooks, then decodes only those rows."""
-    layout = WordLayout(spec.encoded.bits)
-    rows, cols = spec.encoded.codes.shape
+    layout = WordLayout(spec.encoded.index_bits)
+    cols = spec.encoded.shape[1]
     packed = b.stored("packed", lambda: pack_codes(spec.encoded.codes, layout.bits))  # [rows, B, N]
     ids = spec.gather_indices
     flat_ids = b.op("Reshape", [ids, b.shape([-1])])
     if spec.restore is not None:
         flat_ids = b.op("Gather", [b.restore_index(), flat_ids], axis=0)
     picked = b.op("Gather", [packed, flat_ids], axis=0)
-    codes = unpack_codes(b, picked, layout, cols, rows=True)
+    codes = unpack_codes(b, picked, layout, spec.encoded.codes.shape[1], rows=True)
     lookup = _lookup_dtype(spec)
-    row_codebooks = b.op("Gather", [_row_codebooks(b, spec, lookup), flat_ids], axis=0)
-    decoded = _block_affine(b, spec, b.op("GatherElements", [row_codebooks, codes], axis=1), flat_ids)
+    decoded = _block_affine(b, spec, _looked_up(b, spec, codes, lookup, flat_ids), flat_ids)
     decoded = _cast(b, _row_outliers(b, spec, decoded, flat_ids, lookup), lookup, spec.dtype)
     out_shape = b.op("Concat", [b.op("Shape", [ids]), b.shape([cols])], axis=0)
     b.op("Reshape", [decoded, out_shape], spec.output)
@@ -272,7 +319,7 @@ def _row_outliers(b: DecoderBuilder, spec: DecodeSpec, decoded: str, ids: str, d
     """Writes each looked-up row's outliers over it (the same number in every row: a column index and a value each,
     stored [rows, m] and gathered by ``ids``) with ScatterElements; a no-op without outliers."""
     encoded = spec.encoded
-    rows, cols = encoded.codes.shape
+    rows, cols = encoded.shape
     per_row = uniform_outliers(encoded.outlier_index, rows, cols)
     if per_row is None:
         raise ValueError(f"{spec.output}: a row decoder needs as many outliers in every row")

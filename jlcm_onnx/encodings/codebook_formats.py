@@ -77,7 +77,8 @@ class CodebookFormat(Encoding):
 
     def _fit(self, matrix: np.ndarray, bits: int, sizes: tuple[int, ...], dtype: np.dtype, config: CompressionConfig,
              iterations: int, **options: Any) -> EncodedMatrix:
-        return encode_matrix(matrix, bits, sizes, dtype, iterations, **options)
+        return encode_matrix(matrix, bits, sizes, dtype, iterations, block_size=config.codebook_block_size,
+                             vector_dim=self.vector_dim(config), **options)
 
     def learn(self, matrix: np.ndarray, encoded: EncodedMatrix, gram: np.ndarray, config: CompressionConfig,
               device: str) -> tuple[EncodedMatrix, float]:
@@ -96,11 +97,15 @@ class CodebookFormat(Encoding):
         else:
             count = outlier_count(size, request.outlier_fraction)
             spread = np.arange(count, dtype=np.int64) * size // max(count, 1)
-        outliers = spread.size
+        dim, block_size = self.vector_dim(config), config.codebook_block_size
         fields: dict[str, Any] = dict(
-            codebooks=np.zeros((len(request.group_sizes), 1 << request.bits), request.dtype),
-            codes=np.zeros((rows, cols), np.uint8), group_sizes=request.group_sizes, outlier_index=spread,
-            outlier_values=np.zeros(outliers, request.dtype))
+            codebooks=np.zeros((len(request.group_sizes), 1 << request.bits * dim) + ((dim,) if dim > 1 else ()),
+                               request.dtype),
+            codes=np.zeros((rows, cols // dim), np.uint8), group_sizes=request.group_sizes, outlier_index=spread,
+            outlier_values=np.zeros(spread.size, request.dtype), vector_dim=dim)
+        if block_size is not None:
+            blocks = np.zeros((rows, -(-cols // block_size)), request.dtype)
+            fields |= dict(block_size=block_size, block_scales=blocks, block_offsets=blocks)
         return EncodedMatrix(**self._stand_in_fields(fields, rows, cols, request, config))
 
     def _stand_in_fields(self, fields: dict[str, Any], rows: int, cols: int, request: EncodeRequest,
@@ -109,11 +114,12 @@ class CodebookFormat(Encoding):
 
     def stored_bytes(self, shape: WeightShape, bits: int, groups: int, outlier_fraction: float,
                      config: CompressionConfig) -> int:
-        entries = 1 << bits
+        dim = self.vector_dim(config)
+        entries, layout = 1 << bits * dim, WordLayout(bits * dim)
         if shape.row_packed:
-            packed = shape.rows * WordLayout(bits).packed_bytes(shape.size // shape.rows)
+            packed = shape.rows * layout.packed_bytes(shape.size // shape.rows // dim)
         else:
-            packed = WordLayout(bits).packed_bytes(shape.size)
+            packed = layout.packed_bytes(shape.size // dim)
         maps = shape.rows * (3 if groups <= 256 else 4) if 1 < groups < shape.rows and config.reorder else 0
         if shape.row_decoded:  # a table read by its row decoder alone keeps no outliers
             outliers = 0
@@ -122,14 +128,18 @@ class CodebookFormat(Encoding):
                 (2 if shape.size // shape.rows <= 1 << 16 else 4) + shape.codebook_bytes)
         else:
             outliers = round(outlier_fraction * shape.size) * (4 + shape.codebook_bytes)
-        extra = self._codebook_bytes(shape, entries, groups) + self._block_bytes(shape, config)
-        return packed + maps + outliers + extra + DECODER_BYTES[bits] + 3 * len(shape.name)
+        extra = self._codebook_bytes(shape, entries, groups) * dim + self._block_bytes(shape, config)
+        return packed + maps + outliers + extra + DECODER_BYTES[bits * dim] + 3 * len(shape.name)
 
     def _codebook_bytes(self, shape: WeightShape, entries: int, groups: int) -> int:
         return shape.codebook_bytes * groups * entries
 
     def _block_bytes(self, shape: WeightShape, config: CompressionConfig) -> int:
-        return 0
+        """A scale and an offset per input block of every row, and their decoder nodes (none without blocks)."""
+        if config.codebook_block_size is None:
+            return 0
+        blocks = shape.rows * -(-(shape.size // shape.rows) // config.codebook_block_size)
+        return 2 * shape.codebook_bytes * blocks + BLOCK_DECODER_BYTES
 
     def squared_errors(self, sample: np.ndarray, bit_widths: list[int], sizes: tuple[int, ...], dtype: np.dtype,
                        config: CompressionConfig, iterations: int) -> dict[int, float]:
@@ -229,19 +239,6 @@ class InputBlocks(CodebookFormat):
 
     def selects(self, site: WeightSite, row_axis: int, config: CompressionConfig) -> bool:
         return config.codebook_block_size is not None
-
-    def _fit(self, matrix: np.ndarray, bits: int, sizes: tuple[int, ...], dtype: np.dtype, config: CompressionConfig,
-             iterations: int, **options: Any) -> EncodedMatrix:
-        return encode_matrix(matrix, bits, sizes, dtype, iterations, block_size=config.codebook_block_size, **options)
-
-    def _stand_in_fields(self, fields: dict[str, Any], rows: int, cols: int, request: EncodeRequest,
-                         config: CompressionConfig) -> dict[str, Any]:
-        blocks = np.zeros((rows, -(-cols // config.codebook_block_size)), request.dtype)
-        return fields | dict(block_size=config.codebook_block_size, block_scales=blocks, block_offsets=blocks)
-
-    def _block_bytes(self, shape: WeightShape, config: CompressionConfig) -> int:
-        blocks = shape.rows * -(-(shape.size // shape.rows) // config.codebook_block_size)
-        return 2 * shape.codebook_bytes * blocks + BLOCK_DECODER_BYTES
 
     def describe(self, encoded: EncodedMatrix) -> str:
         return f"{self.name}, input blocks of {encoded.block_size}"

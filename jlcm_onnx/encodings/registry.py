@@ -1,7 +1,8 @@
 """The registered weight formats, and the one a weight gets: the first in order whose
 :meth:`~jlcm_onnx.encodings.base.Encoding.selects` takes it.
 
-Built in, in order: affine blocks (``speed="fast"``), multi-scaling, input blocks, multi-codebook. A new format is
+Built in, in order: affine blocks (``speed="fast"``), multi-scaling, vector codebooks, input blocks,
+multi-codebook. A new format is
 registered with :func:`register` (``first=True`` to be asked before the built-in ones).
 """
 
@@ -11,9 +12,10 @@ from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.encodings.affine_format import AffineBlocksFormat
 from jlcm_onnx.encodings.base import Encoding
 from jlcm_onnx.encodings.codebook_formats import InputBlocks, MultiCodebook, MultiScaling
+from jlcm_onnx.encodings.vector_format import VectorCodebook
 from jlcm_onnx.ir.weight_sites import WeightSite
 
-_REGISTERED: list[Encoding] = [AffineBlocksFormat(), MultiScaling(), InputBlocks(), MultiCodebook()]
+_REGISTERED: list[Encoding] = [AffineBlocksFormat(), MultiScaling(), VectorCodebook(), InputBlocks(), MultiCodebook()]
 
 
 def register(encoding: Encoding, first: bool = False) -> Encoding:

@@ -33,13 +33,18 @@ class ModelDescription:
             "tensors": self.tensors,
         }
 
+    def _codebook_values(self, tensor: dict[str, Any]) -> int:
+        """The values a compressed tensor's codebooks hold: ``G 2^b``, or ``G 2^(b d) d`` for vector codebooks."""
+        dim = self.config.get("vector_dim", 1) if (tensor.get("encoding") or "").startswith("vector") else 1
+        return (tensor["groups"] << tensor["bits"] * dim) * dim
+
     def format_table(self) -> str:
         if self.compressed:
             header = ("tensor", "layer", "shape", "bits", "format", "groups", "codebook values", "original", "stored")
             rows = [
                 (t["name"], t.get("layer") or "-", _shape(t["shape"]), str(t["bits"]), t.get("encoding") or "-",
                  _or_dash(t["groups"]),
-                 "-" if t["groups"] is None else str(t["groups"] << t["bits"]),
+                 "-" if t["groups"] is None else str(self._codebook_values(t)),
                  format_bytes(t["original_bytes"]), format_bytes(t["compressed_bytes"]))
                 for t in self.tensors
             ]

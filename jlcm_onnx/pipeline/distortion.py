@@ -47,10 +47,10 @@ ESTIMATE_ITERATIONS = 25
 ErrorTable = dict[str, dict[TensorChoice, float]]
 
 
-def tensor_options(rows: int) -> list[TensorChoice]:
+def tensor_options(rows: int, max_bits: int = MAX_BITS) -> list[TensorChoice]:
     """Every (bits, groups) option of a tensor with ``rows`` output rows."""
     groups: list[int | None] = [g for g in GROUP_LADDER if g < rows] + [None]
-    return [TensorChoice(bits, g) for bits in range(1, MAX_BITS + 1) for g in groups]
+    return [TensorChoice(bits, g) for bits in range(1, max_bits + 1) for g in groups]
 
 
 def estimate_errors(model: onnx.ModelProto, config: CompressionConfig, progress: bool = False,
@@ -85,7 +85,7 @@ def _tensor_errors(
 ) -> dict[TensorChoice, float]:
     rows, cols = matrix.shape
     by_count: dict[int, list[TensorChoice]] = {}
-    for option in tensor_options(rows):
+    for option in tensor_options(rows, config.max_bits):
         by_count.setdefault(CompressionPlan(config, choices={name: option}).groups(name, rows, cols), []).append(option)
     errors: dict[TensorChoice, float] = {}
     for count, options in by_count.items():

@@ -23,9 +23,10 @@ from __future__ import annotations
 import onnx
 
 from jlcm_onnx.analysis.plan import TensorChoice
-from jlcm_onnx.config import MAX_BITS, CompressionConfig
+from jlcm_onnx.config import CompressionConfig
 from jlcm_onnx.encodings.base import WeightShape, codebook_dtype
 from jlcm_onnx.encodings.registry import encoding_for
+from jlcm_onnx.encodings.vector_format import vector_groups
 from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.ir.weight_sites import compressible_sites, is_lone_table_gather, is_row_packed
 from jlcm_onnx.pipeline.distortion import ErrorTable
@@ -52,6 +53,8 @@ def weight_shapes(model: onnx.ModelProto, config: CompressionConfig) -> list[Wei
 def tensor_cost(shape: WeightShape, choice: TensorChoice, config: CompressionConfig) -> int:
     """Stored bytes of ``shape`` encoded with ``choice``, as its format estimates them."""
     groups = shape.rows if choice.groups is None else min(choice.groups, shape.rows)
+    if choice.groups is None and shape.encoding.vector_dim(config) > 1:  # vector codebooks pool rows by default
+        groups = vector_groups(shape.rows, shape.size // shape.rows, choice.bits, config.vector_dim)
     fraction = config.outlier_fraction if choice.outlier_fraction is None else choice.outlier_fraction
     return shape.encoding.stored_bytes(shape, choice.bits, groups, fraction, config)
 
@@ -65,7 +68,7 @@ def smallest_cost(shapes: list[WeightShape], config: CompressionConfig) -> int:
 
 
 def largest_cost(shapes: list[WeightShape], config: CompressionConfig) -> int:
-    return sum(tensor_cost(s, TensorChoice(MAX_BITS, None), config) for s in shapes)
+    return sum(tensor_cost(s, TensorChoice(config.max_bits, None), config) for s in shapes)
 
 
 def error_floor(shapes: list[WeightShape], budget: int, config: CompressionConfig,
