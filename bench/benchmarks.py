@@ -7,14 +7,16 @@ Every method turns the same fp32 ONNX file into a smaller one; every file is the
   on 4,096 tokens of gensim's Wikipedia text, top-1 next-token agreement and KL to fp32; EfficientNet-Lite0, top-1 /
   top-5 agreement and KL to fp32 on the scikit-image photos; PP-OCRv6 rec, character accuracy on text lines rendered
   with PIL, and agreement with the fp32 model's text;
-- **cost**: bytes on disk, ratio to fp32, compression wall time, and, each in a fresh process with default
+- **cost**: bytes on disk, ratio to fp32 (and bits per weight all-in: ``32 / ratio``, the file's bits per parameter
+  of the fp32 model), compression wall time, and, each in a fresh process with default
   onnxruntime session options (``bench/memory.py``, 2 intra-op threads), the load peak and steady RSS and the median
   latency at batch 1 and at a larger batch.
 
 Methods: jlcm-onnx at 4, 3 and 2 bits (one codebook per output row; 3 bits also per tensor and multi-scaling;
 calibrated where the model has calibration data apart from its evaluation data; one codebook per tensor with a scale
 and an offset per block of 32 or 64 inputs; ``speed="fast"``, affine blocks of 16, 32 or 128 inputs that onnxruntime
-fuses into MatMulNBits; the size planner choosing bits and groups per tensor for a 4x and a 6x smaller file),
+fuses into MatMulNBits; vector codebooks, one code per 2 or 4 inputs; the size planner choosing bits and groups per
+tensor for a 4x and a 6x smaller file),
 onnxruntime's ``MatMulNBitsQuantizer`` (RTN and HQQ, 4 and 2 bits, blocks of 32 and 128, RTN also with
 Gather/embeddings) and ``quantize_dynamic`` int8. A method that fails on a model gets a row saying why, never a silent
 gap.
@@ -135,6 +137,11 @@ METHODS: tuple[Method, ...] = (
     Method("jlcm-onnx 2-bit, fast, calibrated", "jlcm", {"bits": 2, "speed": "fast"}, calibrated=True),
     Method("jlcm-onnx 4-bit, fast, decode at load", "jlcm", {"bits": 4, "speed": "fast", "decode_at_load": True}),
     Method("jlcm-onnx 4-bit, decode at load", "jlcm", {"bits": 4, "decode_at_load": True}),
+    Method("jlcm-onnx 3-bit, vector codebooks of 2", "jlcm", {"bits": 3, "vector_dim": 2}),
+    Method("jlcm-onnx 3-bit, vector codebooks of 2, calibrated", "jlcm", {"bits": 3, "vector_dim": 2},
+           calibrated=True),
+    Method("jlcm-onnx 2-bit, vector codebooks of 4, calibrated", "jlcm", {"bits": 2, "vector_dim": 4},
+           calibrated=True),
     Method("jlcm-onnx, size planner at 4x", "jlcm", {"target_ratio": 4.0}),
     Method("jlcm-onnx, size planner at 6x", "jlcm", {"target_ratio": 6.0}),
     Method("jlcm-onnx, size planner at 6x, calibrated", "jlcm", {"target_ratio": 6.0}, calibrated=True),
@@ -353,7 +360,7 @@ def environment() -> dict[str, str]:
 def model_table(spec: ModelSpec, result: dict[str, Any]) -> list[str]:
     """The markdown table of one model's rows."""
     (small, _), (large, _) = result["batches"]
-    head = ["method", "MB", "ratio", *(m.label for m in spec.metrics), "compress s", "load peak MB",
+    head = ["method", "MB", "ratio", "bits/weight", *(m.label for m in spec.metrics), "compress s", "load peak MB",
             "steady MB", f"ms @{small}", f"ms @{large}", f"x dense @{small}", f"x dense @{large}"]
     lines = [f"### {result['title']}", "", *([result["note"], ""] if result["note"] else []),
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -362,7 +369,7 @@ def model_table(spec: ModelSpec, result: dict[str, Any]) -> list[str]:
             lines.append(f"| {row['method']} | failed: {row['error']} |" + " |" * (len(head) - 2))
             continue
         seconds = "" if row["compress_seconds"] is None else f"{row['compress_seconds']:.1f}"
-        cells = [row["method"], f"{row['bytes'] / MB:.2f}", f"{row['ratio']:.2f}x",
+        cells = [row["method"], f"{row['bytes'] / MB:.2f}", f"{row['ratio']:.2f}x", f"{32 / row['ratio']:.2f}",
                  *(m.fmt.format(row["metrics"][m.label]) for m in spec.metrics), seconds,
                  f"{row['load_peak_mb']:.0f}", f"{row['steady_mb']:.0f}",
                  *(f"{latency:.1f}" for latency in row["latency_ms"]),

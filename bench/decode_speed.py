@@ -2,12 +2,12 @@
 
 Every file is made by ``jlcm_onnx.compress`` from the same fp32 layer (W [K, N] standard normal), so each row is the
 format as users get it: ``speed="small"`` (one codebook per output row, the weight decoded by BitShift +
-GatherElements on every run, in column blocks) and ``speed="fast"`` (affine blocks, a standard DequantizeLinear that
-onnxruntime fuses with the MatMul into MatMulNBits) at each bits and block size. Each is timed with default session
-options and 2 intra-op threads (median of ``RUNS`` after warm-up), at M = 1 and 16 rows of X, and reported as
-milliseconds, nanoseconds per weight and a multiple of the dense layer's time measured in the same run; the fused rows
-also at ``session.qdq_matmulnbits_accuracy_level=0`` (float activations; onnxruntime's default, 4, quantizes the
-activations of the fused kernel to int8).
+GatherElements on every run, in column blocks; and vector codebooks, one Gather of codewords per D inputs) and
+``speed="fast"`` (affine blocks, a standard DequantizeLinear that onnxruntime fuses with the MatMul into MatMulNBits)
+at each bits and block size. Each is timed with default session options and 2 intra-op threads (median of ``RUNS``
+after warm-up), at M = 1 and 16 rows of X, and reported as milliseconds, nanoseconds per weight and a multiple of the
+dense layer's time measured in the same run; the fused rows also at ``session.qdq_matmulnbits_accuracy_level=0``
+(float activations; onnxruntime's default, 4, quantizes the activations of the fused kernel to int8).
 
 Run: ``python bench/decode_speed.py`` (about a minute); writes ``bench/results/decode_speed.json``, which
 ``bench/benchmarks.py`` renders into BENCHMARKS.md.
@@ -34,6 +34,8 @@ K = N = 1536
 ROWS = (1, 16)
 RUNS, WARMUP, THREADS = 50, 5, 2
 SMALL_BITS = (2, 3, 4)
+#: (bits, vector_dim) of the vector codebooks measured.
+VECTORS = ((3, 2), (2, 4))
 FAST = ((2, 32), (2, 64), (2, 128), (4, 16), (4, 32), (4, 64), (4, 128), (8, 32), (8, 128))
 
 
@@ -71,6 +73,9 @@ def formats(dense: onnx.ModelProto) -> list[tuple[str, onnx.ModelProto, bool]]:
     for bits in SMALL_BITS:
         config = jlcm_onnx.CompressionConfig(bits=bits)
         made.append((f"small, {bits}-bit codebooks", jlcm_onnx.compress(dense, config).model, False))
+    for bits, dim in VECTORS:
+        config = jlcm_onnx.CompressionConfig(bits=bits, vector_dim=dim)
+        made.append((f"small, {bits}-bit vector codebooks of {dim}", jlcm_onnx.compress(dense, config).model, False))
     for bits, block in FAST:
         config = jlcm_onnx.CompressionConfig(bits=bits, speed="fast", block_size=block)
         made.append((f"fast, {bits}-bit, blocks of {block}", jlcm_onnx.compress(dense, config).model, True))

@@ -220,6 +220,9 @@ class CompressionConfig:
             raise ConfigError("op_types", list(self.op_types), f"a non-empty subset of {list(OP_TYPES)}")
         if self.encoding not in ENCODINGS:
             raise ConfigError("encoding", self.encoding, f"one of {list(ENCODINGS)}")
+        if self.vector_dim > 1 and self.block_size is not None and self.block_size % self.vector_dim:
+            raise ConfigError("vector_dim", self.vector_dim, f"a divisor of block_size {self.block_size} (a vector "
+                              "lies in one input block)")
         if self.vector_dim > 1 and self.encoding == "multi-scaling":
             raise ConfigError("vector_dim", self.vector_dim, "1 with encoding 'multi-scaling' (vector codebooks are "
                               "one codebook per group)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import helper
 
@@ -13,7 +14,7 @@ from jlcm_onnx.cli import main
 from jlcm_onnx.encodings.codebook import encode_matrix, equal_group_sizes
 from jlcm_onnx.encodings.error_feedback import damped_gram
 from jlcm_onnx.encodings.vector_format import vector_groups
-from jlcm_onnx.encodings.vector_learning import learn_vectors, vector_objective
+from jlcm_onnx.encodings.vector_learning import learn_vectors, nearest_output_codes, vector_objective
 
 from conftest import (
     FLOAT,
@@ -109,6 +110,28 @@ def test_learning_lowers_the_output_error_and_never_raises_it() -> None:
         assert objective < 0.7 * vector_objective(weight, initial, damped_gram(gram, 96))
 
 
+def test_the_normalised_nearest_codeword_is_the_one_of_least_output_error() -> None:
+    """The assignment searches the group codebooks in the normalised space of each vector's block; it must pick what
+    the full cost ``|(w - (s c + m)) A|^2`` over every row's candidates picks, outliers (patched, costed in full)
+    included."""
+    rng = np.random.default_rng(13)
+    rows, entries, dim = 40, 16, 2
+    books = torch.from_numpy(rng.standard_normal((3, entries, dim)))
+    groups = torch.from_numpy(np.repeat(np.arange(3), [10, 20, 10]))
+    values = torch.from_numpy(rng.standard_normal((rows, dim)))
+    inverse = torch.linalg.inv(torch.from_numpy(np.triu(rng.uniform(0.5, 1.5, (dim, dim)))))
+    scale, offset = torch.from_numpy(rng.uniform(0.1, 2.0, rows)), torch.from_numpy(rng.normal(size=rows))
+    exact = torch.zeros(rows, dim, dtype=torch.bool)
+    exact[[3, 17], [0, 1]] = True
+    stored = torch.from_numpy(rng.standard_normal((rows, dim)))
+    quantized, chosen = nearest_output_codes(values, books, groups, inverse, scale, offset, exact, stored)
+    candidates = torch.where(exact[:, None], stored[:, None], books[groups] * scale[:, None, None]
+                             + offset[:, None, None])
+    full = ((values[:, None] - candidates) @ inverse).square().sum(dim=2)
+    assert torch.equal(chosen, full.argmin(dim=1))
+    torch.testing.assert_close(quantized, candidates[torch.arange(rows), chosen])
+
+
 def test_calibrated_vectors_lower_the_model_output_error() -> None:
     rng = np.random.default_rng(6)
     weight = rng.standard_normal((96, 64)).astype(np.float32)
@@ -174,6 +197,7 @@ def test_the_same_inputs_give_the_same_bytes() -> None:
     ({"bits": 4, "vector_dim": 2, "speed": "fast"}, "speed 'fast'"),
     ({"vector_dim": 2, "encoding": "multi-scaling"}, "multi-scaling"),
     ({"vector_dim": 9}, "1..8"),
+    ({"bits": 2, "vector_dim": 4, "block_size": 6}, "divisor of block_size 6"),
 ])
 def test_bad_vector_settings_are_refused(settings: dict, words: str) -> None:
     with pytest.raises(ConfigError, match="vector_dim") as error:

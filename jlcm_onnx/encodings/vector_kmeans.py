@@ -25,9 +25,9 @@ from jlcm_onnx.encodings.kmeans import SortedGroups, lloyd
 
 #: Distances computed at once (vectors x codewords x groups of a batch): a few MB, so the product stays in cache.
 DISTANCE_CHUNK = 1 << 20
-#: Lloyd stops once at most this fraction of the codes change in an iteration (the last 0.1% of moves lower a
-#: SmolLM2-135M MLP weight's error by under 1%, at the cost of as many iterations again).
-SETTLED = 1e-3
+#: Lloyd stops once at most this fraction of the codes change in an iteration: on a SmolLM2-135M MLP weight (1536 x
+#: 576, 3 bits, pairs, 54 groups) 2.6x faster than at 0.1%, for a relative weight error of 0.0303 against 0.0298.
+SETTLED = 1e-2
 
 
 def product_grid(values: torch.Tensor, weights: torch.Tensor, entries: int, max_iterations: int) -> torch.Tensor:
