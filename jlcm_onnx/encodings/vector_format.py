@@ -4,9 +4,9 @@ d-dimensional entries per group of rows (``vector_dim`` d = 2, 4 or 8, with or w
     W^[r, j d + a] = C[g(r), I[r, j], a]                 (scaled and shifted per input block, with input blocks)
 
 b bits per weight as scalar codebooks have, but the codewords sit anywhere in R^d, not on a product grid, so they
-follow the joint distribution of neighbouring weights: at 3 bits and d = 2 the relative weight error of a SmolLM2-135M
-MLP weight drops from 0.0245 to 0.0229 with input blocks of 64 (``python bench/vector_codebooks.py``). A codebook costs
-``c K d`` bytes (c per value), so groups are sized to share one among many rows (:func:`vector_groups`). Fitted by
+follow the joint distribution of neighbouring weights (BENCHMARKS.md compares them with scalar codebooks at equal
+bits on every model). A codebook costs ``c K d`` bytes (c per value), so groups are sized to share one among many rows
+(:func:`vector_groups`). Fitted by
 weighted k-means in d dimensions (:mod:`jlcm_onnx.encodings.vector_kmeans`), learned GPTVQ-style
 (:mod:`jlcm_onnx.encodings.vector_learning`), decoded by one Gather of the rows of the flat [G K, d] table
 (:mod:`jlcm_onnx.encodings.codebook_decoder`).
