@@ -153,6 +153,11 @@ class CodebookFormat(Encoding):
     def describe(self, encoded: EncodedMatrix) -> str:
         return self.name
 
+    def learning(self, config: CompressionConfig) -> str:
+        """How the codes were learned, for the report: ``error-feedback`` or ``kmeans, 50 proximal steps``."""
+        steps = config.learning_steps
+        return config.init + (f", {steps} {config.mapping} step{'s' if steps > 1 else ''}" if steps else "")
+
     def write(self, site: WeightSite, row_axis: int, encoding: SiteEncoding, context: DecoderContext) -> WrittenDecoder:
         """The codebook decoder before the weight's first reader; for a lone embedding Gather a row decoder in its
         place, for the lone MatMul of a large weight a blocked MatMul in its place (decoded a column block at a
@@ -183,7 +188,7 @@ class CodebookFormat(Encoding):
                                     gate=None if activation is None else GATE_PLACEHOLDER)
             function = DECODE_WEIGHT
             gate = activation or "none: no run-time input before the first consumer, onnxruntime may fold the decoder"
-        learned = f", learned ({_learning(context.config)})" if encoding.learned else ""
+        learned = f", learned ({self.learning(context.config)})" if encoding.learned else ""
         record = dict(bits=encoded.bits, groups=len(encoded.group_sizes), encoding=self.describe(encoded) + learned,
                       outliers=int(encoded.outlier_index.size), decode_gate=gate)
         return WrittenDecoder(decoder, activation, function != DECODE_WEIGHT, function, record)
@@ -205,7 +210,7 @@ class CodebookFormat(Encoding):
         bounds = sorted({round(b) for b in np.linspace(0, vocabulary, blocks + 1)})
         head_spec = DecodeSpec(head.node.output[0], dtype, site.shape, 0, encoded, restore=restore)
         head_decoder = build_tied_head(head_spec, head.node, bounds, context.names, context.pool, shared)
-        learned = f", learned ({_learning(context.config)})" if encoding.learned else ""
+        learned = f", learned ({self.learning(context.config)})" if encoding.learned else ""
         gate = (f"{row_decoded(gather.node.input[1])}; the tied head {head.describe()}: decoded in "
                 f"{len(bounds) - 1} blocks of rows, one at a time")
         record = dict(bits=encoded.bits, groups=len(encoded.group_sizes), encoding=self.describe(encoded) + learned,
@@ -272,9 +277,3 @@ class MultiScaling(CodebookFormat):
 def row_decoded(indices: str) -> str:
     """The report's decode-gate words for a row decoder."""
     return f"row decoder: only the rows picked by '{indices}' are decoded"
-
-
-def _learning(config: CompressionConfig) -> str:
-    """How the codes were learned, for the report: ``error-feedback`` or ``kmeans, 50 proximal steps``."""
-    steps = config.learning_steps
-    return config.init + (f", {steps} {config.mapping} step{'s' if steps > 1 else ''}" if steps else "")

@@ -50,6 +50,9 @@ class VectorCodebook(CodebookFormat):
               device: str) -> tuple[EncodedMatrix, float]:
         return learn_vectors(matrix, encoded, gram)
 
+    def learning(self, config: CompressionConfig) -> str:
+        return "error-feedback, closed-form codebooks"
+
     def describe(self, encoded: EncodedMatrix) -> str:
         blocks = f", input blocks of {encoded.block_size}" if encoded.blocked else ""
         return f"{self.name} of {encoded.vector_dim}{blocks}"
