@@ -17,11 +17,10 @@ divide cols).
 When the output rows are W's last axis (MatMul's B [in, out]) codes are stored in W's own order [cols, rows] and
 ``W^ = GatherElements(C_rows^T, codes, axis=0)``, which needs no transpose of the decoded weight.
 
-Vector codebooks (a code per d consecutive inputs of a row, codebooks [G, K, d]) are looked up by one Gather of the
-rows of the flat table [G K, d] at ``codes + K g(r)``, which gives the d values of every code side by side::
+Vector codebooks (a code per d consecutive inputs of a row, codebooks [G, K, d]) are looked up as scalar ones are,
+in every row's codebook flattened to [rows, K d], at the element ``I[r, j] d + a`` of input ``j d + a``::
 
-    W^ = Reshape(Gather(C_flat, codes + K g(r)), [rows, cols])          codes [rows, cols / d]
-    W^ = Reshape(Transpose(Gather(C_flat, codes + K g(r)), [0, 2, 1]), [cols, rows])     codes [cols / d, rows]
+    W^ = GatherElements(C_rows, Reshape(Reshape(codes, [rows, cols / d, 1]) * d + [0..d-1], [rows, cols]), axis=1)
 
 Codebooks stored in a narrower float type than W (fp16 codebooks of an fp32 model) are looked up, patched with
 outliers and re-ordered in that type, and ``W^`` is cast to W's type last: every step before the cast only moves values,
@@ -194,30 +193,24 @@ def _looked_up(b: DecoderBuilder, spec: DecodeSpec, codes: str, dtype: int, ids:
 
 
 def _looked_up_vectors(b: DecoderBuilder, spec: DecodeSpec, codes: str, dtype: int, ids: str | None) -> str:
-    """Vector codewords: one Gather of the rows of the flat table [G K, d] by ``codes + K g(r)``, then a Reshape
-    (and, when rows are W's last axis, a Transpose that puts each vector's d values on consecutive inputs)."""
+    """Vector codewords: the codebook of every row flattened to [rows, K d], and each weight's element of it,
+    ``I[r, j] d + a`` for input ``j d + a``, gathered by GatherElements as scalar codes are (no Transpose of the
+    decoded weight; one Gather of d-wide rows costs onnxruntime about 5x more per weight)."""
     encoded = spec.encoded
-    groups, entries, dim = encoded.codebooks.shape
-    stored_type = helper.np_dtype_to_tensor_dtype(encoded.codebooks.dtype)
-    table = b.stored("codebooks", encoded.codebooks.reshape(groups * entries, dim))
-    table = _cast(b, table, stored_type, dtype)
+    dim = encoded.vector_dim
     rows, cols = encoded.shape
-    if groups > 1:  # each row's offset K g(r), [rows, 1] or [1, rows]
-        group_of_row = np.repeat(np.arange(groups), encoded.group_sizes)
-        shape = (1, rows) if spec.rows_last else (rows, 1)
-        if len(set(encoded.group_sizes)) == 1:
-            offsets = b.const((group_of_row * entries).astype(np.int32).reshape(shape))
-        else:
-            compact = group_of_row.astype(np.uint8 if groups <= 256 else np.uint16).reshape(shape)
-            offsets = b.op("Mul", [b.op("Cast", [b.stored("row_group", compact)], to=onnx.TensorProto.INT32),
-                                   b.const(np.int32(entries))])
-        if ids is not None:
-            offsets = b.op("Gather", [offsets, ids], axis=0)
-        codes = b.op("Add", [codes, offsets])
-    vectors = b.op("Gather", [table, codes], axis=0)  # [..., d]
-    if spec.rows_last:  # [cols / d, rows, d] -> [cols / d, d, rows]
-        return b.op("Reshape", [b.op("Transpose", [vectors], perm=[0, 2, 1]), b.shape([cols, rows])])
-    return b.op("Reshape", [vectors, b.shape([-1, cols])])
+    table = _row_codebooks(b, spec, dtype)
+    if ids is not None:
+        table = b.op("Gather", [table, ids], axis=0)
+    if spec.rows_last:  # codes [cols / d, rows] -> [cols / d, d, rows] -> [cols, rows]
+        wide, place, flat = [-1, 1, rows], np.arange(dim, dtype=np.int32).reshape(1, dim, 1), [cols, rows]
+    else:  # codes [rows, cols / d] -> [rows, cols / d, d] -> [rows, cols]
+        wide, place, flat = [-1, cols // dim, 1], np.arange(dim, dtype=np.int32).reshape(1, 1, dim), [-1, cols]
+    scaled = b.op("Mul", [b.op("Reshape", [codes, b.shape(wide)]), b.const(np.int32(dim))])
+    index = b.op("Reshape", [b.op("Add", [scaled, b.const(place)]), b.shape(flat)])
+    if spec.rows_last:
+        return b.op("GatherElements", [b.op("Transpose", [table], perm=[1, 0]), index], axis=0)
+    return b.op("GatherElements", [table, index], axis=1)
 
 
 def _lookup_dtype(spec: DecodeSpec) -> int:
@@ -366,7 +359,7 @@ def unpack_codes(b: DecoderBuilder, packed: str, layout: WordLayout, count: int,
 def _row_codebooks(b: DecoderBuilder, spec: DecodeSpec, dtype: int) -> str:
     """Nodes giving the codebook of every row, [rows, K], of type ``dtype``."""
     encoded = spec.encoded
-    groups, entries = encoded.codebooks.shape
+    groups, entries = encoded.codebooks.shape[0], encoded.codebooks[0].size  # K d values per vector codebook
     rows = encoded.codes.shape[0]
     equal_groups = len(set(encoded.group_sizes)) == 1
     table_shape = (groups, entries) if groups == rows or not equal_groups else (groups, 1, entries)
