@@ -8,8 +8,8 @@ follow the joint distribution of neighbouring weights (BENCHMARKS.md compares th
 bits on every model). A codebook costs ``c K d`` bytes (c per value), so groups are sized to share one among many rows
 (:func:`vector_groups`). Fitted by
 weighted k-means in d dimensions (:mod:`jlcm_onnx.encodings.vector_kmeans`), learned GPTVQ-style
-(:mod:`jlcm_onnx.encodings.vector_learning`), decoded by one Gather of the rows of the flat [G K, d] table
-(:mod:`jlcm_onnx.encodings.codebook_decoder`).
+(:mod:`jlcm_onnx.encodings.vector_learning`), decoded by GatherElements on each row's codebook flattened to K d values,
+at ``I d + a`` (:mod:`jlcm_onnx.encodings.codebook_decoder`).
 """
 
 from __future__ import annotations
