@@ -195,7 +195,8 @@ def _apply(
         nodes: list[onnx.NodeProto] = []
         for position, node in enumerate(graph.node):
             for insertion in before.get(position, []):
-                nodes.extend(_decoder_nodes(insertion, names, functions))
+                nodes.extend(_decoder_nodes(insertion, names, functions, node if insertion.written.replaces_node
+                                            else None))
                 graph.initializer.extend(insertion.written.decoder.initializers)
                 del insertion.written.decoder.initializers[:]  # copied into the graph: the output is held once
             removed = node.op_type == "Constant" and node.output[0] in removed_constants
@@ -213,9 +214,10 @@ def _apply(
         _remove_named(graph.input, removed_tensors)
 
 
-def _decoder_nodes(insertion: _Insertion, names: NameAllocator, functions: DecoderFunctions) -> list[onnx.NodeProto]:
+def _decoder_nodes(insertion: _Insertion, names: NameAllocator, functions: DecoderFunctions,
+                   replaced: onnx.NodeProto | None) -> list[onnx.NodeProto]:
     """The decoder, after the gate on its activation (its own, so that the call holds it): its nodes, or one call of
-    its decoder function."""
+    its decoder function, which carries the metadata of the node it ``replaced`` (if any)."""
     written = insertion.written
     nodes = written.decoder.nodes
     if written.gate_activation is not None:
@@ -223,9 +225,11 @@ def _decoder_nodes(insertion: _Insertion, names: NameAllocator, functions: Decod
         for node in nodes:
             node.input[:] = [gate if name == GATE_PLACEHOLDER else name for name in node.input]
         nodes = [*gate_nodes, *nodes]
-    if written.function is None:
-        return nodes
-    return [functions.call(nodes, written.function, names.fresh(f"jlcm/decode/{insertion.site.name}"))]
+    if written.function is not None:
+        nodes = [functions.call(nodes, written.function, names.fresh(f"jlcm/decode/{insertion.site.name}"))]
+    if replaced is not None:
+        nodes[-1].metadata_props.extend(replaced.metadata_props)
+    return nodes
 
 
 def _remove_named(field, names: set[str]) -> None:  # noqa: ANN001 - a protobuf repeated field

@@ -1,11 +1,13 @@
 """Products with a large decoded weight, computed a block of it at a time so that one block is decoded at once.
 
 A large MatMul weight W [in, out] (rows last) is split into column blocks: ``Y = Concat_k(X @ W^[:, block k])``
-(:func:`build_blocked_matmul`). A table E [V, D] tied to a language-model head, ``logits = h @ E^T``, is stored once,
-row by row, for its embedding's row decoder; the head becomes ``Concat_k(h @ Transpose(E^[rows_k]))``, each block of
-rows looked up by the same row decoder (:func:`build_tied_head`). Block k+1 is gated on block k's product (a decode
-gate, :mod:`jlcm_onnx.ir.graph_building`), so onnxruntime decodes one block at a time, after the one before, and
-folds none of them at load.
+(:func:`build_blocked_matmul`); a block whose codes are looked up a byte at a time (any MatMul weight of 2, 4 or 8
+bits, large or not) is multiplied one code slot at a time, ``X @ W^_s^T``, and never concatenated
+(:mod:`jlcm_onnx.encodings.slot_decoder`). A table E [V, D] tied to a language-model head, ``logits = h @ E^T``,
+is stored once, row by row, for its embedding's row decoder; the head becomes ``Concat_k(h @ Transpose(E^[rows_k]))``,
+each block of rows looked up by the same row decoder (:func:`build_tied_head`). Block k+1 is gated on block k's
+product (a decode gate, :mod:`jlcm_onnx.ir.graph_building`), so onnxruntime decodes one block at a time, after the one
+before, and folds none of them at load.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import onnx
 from onnx import helper
 
 from jlcm_onnx.encodings.codebook_decoder import DecodeGraph, DecoderBuilder, DecodeSpec, build_decoder
+from jlcm_onnx.encodings.slot_decoder import build_slot_decoders
+from jlcm_onnx.encodings.slot_tables import uses_slot_tables
 from jlcm_onnx.ir.graph_building import ConstantPool, NameAllocator, build_gate
 
 
@@ -35,12 +39,20 @@ def build_blocked_matmul(
         gate, gate_nodes = build_gate(activation, names)
         block = DecodeSpec(names.fresh(f"{spec.output}.jlcm_block"), spec.dtype, (spec.shape[0], stop - start), 1,
                            spec.encoded.row_block(start, stop))  # encoded order; restored on the output
-        decoder = build_decoder(block, names, pool, gate)
-        activation = names.fresh(f"{matmul.output[0]}.jlcm_block")
-        nodes += [*gate_nodes, *decoder.nodes,
-                  helper.make_node("MatMul", [matmul.input[0], block.output], [activation], name=activation)]
+        if uses_slot_tables(block.encoded):
+            decoder, parts = build_slot_decoders(block, names, pool, gate)
+        else:
+            decoder, parts = build_decoder(block, names, pool, gate), [block.output]
+        nodes += [*gate_nodes, *decoder.nodes]
         initializers += decoder.initializers
-        outputs.append(activation)
+        for part in parts:
+            weight = part
+            if part != block.output:  # a slot's rows [R_s, in]: X @ part^T (onnxruntime fuses the Transpose)
+                weight = names.fresh(f"{part}.jlcm_transposed")
+                nodes.append(helper.make_node("Transpose", [part], [weight], perm=[1, 0], name=weight))
+            activation = names.fresh(f"{matmul.output[0]}.jlcm_block")
+            nodes.append(helper.make_node("MatMul", [matmul.input[0], weight], [activation], name=activation))
+            outputs.append(activation)
     output = matmul.output[0] if spec.restore is None else names.fresh(f"{matmul.output[0]}.jlcm_reordered")
     nodes.append(helper.make_node("Concat", outputs, [output], axis=-1, name=names.fresh("jlcm/concat")))
     if spec.restore is not None:

@@ -1,5 +1,9 @@
 """The ONNX decode subgraph of one compressed weight, built from standard ops (opset 11 and up).
 
+Whole weights with codes of 2, 4 or 8 bits are looked up a byte at a time instead
+(:mod:`jlcm_onnx.encodings.slot_decoder`, with the steps below that it shares); this module decodes every other code
+width, embedding rows and vector codebooks.
+
 Stored per weight: ``packed``, uint8 byte planes of the codes at exactly b bits (:mod:`jlcm_onnx.encodings.packing`),
 and ``codebooks`` [G, K] in the codebook dtype (plus a uint8/uint16 row-to-group map when groups differ in size).
 Decoded::
@@ -160,13 +164,17 @@ def _weight_decoder(b: DecoderBuilder, spec: DecodeSpec, gate: str | None) -> No
     codes = unpack_codes(b, packed, layout, stored.size, rows=None)
     lookup = _lookup_dtype(spec)
     if spec.rows_last:
-        decoded = _block_affine(b, spec, _looked_up(b, spec, codes, lookup, stored_shape=stored.shape))
-        decoded = _restored(b, _with_outliers(b, spec, decoded, lookup), axis=1)
-        finish_layout(b, _cast(b, decoded, lookup, spec.dtype), spec.shape, perm=None)
+        decoded = block_affine(b, spec, _looked_up(b, spec, codes, lookup, stored_shape=stored.shape))
+        decoded = restored(b, _with_outliers(b, spec, decoded, lookup), axis=1)
+        finish_layout(b, cast_to(b, decoded, lookup, spec.dtype), spec.shape, perm=None)
         return
-    decoded = _block_affine(b, spec, _looked_up(b, spec, codes, lookup, stored_shape=stored.shape))
+    decoded = block_affine(b, spec, _looked_up(b, spec, codes, lookup, stored_shape=stored.shape))
     decoded = _with_outliers(b, spec, decoded, lookup)
-    decoded = _cast(b, _restored(b, decoded, axis=0), lookup, spec.dtype)
+    finish_rows_first(b, spec, cast_to(b, restored(b, decoded, axis=0), lookup, spec.dtype))
+
+
+def finish_rows_first(b: DecoderBuilder, spec: DecodeSpec, decoded: str) -> None:
+    """Gives the decoded [rows, cols] matrix W's shape and layout (rows moved back to ``spec.row_axis``)."""
     others = [i for i in range(len(spec.shape)) if i != spec.row_axis]
     moved_shape = tuple(spec.shape[i] for i in [spec.row_axis, *others])
     perm = None if spec.row_axis == 0 else [int(i) for i in np.argsort([spec.row_axis, *others])]
@@ -182,14 +190,14 @@ def _looked_up(b: DecoderBuilder, spec: DecodeSpec, codes: str, dtype: int, ids:
         if stored_shape is not None:
             codes = b.op("Reshape", [codes, b.shape(stored_shape)])
         return _looked_up_vectors(b, spec, codes, dtype, ids)
-    row_codebooks = _row_codebooks(b, spec, dtype)
+    books = row_codebooks(b, spec, dtype)
     if ids is not None:
-        row_codebooks = b.op("Gather", [row_codebooks, ids], axis=0)
+        books = b.op("Gather", [books, ids], axis=0)
     if stored_shape is not None:
         codes = b.op("Reshape", [codes, b.shape(stored_shape)])
     if spec.rows_last:
-        return b.op("GatherElements", [b.op("Transpose", [row_codebooks], perm=[1, 0]), codes], axis=0)
-    return b.op("GatherElements", [row_codebooks, codes], axis=1)
+        return b.op("GatherElements", [b.op("Transpose", [books], perm=[1, 0]), codes], axis=0)
+    return b.op("GatherElements", [books, codes], axis=1)
 
 
 def _looked_up_vectors(b: DecoderBuilder, spec: DecodeSpec, codes: str, dtype: int, ids: str | None) -> str:
@@ -199,7 +207,7 @@ def _looked_up_vectors(b: DecoderBuilder, spec: DecodeSpec, codes: str, dtype: i
     encoded = spec.encoded
     dim = encoded.vector_dim
     rows, cols = encoded.shape
-    table = _row_codebooks(b, spec, dtype)
+    table = row_codebooks(b, spec, dtype)
     if ids is not None:
         table = b.op("Gather", [table, ids], axis=0)
     if spec.rows_last:  # codes [cols / d, rows] -> [cols / d, d, rows] -> [cols, rows]
@@ -225,18 +233,20 @@ def _lookup_dtype(spec: DecodeSpec) -> int:
     return helper.np_dtype_to_tensor_dtype(stored) if exact and narrower else spec.dtype
 
 
-def _cast(b: DecoderBuilder, name: str, current: int, to: int) -> str:
+def cast_to(b: DecoderBuilder, name: str, current: int, to: int) -> str:
     return name if current == to else b.op("Cast", [name], to=to)
 
 
-def _restored(b: DecoderBuilder, decoded: str, axis: int) -> str:
+def restored(b: DecoderBuilder, decoded: str, axis: int) -> str:
     """Puts re-ordered rows back in their original order (a no-op without ``spec.restore``)."""
     return decoded if b.spec.restore is None else b.op("Gather", [decoded, b.restore_index()], axis=axis)
 
 
-def _block_affine(b: DecoderBuilder, spec: DecodeSpec, decoded: str, ids: str | None = None) -> str:
+def block_affine(b: DecoderBuilder, spec: DecodeSpec, decoded: str, ids: str | None = None,
+                  window: tuple[int, int] | None = None) -> str:
     """``s * C[I] + m`` per block of inputs (a no-op without input blocks); the decoded matrix is [rows, cols], or
-    [cols, rows] when rows are W's last axis, or the rows picked by ``ids`` (the row decoder)."""
+    [cols, rows] when rows are W's last axis, or the rows picked by ``ids`` (the row decoder), or the ``count`` rows
+    from ``first`` given as ``window`` (a code slot)."""
     encoded = spec.encoded
     if not encoded.blocked:
         return decoded
@@ -251,6 +261,8 @@ def _block_affine(b: DecoderBuilder, spec: DecodeSpec, decoded: str, ids: str | 
                  for part, array in (("block_scales", encoded.block_scales), ("block_offsets", encoded.block_offsets))]
     if ids is not None:
         per_block = [b.op("Gather", [name, ids], axis=0) for name in per_block]
+    if window is not None:
+        per_block = [window_rows(b, name, *window) for name in per_block]
     if helper.np_dtype_to_tensor_dtype(encoded.block_scales.dtype) != spec.dtype:
         per_block = [b.op("Cast", [name], to=spec.dtype) for name in per_block]
     pad = count * size - cols
@@ -273,10 +285,15 @@ def _with_outliers(b: DecoderBuilder, spec: DecodeSpec, decoded: str, dtype: int
     order = np.argsort(index)
     positions = b.stored("outlier_index", index[order].astype(np.int32))
     values = b.stored("outlier_values", encoded.outlier_values[order])
-    values = _cast(b, values, helper.np_dtype_to_tensor_dtype(encoded.outlier_values.dtype), dtype)
+    values = cast_to(b, values, helper.np_dtype_to_tensor_dtype(encoded.outlier_values.dtype), dtype)
     flat = b.op("Reshape", [decoded, b.shape([-1])])
     patched = b.op("ScatterElements", [flat, positions, values], axis=0)
     return b.op("Reshape", [patched, b.shape([rows, cols] if not spec.rows_last else [cols, rows])])
+
+
+def window_rows(b: DecoderBuilder, name: str, first: int, count: int) -> str:
+    """Rows ``[first, first + count)`` of ``name``."""
+    return b.op("Slice", [name, b.shape([first]), b.shape([first + count]), b.shape([0])])
 
 
 def finish_layout(b: DecoderBuilder, decoded: str, shape: tuple[int, ...], perm: list[int] | None) -> None:
@@ -302,8 +319,8 @@ def _row_decoder(b: DecoderBuilder, spec: DecodeSpec) -> None:
     picked = b.op("Gather", [packed, flat_ids], axis=0)
     codes = unpack_codes(b, picked, layout, spec.encoded.codes.shape[1], rows=True)
     lookup = _lookup_dtype(spec)
-    decoded = _block_affine(b, spec, _looked_up(b, spec, codes, lookup, flat_ids), flat_ids)
-    decoded = _cast(b, _row_outliers(b, spec, decoded, flat_ids, lookup), lookup, spec.dtype)
+    decoded = block_affine(b, spec, _looked_up(b, spec, codes, lookup, flat_ids), flat_ids)
+    decoded = cast_to(b, _row_outliers(b, spec, decoded, flat_ids, lookup), lookup, spec.dtype)
     out_shape = b.op("Concat", [b.op("Shape", [ids]), b.shape([cols])], axis=0)
     b.op("Reshape", [decoded, out_shape], spec.output)
 
@@ -322,7 +339,7 @@ def _row_outliers(b: DecoderBuilder, spec: DecodeSpec, decoded: str, ids: str, d
     columns = b.op("Cast", [b.op("Gather", [b.stored("outlier_columns", columns), ids], axis=0)],
                    to=onnx.TensorProto.INT32)
     values = b.stored("outlier_values", encoded.outlier_values.reshape(rows, per_row))
-    values = _cast(b, b.op("Gather", [values, ids], axis=0),
+    values = cast_to(b, b.op("Gather", [values, ids], axis=0),
                    helper.np_dtype_to_tensor_dtype(encoded.outlier_values.dtype), dtype)
     return b.op("ScatterElements", [decoded, columns, values], axis=1)
 
@@ -356,7 +373,7 @@ def unpack_codes(b: DecoderBuilder, packed: str, layout: WordLayout, count: int,
     return codes if to == onnx.TensorProto.UINT8 else b.op("Cast", [codes], to=to)
 
 
-def _row_codebooks(b: DecoderBuilder, spec: DecodeSpec, dtype: int) -> str:
+def row_codebooks(b: DecoderBuilder, spec: DecodeSpec, dtype: int) -> str:
     """Nodes giving the codebook of every row, [rows, K], of type ``dtype``."""
     encoded = spec.encoded
     groups, entries = encoded.codebooks.shape[0], encoded.codebooks[0].size  # K d values per vector codebook
@@ -371,7 +388,7 @@ def _row_codebooks(b: DecoderBuilder, spec: DecodeSpec, dtype: int) -> str:
     else:
         table = b.stored("codebooks", encoded.codebooks.reshape(table_shape))
         stored_type = helper.np_dtype_to_tensor_dtype(encoded.codebooks.dtype)
-    table = _cast(b, table, stored_type, dtype)
+    table = cast_to(b, table, stored_type, dtype)
     if groups == rows:
         return table
     if equal_groups:

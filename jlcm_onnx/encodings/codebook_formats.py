@@ -36,6 +36,8 @@ from jlcm_onnx.encodings.multi_scaling import encode_scaled_matrix
 from jlcm_onnx.encodings.outliers import outlier_count, outliers_per_row, uniform_outliers
 from jlcm_onnx.encodings.packing import WordLayout
 from jlcm_onnx.encodings.row_block_learning import learn_in_row_blocks
+from jlcm_onnx.encodings.slot_decoder import build_weight_decoder
+from jlcm_onnx.encodings.slot_tables import SLOT_BITS, slot_packed_bytes, uses_slot_tables
 from jlcm_onnx.ir.decoder_functions import BLOCKED_MATMUL, DECODE_ROWS, DECODE_WEIGHT
 from jlcm_onnx.ir.graph_building import GATE_PLACEHOLDER
 from jlcm_onnx.ir.weight_sites import (
@@ -47,8 +49,9 @@ from jlcm_onnx.ir.weight_sites import (
     tied_head,
 )
 
-#: Serialized bytes of one weight's decoder nodes by bits (measured on a MatMul weight; L = 8/gcd(b, 8) code planes).
-DECODER_BYTES = {1: 2900, 2: 1900, 3: 4400, 4: 1400, 5: 5100, 6: 3100, 7: 5800, 8: 1000}
+#: Serialized bytes of one weight's decoder by bits: a 384 x 512 MatMul weight's file less its stored data (2, 4 and 8
+#: bits in slot tables, the others in L = 8/gcd(b, 8) code planes).
+DECODER_BYTES = {1: 2900, 2: 3900, 3: 4400, 4: 2500, 5: 5100, 6: 3100, 7: 5800, 8: 1000}
 #: Serialized bytes of the input-block scale-and-offset nodes of one decoder (measured).
 BLOCK_DECODER_BYTES = 600
 #: Weights of a MatMul above this count are decoded in column blocks of about this size (1 MB of fp32), one at a time.
@@ -118,6 +121,8 @@ class CodebookFormat(Encoding):
         entries, layout = 1 << bits * dim, WordLayout(bits * dim)
         if shape.row_packed:
             packed = shape.rows * layout.packed_bytes(shape.size // shape.rows // dim)
+        elif dim == 1 and bits in SLOT_BITS:
+            packed = slot_packed_bytes(shape.rows, shape.size // shape.rows, bits)
         else:
             packed = layout.packed_bytes(shape.size // dim)
         maps = shape.rows * (3 if groups <= 256 else 4) if 1 < groups < shape.rows and config.reorder else 0
@@ -169,11 +174,13 @@ class CodebookFormat(Encoding):
         boundaries = encoded.block_boundaries(column_block_weights(encoded.codes.size))
         dtype = site.tensor.data_type
         activation = None
-        if row_axis == 1 and is_lone_matrix_input(site, row_axis, "MatMul", 1) and len(boundaries) > 2:
+        lone_matmul = row_axis == 1 and is_lone_matrix_input(site, row_axis, "MatMul", 1)
+        if lone_matmul and (len(boundaries) > 2 or uses_slot_tables(encoded)):
             spec = DecodeSpec(site.name, dtype, site.shape, row_axis, encoded, restore=restore)
             decoder = build_blocked_matmul(spec, reader, boundaries, context.names, context.pool)
             function = BLOCKED_MATMUL
-            gate = f"blocked MatMul: decoded in {len(boundaries) - 1} column blocks, one at a time"
+            gate = (f"blocked MatMul: decoded in {len(boundaries) - 1} column blocks, one at a time"
+                    if len(boundaries) > 2 else reader.input[0])
         elif is_lone_table_gather(site, row_axis):
             spec = DecodeSpec(reader.output[0], dtype, site.shape, row_axis, encoded, gather_indices=reader.input[1],
                               restore=restore)
@@ -184,8 +191,8 @@ class CodebookFormat(Encoding):
             activation = next((n for n in reader.input if n and n not in context.constants), None)
             if activation is None:
                 activation = next((v.name for v in site.graph.input if v.name not in context.constants), None)
-            decoder = build_decoder(spec, context.names, context.pool,
-                                    gate=None if activation is None else GATE_PLACEHOLDER)
+            decoder = build_weight_decoder(spec, context.names, context.pool,
+                                           gate=None if activation is None else GATE_PLACEHOLDER)
             function = DECODE_WEIGHT
             gate = activation or "none: no run-time input before the first consumer, onnxruntime may fold the decoder"
         learned = f", learned ({self.learning(context.config)})" if encoding.learned else ""
