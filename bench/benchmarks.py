@@ -137,6 +137,8 @@ METHODS: tuple[Method, ...] = (
     Method("jlcm-onnx 2-bit, fast, calibrated", "jlcm", {"bits": 2, "speed": "fast"}, calibrated=True),
     Method("jlcm-onnx 4-bit, fast, decode at load", "jlcm", {"bits": 4, "speed": "fast", "decode_at_load": True}),
     Method("jlcm-onnx 4-bit, decode at load", "jlcm", {"bits": 4, "decode_at_load": True}),
+    Method("jlcm-onnx 4-bit, balanced", "jlcm", {"bits": 4, "speed": "balanced"}),
+    Method("jlcm-onnx 2-bit, balanced, calibrated", "jlcm", {"bits": 2, "speed": "balanced"}, calibrated=True),
     Method("jlcm-onnx 3-bit, vector codebooks of 2", "jlcm", {"bits": 3, "vector_dim": 2}),
     Method("jlcm-onnx 3-bit, vector codebooks of 2, calibrated", "jlcm", {"bits": 3, "vector_dim": 2},
            calibrated=True),

@@ -10,15 +10,19 @@ dense layer's time measured in the same run; the fused rows also at ``session.qd
 (float activations; onnxruntime's default, 4, quantizes the activations of the fused kernel to int8).
 
 Run: ``python bench/decode_speed.py`` (about a minute); writes ``bench/results/decode_speed.json``, which
-``bench/benchmarks.py`` renders into BENCHMARKS.md.
+``bench/benchmarks.py`` renders into BENCHMARKS.md, and the package's cost model ``jlcm_onnx/data/run_costs.json``
+(nanoseconds per weight at one row), which speed 'balanced' plans with.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import sys
 import time
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +34,12 @@ from onnx import helper, numpy_helper
 import jlcm_onnx
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode_speed.json"
+#: The cost model speed 'balanced' plans with (:mod:`jlcm_onnx.pipeline.run_costs`), written from the same rows.
+COSTS = Path(__file__).resolve().parents[1] / "jlcm_onnx" / "data" / "run_costs.json"
 K = N = 1536
 ROWS = (1, 16)
 RUNS, WARMUP, THREADS = 50, 5, 2
-SMALL_BITS = (2, 3, 4)
+SMALL_BITS = (2, 3, 4, 8)
 #: (bits, vector_dim) of the vector codebooks measured.
 VECTORS = ((3, 2), (2, 4))
 FAST = ((2, 32), (2, 64), (2, 128), (4, 16), (4, 32), (4, 64), (4, 128), (8, 32), (8, 128))
@@ -67,31 +73,57 @@ def median_ms(model: onnx.ModelProto, rows: int, accuracy_level: int | None = No
     return statistics.median(times) * 1e3
 
 
-def formats(dense: onnx.ModelProto) -> list[tuple[str, onnx.ModelProto, bool]]:
-    """(label, file, fused) of every format measured."""
-    made = [("dense fp32", dense, False)]
+def formats(dense: onnx.ModelProto) -> list[tuple[str, dict[str, Any], onnx.ModelProto]]:
+    """(label, kind, file) of every format measured; the kind names the format for the cost model (``kind``:
+    dense, codebook, vector or fused, with its ``bits`` and ``block`` or ``dim``)."""
+    made = [("dense fp32", {"kind": "dense"}, dense)]
     for bits in SMALL_BITS:
         config = jlcm_onnx.CompressionConfig(bits=bits)
-        made.append((f"small, {bits}-bit codebooks", jlcm_onnx.compress(dense, config).model, False))
+        made.append((f"small, {bits}-bit codebooks", {"kind": "codebook", "bits": bits},
+                     jlcm_onnx.compress(dense, config).model))
     for bits, dim in VECTORS:
         config = jlcm_onnx.CompressionConfig(bits=bits, vector_dim=dim)
-        made.append((f"small, {bits}-bit vector codebooks of {dim}", jlcm_onnx.compress(dense, config).model, False))
+        made.append((f"small, {bits}-bit vector codebooks of {dim}", {"kind": "vector", "bits": bits, "dim": dim},
+                     jlcm_onnx.compress(dense, config).model))
     for bits, block in FAST:
         config = jlcm_onnx.CompressionConfig(bits=bits, speed="fast", block_size=block)
-        made.append((f"fast, {bits}-bit, blocks of {block}", jlcm_onnx.compress(dense, config).model, True))
+        made.append((f"fast, {bits}-bit, blocks of {block}", {"kind": "fused", "bits": bits, "block": block},
+                     jlcm_onnx.compress(dense, config).model))
     return made
 
 
 def measure() -> dict[str, Any]:
     dense = layer()
     rows = []
-    for label, model, fused in formats(dense):
-        row = {"format": label, "bytes": model.ByteSize(), "ms": {str(m): median_ms(model, m) for m in ROWS}}
-        if fused:
+    for label, kind, model in formats(dense):
+        row = {"format": label, **kind, "bytes": model.ByteSize(), "ms": {str(m): median_ms(model, m) for m in ROWS}}
+        if kind["kind"] == "fused":
             row["ms_float_activations"] = {str(m): median_ms(model, m, accuracy_level=0) for m in ROWS}
         rows.append(row)
         print(label, row["ms"], flush=True)
     return {"shape": [K, N], "rows": rows, "onnxruntime": ort.__version__, "threads": THREADS, "runs": RUNS}
+
+
+def cost_model(result: dict[str, Any]) -> dict[str, Any]:
+    """The package's cost model (:mod:`jlcm_onnx.pipeline.run_costs`): nanoseconds per weight at one row."""
+    weights = result["shape"][0] * result["shape"][1]
+
+    def ns(row: dict[str, Any]) -> float:
+        return round(row["ms"]["1"] * 1e6 / weights, 4)
+
+    rows = result["rows"]
+    fused: dict[str, dict[str, float]] = {}
+    for row in (r for r in rows if r["kind"] == "fused"):
+        fused.setdefault(str(row["bits"]), {})[str(row["block"])] = ns(row)
+    return {
+        "measured_by": "python bench/decode_speed.py",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime {result['onnxruntime']}, "
+                   f"{result['threads']} threads, {date.today().isoformat()}",
+        "layer": result["shape"],
+        "dense": next(ns(r) for r in rows if r["kind"] == "dense"),
+        "codebook": {str(r["bits"]): ns(r) for r in rows if r["kind"] == "codebook"},
+        "fused": fused,
+    }
 
 
 def table(result: dict[str, Any]) -> list[str]:
@@ -115,6 +147,7 @@ def main() -> int:
     result = measure()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
+    COSTS.write_text(json.dumps(cost_model(result), indent=2) + "\n")
     print("\n".join(table(result)))
     return 0
 

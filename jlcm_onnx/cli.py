@@ -87,8 +87,12 @@ def main() -> None:
               help="JSON file of config fields; the flags below override it.")
 @click.option("--speed", type=click.Choice(SPEEDS),
               help="small: codebooks, the smallest file for its accuracy, slower than dense at run time; fast: "
-                   "affine blocks that onnxruntime runs in its fused MatMulNBits kernel (bits 2, 4 or 8)  "
-                   "[default: small]")
+                   "affine blocks that onnxruntime runs in its fused MatMulNBits kernel (bits 2, 4 or 8); balanced: "
+                   "per weight, codebooks where they save the most error within --max-latency-ratio, fused affine "
+                   "blocks elsewhere  [default: small]")
+@click.option("--max-latency-ratio", type=float,
+              help="With --speed balanced: the most estimated time of the weights' products, a multiple of the dense "
+                   "ones' at one token  [default: 2]")
 @click.option("--affine-offsets", type=click.Choice(AFFINE_OFFSETS),
               help="With --speed fast: an integer zero point per block, or a float offset (exact for weights from "
                    "GGUF Q4_1-style blocks; +12 bits per block)  [default: integer]")

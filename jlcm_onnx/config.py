@@ -8,13 +8,14 @@ defaults.
 from __future__ import annotations
 
 import fnmatch
+import glob
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from jlcm_onnx.config_values import check_int, check_positive, parse_size
 from jlcm_onnx.errors import ConfigError, JlcmError
 
 #: Consumer kinds whose weight inputs can be compressed, with the input slots that hold weights.
@@ -35,7 +36,7 @@ ENCODINGS = ("multi-codebook", "multi-scaling")
 MAPPINGS = ("proximal", "naive", "frozen")
 INITS = ("error-feedback", "kmeans")
 TARGETS = ("target_size", "target_ratio", "target_bits_per_weight")
-SPEEDS = ("small", "fast")
+SPEEDS = ("small", "balanced", "fast")
 AFFINE_OFFSETS = ("integer", "float")
 #: Bits and block sizes of the affine-blocks format that onnxruntime's fused MatMulNBits kernel runs.
 FAST_BITS = (2, 4, 8)
@@ -45,13 +46,15 @@ FAST_MIN_BLOCK_2_BITS = 32
 FAST_DEFAULT_BLOCK = 32
 #: Fields that bound how a run works but not what it writes.
 RUN_ONLY_FIELDS = ("max_memory", "workers", "ray_address")
+#: The default most estimated latency of speed 'balanced', a multiple of the dense products' (one token, batch 1).
+DEFAULT_MAX_LATENCY_RATIO = 2.0
 #: Fields added after files were written, with the default that leaves them out of a file's recorded settings.
-LATER_FIELDS: dict[str, Any] = {"overrides": [], "vector_dim": 1}
+LATER_FIELDS: dict[str, Any] = {"overrides": [], "vector_dim": 1, "max_latency_ratio": DEFAULT_MAX_LATENCY_RATIO}
 #: What picks the weights of a per-tensor override, from the least specific to the most: the op type of any of the
 #: weight's readers, and a glob on the weight's name.
 OVERRIDE_SELECTORS = ("op_type", "name")
 #: The settings an override may give its weights.
-OVERRIDE_SETTINGS = ("bits", "groups", "outlier_fraction")
+OVERRIDE_SETTINGS = ("bits", "groups", "outlier_fraction", "speed")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,11 @@ class CompressionConfig:
             over per-row codebooks without input blocks, or over its affine blocks with float offsets). ``"fast"``
             takes bits 2, 4 or 8 and raises the model's ai.onnx opset to 21 (25 for 2 bits); a model that
             ``onnx.version_converter`` cannot upgrade keeps its opset and gets codebooks (the report says why).
+            ``"balanced"``: per weight, affine blocks or codebooks, codebooks where they save the most weight error
+            per nanosecond they add, within ``max_latency_ratio`` (:mod:`jlcm_onnx.pipeline.balanced_speed`); only
+            weights read by MatMul or Gemm, at 2, 4 or 8 bits, can be fused; ``block_size`` sizes the affine blocks.
+        max_latency_ratio: with speed 'balanced', the most estimated time of the compressed weights' products, a
+            multiple of the dense products' time at one token (from the cost model in the package).
         affine_offsets: with speed 'fast', what each affine block stores beside its scale: ``"integer"``, a zero point
             of the codes' type (DequantizeLinear's own: b bits per block); ``"float"``, an offset in the codebook dtype,
             carried exactly beside the fused product by a product of the block sums of the layer's input (a product
@@ -135,8 +143,9 @@ class CompressionConfig:
             (a glob on the weight's name), and settings among :data:`OVERRIDE_SETTINGS`, e.g.
             ``[{"op_type": "Gather", "bits": 8}, {"name": "*attention*", "bits": 6}]``. The global settings apply
             first, then every op-type override that picks the weight, then every name override, each in list order
-            (the later wins). With speed 'fast', bits must be 2, 4 or 8. Not with a size target (which chooses
-            every tensor's bits); ``exclude`` leaves a weight dense with or without one.
+            (the later wins). A ``speed`` of ``"small"`` or ``"fast"`` gives a weight its own format. With speed
+            'fast', bits must be 2, 4 or 8. Not with a size target (which chooses every tensor's bits); ``exclude``
+            leaves a weight dense with or without one.
         max_memory: the memory the run may use, in bytes or as text (``"4GB"``); ``None``: 80% of what is available
             when it starts. It sizes the chunks of rows the encoders take at a time (the output does not depend on
             it), and a run whose estimated peak exceeds it is refused before it starts
@@ -178,6 +187,7 @@ class CompressionConfig:
     sequential: bool = False
     seed: int = 0
     speed: str = "small"
+    max_latency_ratio: float = DEFAULT_MAX_LATENCY_RATIO
     affine_offsets: str = "integer"
     decode_at_load: bool = False
     keep_debug_metadata: bool = False
@@ -187,18 +197,18 @@ class CompressionConfig:
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
-        _check_int(self, "bits", 1, MAX_BITS)
+        check_int(self, "bits", 1, MAX_BITS)
         if self.groups is not None:
-            _check_int(self, "groups", 1, None)
+            check_int(self, "groups", 1, None)
         if self.block_size is not None:
-            _check_int(self, "block_size", 2, None)
-        _check_int(self, "vector_dim", 1, MAX_BITS)
-        _check_int(self, "min_elements", 1, None)
-        _check_int(self, "kmeans_iterations", 1, None)
-        _check_int(self, "seed", 0, None)
-        _check_int(self, "learning_steps", 0, None)
+            check_int(self, "block_size", 2, None)
+        check_int(self, "vector_dim", 1, MAX_BITS)
+        check_int(self, "min_elements", 1, None)
+        check_int(self, "kmeans_iterations", 1, None)
+        check_int(self, "seed", 0, None)
+        check_int(self, "learning_steps", 0, None)
         if self.workers is not None:
-            _check_int(self, "workers", 1, None)
+            check_int(self, "workers", 1, None)
         if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address):
             raise ConfigError("ray_address", self.ray_address, "'local', 'auto' or a cluster address")
         if self.ray_address is not None and self.workers is not None:
@@ -235,8 +245,8 @@ class CompressionConfig:
         for name in ("target_size", "max_memory"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, parse_size(getattr(self, name), name))
-        _check_positive(self, "target_ratio", 1.0)
-        _check_positive(self, "target_bits_per_weight", 0.0)
+        check_positive(self, "target_ratio", 1.0)
+        check_positive(self, "target_bits_per_weight", 0.0)
         targets = [name for name in TARGETS if getattr(self, name) is not None]
         if len(targets) > 1:
             raise ConfigError(targets[1], getattr(self, targets[1]), f"no second target besides {targets[0]}")
@@ -253,20 +263,21 @@ class CompressionConfig:
             raise ConfigError("speed", self.speed, f"one of {list(SPEEDS)}")
         if self.affine_offsets not in AFFINE_OFFSETS:
             raise ConfigError("affine_offsets", self.affine_offsets, f"one of {list(AFFINE_OFFSETS)}")
-        if self.speed != "fast":
+        check_positive(self, "max_latency_ratio", 1.0)
+        if self.speed == "small":
             return
         if self.vector_dim > 1:
-            raise ConfigError("vector_dim", self.vector_dim, "1 with speed 'fast' (affine blocks are scalar)")
-        if self.bits not in FAST_BITS:
+            raise ConfigError("vector_dim", self.vector_dim, f"1 with speed '{self.speed}' (affine blocks are scalar)")
+        if self.speed == "fast" and self.bits not in FAST_BITS:
             raise ConfigError("bits", self.bits, "2, 4 or 8 with speed 'fast' (the bits of onnxruntime's fused "
                               "MatMulNBits kernel)")
         block, least = self.block_size, FAST_MIN_BLOCK_2_BITS if self.bits == 2 else FAST_MIN_BLOCK
         if block is not None and (block < least or block & (block - 1)):
-            raise ConfigError("block_size", block, f"a power of 2 >= {least} with speed 'fast' and {self.bits} bits "
-                              "(what onnxruntime's fused kernel runs fast)")
+            raise ConfigError("block_size", block, f"a power of 2 >= {least} with speed '{self.speed}' and "
+                              f"{self.bits} bits (what onnxruntime's fused kernel runs fast)")
         if self.target is not None:
-            raise ConfigError(self.target[0], self.target[1], "unset with speed 'fast' (size targets choose among "
-                              "codebook formats only, for now)")
+            raise ConfigError(self.target[0], self.target[1], f"unset with speed '{self.speed}' (size targets "
+                              "choose among codebook formats only, for now)")
 
     def _check_overrides(self) -> None:
         expected = (f"a list of objects, each with one of {list(OVERRIDE_SELECTORS)} and settings among "
@@ -283,6 +294,8 @@ class CompressionConfig:
             if not isinstance(picked, str):
                 raise ConfigError("overrides", item, "a name glob given as a string")
             settings = {key: value for key, value in item.items() if key in OVERRIDE_SETTINGS}
+            if settings.get("speed", "small") not in ("small", "fast"):
+                raise ConfigError("overrides", item, "a speed of 'small' or 'fast' (a weight's own format)")
             try:
                 replace(self, overrides=(), target_size=None, target_ratio=None, target_bits_per_weight=None,
                         **settings)
@@ -306,11 +319,27 @@ class CompressionConfig:
                     merged.update({key: value for key, value in item.items() if key in OVERRIDE_SETTINGS})
         return merged
 
+    def tensor_speed(self, name: str, op_types: Iterable[str]) -> str:
+        """The speed of the weight ``name`` read by ``op_types``: an override's, else the run's, where 'balanced'
+        (whose planner gives each weight it fuses a 'fast' override) leaves a weight in codebooks: 'small'."""
+        default = "small" if self.speed == "balanced" else self.speed
+        return self.override_settings(name, op_types).get("speed", default)
+
+    def with_tensor_speeds(self, fast: Iterable[str]) -> CompressionConfig:
+        """A copy that gives the weights named in ``fast`` speed 'fast' (name overrides, after the others)."""
+        speeds = tuple({"name": glob.escape(name), "speed": "fast"} for name in fast)
+        return replace(self, overrides=(*self.overrides, *speeds))
+
+    @property
+    def fuses_any(self) -> bool:
+        """True when some weight may get affine blocks: speed 'fast', or an override giving it."""
+        return self.speed == "fast" or any(item.get("speed") == "fast" for item in self.overrides)
+
     @property
     def codebook_block_size(self) -> int | None:
-        """The input blocks of codebook encodings: ``block_size``, except with speed 'fast', where it sizes the
-        affine blocks and the codebooks left (embedding tables) have none."""
-        return None if self.speed == "fast" else self.block_size
+        """The input blocks of codebook encodings: ``block_size``, except with speed 'fast' or 'balanced', where it
+        sizes the affine blocks and the codebooks have none."""
+        return self.block_size if self.speed == "small" else None
 
     @property
     def max_bits(self) -> int:
@@ -319,7 +348,7 @@ class CompressionConfig:
 
     @property
     def affine_block_size(self) -> int:
-        """The inputs per scale of the affine blocks of speed 'fast'."""
+        """The inputs per scale of the affine blocks of speed 'fast' (and of the weights 'balanced' fuses)."""
         return self.block_size or FAST_DEFAULT_BLOCK
 
     @property
@@ -360,32 +389,3 @@ class CompressionConfig:
     def replace(self, **changes: Any) -> CompressionConfig:
         """A copy with some fields changed (and validated)."""
         return type(self).from_dict({**self.to_dict(), **changes})
-
-
-def parse_size(value: int | str, field_name: str = "target_size") -> int:
-    """Bytes from an int or a text such as ``"40MB"``, ``"40 mb"``, ``"1.5GiB"`` (KB/MB/GB are powers of 1000,
-    KiB/MiB/GiB of 1024; units in any case)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    pattern = r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*"
-    match = re.fullmatch(pattern, value, flags=re.IGNORECASE) if isinstance(value, str) else None
-    if match is None or float(match.group(1)) <= 0:
-        raise ConfigError(field_name, value, "a positive size such as 40000000, '40MB' or '1.5GiB'")
-    unit = (match.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    return int(float(match.group(1)) * base ** "BKMGT".index(unit[0]))
-
-
-def _check_positive(config: CompressionConfig, name: str, above: float) -> None:
-    value = getattr(config, name)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > above:
-        raise ConfigError(name, value, f"a number > {above:g}")
-
-
-def _check_int(config: CompressionConfig, name: str, low: int, high: int | None) -> None:
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        expected = f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
-        raise ConfigError(name, value, expected)

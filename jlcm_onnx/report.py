@@ -20,7 +20,10 @@ SKIPPED = "skipped"
 class TensorRecord:
     """One float tensor of the model and what happened to it (``layer``: where it is read, as the exporter's module
     path and the op, e.g. ``layers.3.query (MatMul)``; ``layer_error``: with calibration, the layer's relative output
-    error on the calibration inputs, ``tr(ΔW H ΔW^T) / tr(W H W^T)``, see :mod:`jlcm_onnx.encodings.learning`)."""
+    error on the calibration inputs, ``tr(ΔW H ΔW^T) / tr(W H W^T)``, see :mod:`jlcm_onnx.encodings.learning`;
+    ``estimated_ns``: the estimated time of its product, decode included, at one token, from the package's cost model
+    (:mod:`jlcm_onnx.pipeline.run_costs`; none for a table decoded at the looked-up rows only, or a weight neither
+    fused nor decoded on every run)."""
 
     name: str
     consumers: tuple[str, ...]
@@ -39,6 +42,7 @@ class TensorRecord:
     sqnr_db: float | None = None
     layer_error: float | None = None
     decode_gate: str | None = None
+    estimated_ns: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)

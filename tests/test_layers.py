@@ -16,8 +16,8 @@ import jlcm_onnx
 #: Layers from the bottom up; a module is in the first layer whose prefix it has, else in the foundation.
 LAYERS = ("jlcm_onnx.ir", "jlcm_onnx.encodings", "jlcm_onnx.analysis", "jlcm_onnx.passes", "jlcm_onnx.pipeline")
 FRONT_ENDS = ("jlcm_onnx", "jlcm_onnx.cli", "jlcm_onnx.olive", "jlcm_onnx.plot")
-FOUNDATION = ("jlcm_onnx.config", "jlcm_onnx.devices", "jlcm_onnx.errors", "jlcm_onnx.memory_budget",
-              "jlcm_onnx.progress", "jlcm_onnx.report", "jlcm_onnx.workers")
+FOUNDATION = ("jlcm_onnx.config", "jlcm_onnx.config_values", "jlcm_onnx.devices", "jlcm_onnx.errors",
+              "jlcm_onnx.memory_budget", "jlcm_onnx.progress", "jlcm_onnx.report", "jlcm_onnx.workers")
 
 
 def layer_of(module: str) -> int:

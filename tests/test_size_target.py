@@ -16,7 +16,7 @@ from jlcm_onnx import CompressionConfig, ConfigError, JlcmError
 from jlcm_onnx.analysis.calibration import load_calibration
 from jlcm_onnx.analysis.plan import CompressionPlan, TensorChoice
 from jlcm_onnx.cli import main
-from jlcm_onnx.config import parse_size
+from jlcm_onnx.config_values import parse_size
 from jlcm_onnx.encodings.base import WeightShape
 from jlcm_onnx.encodings.codebook_formats import MultiCodebook
 from jlcm_onnx.pipeline import sensitivity

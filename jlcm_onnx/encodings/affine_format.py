@@ -84,15 +84,16 @@ class AffineBlocksFormat(Encoding):
     def model_needs(self, config: CompressionConfig) -> tuple[int, int]:
         """Blocked DequantizeLinear and the codes' types: opset 21 and IR 10 (UINT4, UINT8), opset 25 and IR 11 with
         2-bit weights anywhere (the config's bits or an override's)."""
-        if config.speed != "fast":
+        if not config.fuses_any:
             return 0, 0
         bits = {config.bits, *(override["bits"] for override in config.overrides if "bits" in override)}
         return max(required_opset(b) for b in bits), max(required_ir_version(b) for b in bits)
 
     def selects(self, site: WeightSite, row_axis: int, config: CompressionConfig) -> bool:
-        """Under speed 'fast', in a model whose opset holds blocked DequantizeLinear (it was raised, or could not
-        be)."""
-        if config.speed != "fast" or site.opset < self.model_needs(config)[0]:
+        """For a weight of speed 'fast' (the run's, or its own: :meth:`~jlcm_onnx.config.CompressionConfig.
+        tensor_speed`), in a model whose opset holds blocked DequantizeLinear (it was raised, or could not be)."""
+        speed = config.tensor_speed(site.name, {consumer.node.op_type for consumer in site.consumers})
+        if speed != "fast" or site.opset < self.model_needs(config)[0]:
             return False
         return config.affine_offsets == "float" or not is_lone_table_gather(site, row_axis)
 

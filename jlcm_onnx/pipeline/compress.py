@@ -37,8 +37,10 @@ from jlcm_onnx.memory_budget import (
     peak_rss,
     release_freed_memory,
 )
+from jlcm_onnx.pipeline.balanced_speed import plan_speeds
 from jlcm_onnx.pipeline.metadata import check_not_compressed
 from jlcm_onnx.pipeline.pass_list import run_passes
+from jlcm_onnx.pipeline.run_costs import RunCosts, with_estimated_ns
 from jlcm_onnx.pipeline.size_target import tensor_cost, weight_shapes
 from jlcm_onnx.pipeline.target_runs import resolve_target, run_to_target
 from jlcm_onnx.progress import Phase
@@ -109,6 +111,7 @@ def compress(
     notes = [note for note in (quantization_note(source), _segments_note(source, data is not None)) if note]
     target = None if config.target is None else resolve_target(source, original_bytes, config, progress, data,
                                                                   device)
+    run_config = _with_planned_speeds(source, config, progress, notes)
     loaded = [source]  # the first run consumes this copy; a size target's later runs read the input again
     del source  # so the input's weights are in memory once
 
@@ -116,8 +119,9 @@ def compress(
         return loaded.pop() if loaded else load_model(model)[0]
 
     if target is None:
-        plan = CompressionPlan(config, override_choices(loaded[0], config), device=device, chunk_weights=chunk)
-        run = run_passes(load(), config, plan, progress, data)
+        plan = CompressionPlan(run_config, override_choices(loaded[0], run_config), device=device,
+                               chunk_weights=chunk)
+        run = run_passes(load(), run_config, plan, progress, data)
     else:
         run, plan = run_to_target(load, target, config, progress, data, device, chunk)
     working = run.model
@@ -126,8 +130,9 @@ def compress(
     with Phase("checking the output (onnx.checker, onnxruntime load, spot check)", enabled=progress):
         spot_note = check_output(working, reference)
     notes.extend([spot_note] if spot_note else [])
+    costs = RunCosts.packaged()
     report = CompressionReport(
-        tensors=run.tensors,
+        tensors=[with_estimated_ns(record, costs, config.affine_block_size) for record in run.tensors],
         original_file_bytes=original_bytes,
         compressed_file_bytes=serialized_bytes(working),
         config=config.to_dict(),
@@ -199,6 +204,17 @@ def _segments_note(source: onnx.ModelProto, calibrated: bool) -> str | None:
         calibrated) else "the output check"
     return (f"memory: {format_bytes(weight_bytes(source))} of weights: onnxruntime ran the model a segment of at most "
             f"{format_bytes(SEGMENT_BYTES)} of weights at a time for {what}")
+
+
+def _with_planned_speeds(source: onnx.ModelProto, config: CompressionConfig, progress: bool,
+                         notes: list[str]) -> CompressionConfig:
+    """The config a run writes with: under speed 'balanced', each fused weight's speed as an override (the plan's note
+    added to ``notes``); else ``config``."""
+    if config.speed != "balanced":
+        return config
+    speeds = plan_speeds(source, config, progress)
+    notes.append(speeds.note)
+    return config.with_tensor_speeds(speeds.fast)
 
 
 def _run_notes(config: CompressionConfig, plan: CompressionPlan, data: CalibrationData | None) -> list[str]:
