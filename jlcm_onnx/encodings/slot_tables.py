@@ -15,7 +15,7 @@ product by 1 per entry, the others by 0)::
 
 Each weight costs one GatherElements element and a share of one Cast of its byte, where shifting codes out of words
 (:mod:`jlcm_onnx.encodings.packing`) costs a BitShift pass over the bytes per code in them: a 1536 x 1536 layer at 4
-bits decodes about 3.5x faster this way (``python bench/decode_speed.py``). A consumer that can multiply the slots one
+bits decodes about 2x faster this way (``python bench/decode_speed.py``). A consumer that can multiply the slots one
 at a time (a MatMul: ``X @ W^_s^T`` for each, :mod:`jlcm_onnx.encodings.blocked_products`) never concatenates them;
 others get ``W^ = Concat_s(W^_s)`` [R, cols]. The tables and one-hots are made on every run, ``256 (R + K L)`` values,
 and freed with the layer: the decode gate (a run-time zero, :mod:`jlcm_onnx.ir.graph_building`) enters the shape of
