@@ -204,7 +204,7 @@ def test_read_metadata(tmp_path: Path) -> None:
     for model in (result.model, onnx.load(out)):
         metadata = jlcm_onnx.read_metadata(model)
         assert metadata is not None
-        assert metadata["format_version"] == "2"
+        assert metadata["format_version"] == "3"
         assert metadata["config"] == config.encoding_settings()
         assert CompressionConfig.from_dict(metadata["config"]) == config
         tensors = {t["name"]: t for t in metadata["tensors"]}

@@ -33,8 +33,7 @@ F16 = np.dtype(np.float16)
 @pytest.mark.parametrize(("block_weights", "blocks"), [(1024, 6), (16, codebook_formats.MAX_COLUMN_BLOCKS)])
 def test_blocks_are_bounded_in_count_and_decode_the_weight(monkeypatch: pytest.MonkeyPatch, block_weights: int,
                                                             blocks: int) -> None:
-    """96 x 64 weights: blocks of 1024 weights give 6 blocks; blocks of 16 would give 384, capped at 16. Each block
-    multiplies its two slots of 4-bit codes in turn (:mod:`jlcm_onnx.encodings.slot_tables`)."""
+    """96 x 64 weights: blocks of 1024 weights give 6 blocks; blocks of 16 would give 384, capped at 16."""
     monkeypatch.setattr(codebook_formats, "BLOCK_WEIGHTS", block_weights)
     matrix = np.random.default_rng(7).standard_normal((96, 64)).astype(np.float32)  # [out, in]
     config = CompressionConfig(bits=4, min_elements=64, reorder=False, outlier_fraction=0.0)
@@ -42,7 +41,7 @@ def test_blocks_are_bounded_in_count_and_decode_the_weight(monkeypatch: pytest.M
     (function,) = result.model.functions
     products = [node.output[0] for node in function.node if node.op_type == "MatMul" and node.input[0] == "x0"]
     (concat,) = [node for node in function.node if node.op_type == "Concat" and node.output[0] == function.output[0]]
-    assert list(concat.input) == products and len(products) == 2 * blocks
+    assert list(concat.input) == products and len(products) == blocks
     assert result.report.tensors[0].decode_gate == f"blocked MatMul: decoded in {blocks} column blocks, one at a time"
     (decoded,) = run(result.model, {"X": np.eye(64, dtype=np.float32)})
     expected = encode_matrix(matrix, 4, equal_group_sizes(96, None), F16, outlier_fraction=0.0).decode()

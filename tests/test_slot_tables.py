@@ -12,12 +12,12 @@ from jlcm_onnx import CompressionConfig
 from jlcm_onnx.encodings.base import WeightShape
 from jlcm_onnx.encodings.codebook import encode_matrix, equal_group_sizes
 from jlcm_onnx.encodings.codebook_formats import DECODER_BYTES, MultiCodebook
-from jlcm_onnx.encodings.slot_tables import pack_slots, slot_packed_bytes, slot_ranges, unpack_slots
+from jlcm_onnx.encodings.slot_tables import SLOT_MIN_COLS, pack_slots, slot_packed_bytes, slot_ranges, unpack_slots
 
 from conftest import FLOAT, check_full, make_model, matmul_model, run, tensor, value
 
 F16 = np.dtype(np.float16)
-ROWS, COLS = 45, 64  # 45 rows: the last slot is short at 2 and 4 bits
+ROWS, COLS = 45, 128  # 45 rows: the last slot is short at 2 and 4 bits
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -48,9 +48,9 @@ def reader_model(layout: str, matrix: np.ndarray) -> tuple:
     if layout == "gemm":
         return make_model([helper.make_node("Gemm", ["X", "W"], ["Y"], transB=1)], [value("X", FLOAT, ["N", cols])],
                           [value("Y", FLOAT, ["N", rows])], [tensor("W", matrix)]), eye
-    image = np.random.default_rng(0).standard_normal((1, 4, 4, 4)).astype(np.float32)
-    return make_model([helper.make_node("Conv", ["X", "W"], ["Y"])], [value("X", FLOAT, [1, 4, 4, 4])],
-                      [value("Y", FLOAT, [1, rows, 1, 1])], [tensor("W", matrix.reshape(rows, 4, 4, 4))]), {"X": image}
+    image = np.random.default_rng(0).standard_normal((1, 8, 4, 4)).astype(np.float32)
+    return make_model([helper.make_node("Conv", ["X", "W"], ["Y"])], [value("X", FLOAT, [1, 8, 4, 4])],
+                      [value("Y", FLOAT, [1, rows, 1, 1])], [tensor("W", matrix.reshape(rows, 8, 4, 4))]), {"X": image}
 
 
 @pytest.mark.parametrize("layout", ["matmul", "shared matmul", "gemm", "conv"])
@@ -84,9 +84,11 @@ def test_codes_are_looked_up_without_bit_shifts_and_each_slot_multiplied(bits: i
     assert len(products) == slots  # X @ W^_s^T, never the concatenated weight
 
 
-def test_other_code_widths_keep_the_word_layout() -> None:
-    matrix = np.random.default_rng(0).standard_normal((ROWS, COLS)).astype(np.float32)
-    result = jlcm_onnx.compress(matmul_model(matrix.T.copy()), CompressionConfig(bits=3, min_elements=64))
+@pytest.mark.parametrize(("bits", "cols"), [(3, COLS), (4, SLOT_MIN_COLS - 1)])
+def test_other_code_widths_and_short_rows_keep_the_word_layout(bits: int, cols: int) -> None:
+    """3-bit codes do not fill bytes; rows shorter than SLOT_MIN_COLS would build more table than they decode."""
+    matrix = np.random.default_rng(0).standard_normal((ROWS, cols)).astype(np.float32)
+    result = jlcm_onnx.compress(matmul_model(matrix.T.copy()), CompressionConfig(bits=bits, min_elements=64))
     (function,) = result.model.functions
     assert any(node.op_type == "BitShift" for node in function.node)
 

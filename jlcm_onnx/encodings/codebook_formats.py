@@ -37,7 +37,7 @@ from jlcm_onnx.encodings.outliers import outlier_count, outliers_per_row, unifor
 from jlcm_onnx.encodings.packing import WordLayout
 from jlcm_onnx.encodings.row_block_learning import learn_in_row_blocks
 from jlcm_onnx.encodings.slot_decoder import build_weight_decoder
-from jlcm_onnx.encodings.slot_tables import SLOT_BITS, slot_packed_bytes, uses_slot_tables
+from jlcm_onnx.encodings.slot_tables import slot_layout, slot_packed_bytes, uses_slot_tables
 from jlcm_onnx.ir.decoder_functions import BLOCKED_MATMUL, DECODE_ROWS, DECODE_WEIGHT
 from jlcm_onnx.ir.graph_building import GATE_PLACEHOLDER
 from jlcm_onnx.ir.weight_sites import (
@@ -121,7 +121,7 @@ class CodebookFormat(Encoding):
         entries, layout = 1 << bits * dim, WordLayout(bits * dim)
         if shape.row_packed:
             packed = shape.rows * layout.packed_bytes(shape.size // shape.rows // dim)
-        elif dim == 1 and bits in SLOT_BITS:
+        elif slot_layout(bits, dim, shape.size // shape.rows):
             packed = slot_packed_bytes(shape.rows, shape.size // shape.rows, bits)
         else:
             packed = layout.packed_bytes(shape.size // dim)

@@ -43,11 +43,19 @@ if TYPE_CHECKING:
 #: Code widths looked up by slot tables: a byte holds a whole number of them. 1-bit codes would take 8 slots, each
 #: with its own table and product (a decoder twice the size of 2-bit's); they keep the word layout.
 SLOT_BITS = (2, 4, 8)
+#: Fewest weights per row for slot tables: every row builds a table of 256 values, which costs more than the shifts it
+#: saves on short rows (a 3x3 depthwise convolution's 9 weights: EfficientNet-Lite0 at 4 bits ran 2.3x slower).
+SLOT_MIN_COLS = 128
 
 
 def uses_slot_tables(encoded: EncodedMatrix) -> bool:
-    """True when a weight decoder reads ``encoded``'s codes a byte at a time (scalar codes of 2, 4 or 8 bits)."""
-    return encoded.vector_dim == 1 and encoded.index_bits in SLOT_BITS
+    """True when a weight decoder reads ``encoded``'s codes a byte at a time."""
+    return slot_layout(encoded.index_bits, encoded.vector_dim, encoded.shape[1])
+
+
+def slot_layout(bits: int, vector_dim: int, cols: int) -> bool:
+    """True for scalar codes of 2, 4 or 8 bits in rows of at least :data:`SLOT_MIN_COLS` weights."""
+    return vector_dim == 1 and bits in SLOT_BITS and cols >= SLOT_MIN_COLS
 
 
 def slot_rows(rows: int, bits: int) -> int:

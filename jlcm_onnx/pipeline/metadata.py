@@ -16,7 +16,8 @@ from jlcm_onnx.errors import JlcmError
 from jlcm_onnx.report import TensorRecord
 
 #: Version of the on-disk encoding (packed codes, codebooks and decoder layout), stored in ``metadata_props``.
-FORMAT_VERSION = "2"  # 2: decoders are calls of model-local functions (domain jlcm)
+FORMAT_VERSION = "3"  # 2: decoders are calls of model-local functions (domain jlcm); 3: codes of 2, 4 and 8 bits
+#                         of a weight decoded whole are stored in code slots, read a byte at a time
 
 
 METADATA_PREFIX = "jlcm_onnx."
