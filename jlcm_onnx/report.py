@@ -109,15 +109,17 @@ class CompressionReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def format_table(self, skipped: bool = False) -> str:
-        """A plain-text table of the compressed tensors (and the skipped ones, with reasons, if asked)."""
-        rows = [("tensor", "layer", "shape", "bits", "groups", "format", "original", "compressed", "ratio", "SQNR dB")]
+        """A plain-text table of the compressed tensors (and the skipped ones, with reasons, if asked); "est. us": the
+        estimated time of the tensor's product at one token (:attr:`TensorRecord.estimated_ns`)."""
+        rows = [("tensor", "layer", "shape", "bits", "groups", "format", "original", "compressed", "ratio", "SQNR dB",
+                 "est. us")]
         for t in self.compressed:
             sqnr = "exact" if t.sqnr_db is not None and math.isinf(t.sqnr_db) else f"{t.sqnr_db:.1f}"
             ratio = t.original_bytes / max(t.compressed_bytes or 1, 1)
             shape = "x".join(map(str, t.shape))
             rows.append((t.name, t.layer or "-", shape, str(t.bits), "-" if t.groups is None else str(t.groups),
                          t.encoding or "-", format_bytes(t.original_bytes), format_bytes(t.compressed_bytes or 0),
-                         f"{ratio:.2f}x", sqnr))
+                         f"{ratio:.2f}x", sqnr, "-" if t.estimated_ns is None else f"{t.estimated_ns / 1e3:.1f}"))
         lines = align_columns(rows)
         if skipped:
             lines.append("")

@@ -79,6 +79,8 @@ def test_the_report_estimates_each_product_from_the_cost_model(rng: np.random.Ge
     assert records["gaussian"].decode_gate == FUSED  # a weight's own speed
     assert records["gaussian"].estimated_ns == pytest.approx(64 * 64 * costs.fused_ns(4, 32), abs=0.1)
     assert records["levels"].estimated_ns == pytest.approx(64 * 64 * costs.codebook_ns(4), abs=0.1)
+    table = jlcm_onnx.compress(model, config).report.format_table()
+    assert "est. us" in table.splitlines()[0] and f"{records['levels'].estimated_ns / 1e3:.1f}" in table
 
 
 def test_balanced_settings_are_checked() -> None:
