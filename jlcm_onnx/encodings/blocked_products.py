@@ -1,8 +1,8 @@
 """Products with a large decoded weight, computed a block of it at a time so that one block is decoded at once.
 
 A large MatMul weight W [in, out] (rows last) is split into column blocks: ``Y = Concat_k(X @ W^[:, block k])``
-(:func:`build_blocked_matmul`); a block whose codes are looked up a byte at a time (any MatMul weight of 2, 4 or 8
-bits, large or not) is multiplied one code slot at a time, ``X @ W^_s^T``, and never concatenated
+(:func:`build_blocked_matmul`); a block whose codes are looked up a byte at a time (a MatMul weight of 2, 4 or 8
+bits in rows of 128 or more, large or not) is multiplied one code slot at a time, ``X @ W^_s^T``, and never concatenated
 (:mod:`jlcm_onnx.encodings.slot_decoder`). A table E [V, D] tied to a language-model head, ``logits = h @ E^T``,
 is stored once, row by row, for its embedding's row decoder; the head becomes ``Concat_k(h @ Transpose(E^[rows_k]))``,
 each block of rows looked up by the same row decoder (:func:`build_tied_head`). Block k+1 is gated on block k's

@@ -340,7 +340,7 @@ def _row_outliers(b: DecoderBuilder, spec: DecodeSpec, decoded: str, ids: str, d
                    to=onnx.TensorProto.INT32)
     values = b.stored("outlier_values", encoded.outlier_values.reshape(rows, per_row))
     values = cast_to(b, b.op("Gather", [values, ids], axis=0),
-                   helper.np_dtype_to_tensor_dtype(encoded.outlier_values.dtype), dtype)
+                     helper.np_dtype_to_tensor_dtype(encoded.outlier_values.dtype), dtype)
     return b.op("ScatterElements", [decoded, columns, values], axis=1)
 
 

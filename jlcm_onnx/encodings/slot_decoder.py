@@ -36,7 +36,7 @@ def build_slot_decoders(spec: DecodeSpec, names: NameAllocator, pool: ConstantPo
                         gate: str | None) -> tuple[DecodeGraph, list[str]]:
     """The decoder of a weight whose codes are looked up a byte at a time, left in its code slots: the graph and
     the name of each slot's rows [R_s, cols] (:func:`decoded_slots`), for a consumer that multiplies them in turn."""
-    b = DecoderBuilder(spec, names, pool)
+    b = DecoderBuilder(spec, names, pool, shared={})  # the weight's tensors stored once, read by every slot
     parts = decoded_slots(b, spec, gate)
     return DecodeGraph(b.nodes, b.initializers), parts
 
@@ -46,7 +46,7 @@ def build_weight_decoder(spec: DecodeSpec, names: NameAllocator, pool: ConstantP
     a byte at a time where they allow it: ``W^ = Concat_s(W^_s)``, rows restored, in W's layout."""
     if not uses_slot_tables(spec.encoded):
         return build_decoder(spec, names, pool, gate)
-    b = DecoderBuilder(spec, names, pool)
+    b = DecoderBuilder(spec, names, pool, shared={})  # the weight's tensors stored once, read by every slot
     parts = decoded_slots(b, spec, gate)
     decoded = b.op("Concat", parts, axis=0) if len(parts) > 1 else parts[0]
     finish_rows_first(b, spec, restored(b, decoded, axis=0))
@@ -55,14 +55,12 @@ def build_weight_decoder(spec: DecodeSpec, names: NameAllocator, pool: ConstantP
 
 def decoded_slots(b: DecoderBuilder, spec: DecodeSpec, gate: str | None) -> list[str]:
     """The rows of each code slot of ``spec``'s weight, decoded in encoded order [R_s, cols] in W's type (input blocks
-    and outliers applied), one under the other making the whole. The weight's tensors are stored once; each slot
-    reads its rows of them."""
+    and outliers applied), one under the other making the whole. ``b`` shares stored tensors by name (``shared``), so
+    the weight's codebooks and input blocks are stored once and each slot reads its rows of them."""
     encoded = spec.encoded
     rows, cols = encoded.shape
     rows_first = replace(spec, shape=(rows, cols), row_axis=0)
     windows = slot_ranges(rows, encoded.index_bits)
-    if b.shared is None:
-        b.shared = {}
     books = row_codebooks(b, rows_first, spec.dtype)
     tables = [books] if len(windows) == 1 else [window_rows(b, books, *window) for window in windows]
     table_dtype = helper.tensor_dtype_to_np_dtype(spec.dtype)
